@@ -1,0 +1,55 @@
+"""Publish a directory only when it is complete.
+
+Everything is written under a hidden temporary name next to the destination and renamed into
+place at the end, so a crash or a bad input midway never leaves something that looks like a
+finished checkpoint or export. Renames within one filesystem are atomic on POSIX.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+from shoal.errors import ShoalError
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an existing output without `overwrite`, and an output whose parent is not writable."""
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise ShoalError(f"output {out} already exists; pass --overwrite to replace it")
+    parent = out.parent if str(out.parent) else Path(".")
+    probe = parent
+    while not probe.exists():  # the first existing ancestor is where we will need to create folders
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ShoalError(f"cannot write output {out}: {probe} is not writable")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory; on success it becomes `path`, on any error it is removed.
+
+    With `overwrite`, an existing `path` is replaced only after the new one is complete.
+    """
+    out = check_output_dir(path, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

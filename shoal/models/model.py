@@ -1,0 +1,228 @@
+"""The decoder-only transformer behind every family shoal supports, in plain single-device PyTorch.
+
+Shape legend: B batch, S sequence, H query heads, K key/value heads, D head dim, E hidden size,
+V vocabulary.
+
+Parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...) and RoPE uses
+HF's rotate-half convention, so converting a checkpoint is a rename at most (see `shoal.convert`).
+Nothing here knows about parallelism; `docs/model-contract.md` lists the few concessions that let
+`shoal.distributed` split it from outside:
+
+* layers live in a `ModuleDict` keyed by their index, so names survive when a pipeline stage drops some;
+* `embed_tokens`, `norm` and `lm_head` may be set to None on pipeline stages that do not own them;
+  the forward pass then takes or returns hidden states;
+* reshapes use `-1` for the head count, so a tensor-parallel shard with fewer local heads just works.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shoal.models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation computed in fp32 and scaled in the input dtype, as Hugging Face does it."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_inverse_frequencies(cfg: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
+    """The RoPE inverse frequencies [D/2], with Llama 3.1's long-context scaling when configured."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    s = cfg.rope_scaling
+    if not s:
+        return inv_freq
+    # llama3 scaling: keep high frequencies, divide low ones by `factor`, interpolate in between.
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_context = s["original_max_position_embeddings"]
+    low_freq_wavelen = old_context / low
+    high_freq_wavelen = old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S, D]; cos/sin [B, 1, S, D]."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        e, d = cfg.hidden_size, cfg.head_dim
+        self.head_dim = d
+        self.q_proj = nn.Linear(e, cfg.num_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(e, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(e, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * d, e, bias=False)
+        # Qwen3 normalises each head of q and k before RoPE.
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, -1, self.head_dim)  # [B, S, H, D]
+        k = self.k_proj(x).view(b, s, -1, self.head_dim)  # [B, S, K, D]
+        v = self.v_proj(x).view(b, s, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, S, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embedding, layers and final norm: HF's `model.` prefix."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in range(cfg.num_layers)})
+        self.norm: RMSNorm | None = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Causal mask that also keeps tokens of different documents apart: [B, 1, S, S], True = attend."""
+    s = document_ids.shape[-1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
+    same_doc = document_ids[:, :, None] == document_ids[:, None, :]
+    return (same_doc & causal)[:, None]
+
+
+class Transformer(nn.Module):
+    """A causal language model: token ids [B, S] -> logits [B, S, V]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head: nn.Linear | None = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # Not persistent: derived from the config, rebuilt by init_buffers() after `to_empty`.
+        self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Recompute derived buffers; call after `to_empty()` on a model built on the meta device."""
+        self.inv_freq.copy_(rope_inverse_frequencies(self.config, device=self.inv_freq.device))
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The one place initial values are set: HF's normal(0, initializer_range), zero biases, unit norms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+        self.init_buffers()
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [B, 1, S, D] for the given positions, computed in fp32 as HF does."""
+        freqs = position_ids[:, :, None].float() * self.inv_freq.float()[None, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens: ids [B, S], or hidden states [B, S, E] on a pipeline stage without the embedding.
+
+        position_ids [B, S] default to 0..S-1; pass them restarting per document for packed sequences.
+        document_ids [B, S], when given, keep tokens from attending across documents.
+        Returns logits [B, S, V], or hidden states on a stage without `lm_head`.
+        """
+        emb = self.model.embed_tokens
+        h = emb(tokens) if emb is not None else tokens
+        b, s = h.shape[:2]
+        if position_ids is None:
+            position_ids = torch.arange(s, device=h.device)[None].expand(b, s)
+        cos, sin = self.rope(position_ids, h.dtype)
+        mask = attention_mask(document_ids) if document_ids is not None else None
+        for layer in self.model.layers.values():
+            h = layer(h, cos, sin, mask)
+        if self.model.norm is not None:
+            h = self.model.norm(h)
+        return self.lm_head(h) if self.lm_head is not None else h
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", init: bool = True) -> Transformer:
+    """Build on the meta device (no memory), materialise on `device`, then initialise once.
+
+    With init=False the weights are left uninitialised for a checkpoint load to fill.
+    """
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    if init:
+        model.init_weights()
+    else:
+        model.init_buffers()
+    return model
