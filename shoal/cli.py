@@ -68,7 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if chosen is None else 2
     module = importlib.import_module(commands[chosen][0])
     module.add_arguments(subparsers[chosen])
-    args = parser.parse_args(argv)
+    if getattr(module, "ACCEPTS_OVERRIDES", False):
+        # Training commands take dotted recipe overrides (`--train.lr=1e-4`) beside their flags.
+        args, rest = parser.parse_known_args(argv)
+        bad = [a for a in rest if not re.match(r"^--[A-Za-z_]\w*\.[\w.]+=", a)]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+        args.overrides = rest
+    else:
+        args = parser.parse_args(argv)
     try:
         return int(module.main(args) or 0)
     except ShoalError as err:

@@ -1,0 +1,128 @@
+"""The training recipe: one dataclass per concern, assembled into `Recipe`.
+
+A recipe is a YAML file under `shoal/recipes/` (one per seed model plus the tiny demo) with
+dotted overrides on top (`--train.lr=1e-4`, or the seed's own flags, see `shoal.config.flags`).
+Every field is documented here; functions receive only the section they use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from shoal.config.launch import LaunchConfig
+from shoal.config.parallel import ParallelConfig
+from shoal.errors import ShoalError
+
+
+@dataclass
+class ModelSection:
+    # Named architecture preset (`llama31_8b`, `llama32_1b`, ...; see shoal.models.presets). Used only
+    # when no checkpoint is given (training from random weights, e.g. for benchmarks).
+    preset: str | None = None
+    # shoal checkpoint to start from (the seed's `--nemo_model`): an imported model, or for
+    # fine-tuning the latest pretraining checkpoint when unset (see `pretrain_experiment`).
+    checkpoint: str | None = None
+    # The Hugging Face id the run is about (the seed's `--hf_model_id`); recorded, and used to find the
+    # tokenizer when the checkpoint does not carry one.
+    hf_model_id: str | None = None
+    # Fine-tuning without `checkpoint`: the experiment whose latest checkpoint to start from.
+    pretrain_experiment: str | None = None
+
+
+@dataclass
+class DataSection:
+    # Pretraining: a directory of `*_document.bin/.idx`, a prefix, or a weighted list `[w1, p1, w2, p2]`.
+    # Fine-tuning: a directory with training.jsonl / validation.jsonl / test.jsonl.
+    dataset_path: list[str] = field(default_factory=list)
+    seq_length: int = 2048
+    split: str = "998,1,0"  # pretraining train/valid/test split of the documents (Megatron's rule)
+    seed: int = 1234
+    cache_dir: str | None = None  # sample-index cache; default next to the data
+    # Keep tokens of different documents from attending to each other (and restart positions).
+    document_mask: bool = False
+    eod_mask_loss: bool = False  # no loss on predicting the end-of-document token
+    # Fine-tuning only.
+    pack_sequences: bool = True  # pack several examples per sequence (first-fit decreasing)
+    prompt_template: str | None = None  # a template string instead of the tokenizer's chat template
+    system_prompt: str | None = None
+    num_workers: int = 1  # DataLoader worker processes
+
+
+@dataclass
+class TrainSection:
+    max_steps: int | None = None  # None: one epoch over the training data
+    global_batch_size: int = 32
+    micro_batch_size: int = 1
+    lr: float = 3e-4
+    min_lr: float | None = None  # None: lr / 10
+    lr_schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    seed: int = 1234
+    # "bf16": bf16 compute with fp32 master weights, optimizer state and gradient reduction;
+    # "fp32": everything in fp32 (the default on CPU, where bf16 is slow).
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    val_check_interval: int | None = None  # steps between validations; None: only at the end
+    limit_val_batches: int | None = 8  # global batches per validation; None: the whole split
+    log_interval: int = 1
+    fp8: str | None = None  # the seed's --fp8; refused with a clear message (not implemented)
+
+
+@dataclass
+class CheckpointSection:
+    results_dir: str = "results"
+    experiment: str = "default"
+    save_interval: int | None = None  # steps between checkpoints; None: only at the end
+    save_top_k: int = 1  # best k by validation loss are kept, plus the last
+    resume: bool = True  # continue from the experiment's latest checkpoint when there is one
+
+
+@dataclass
+class PeftSection:
+    method: Literal["none", "lora", "dora"] = "none"
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class LoggingSection:
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str | None = None
+    wandb_name: str | None = None
+
+
+@dataclass
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    peft: PeftSection = field(default_factory=PeftSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def validate(self) -> None:
+        """Checks that need several sections; layout checks live in shoal.distributed.mesh."""
+        t = self.train
+        if t.global_batch_size <= 0 or t.micro_batch_size <= 0:
+            raise ShoalError("train.global_batch_size and train.micro_batch_size must be positive")
+        if t.global_batch_size % t.micro_batch_size:
+            raise ShoalError(
+                f"--global_batch_size {t.global_batch_size} is not divisible by "
+                f"--micro_batch_size {t.micro_batch_size}"
+            )
+        if t.max_steps is not None and t.max_steps <= 0:
+            raise ShoalError(f"--max_steps must be positive, got {t.max_steps}")
+        if t.fp8:
+            raise ShoalError("--fp8 is not supported by shoal yet; train in bf16 (the default on GPU)")
+        if self.data.seq_length <= 1:
+            raise ShoalError(f"--seq_length must be > 1, got {self.data.seq_length}")

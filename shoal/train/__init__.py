@@ -1,0 +1,1 @@
+"""Training: `shoal pretrain` and `shoal finetune` share the loop in `trainer.py`."""

@@ -1,0 +1,67 @@
+"""`shoal pretrain`: continual pretraining on Megatron `.bin/.idx` data (stage 2 of the seed).
+
+Reads top to bottom: resolve the recipe from file and flags, hand off to the launcher when the job
+spans several processes or Slurm, then train with the shared loop on GPT samples built exactly as
+Megatron builds them (so a NeMo user's data and splits mean the same thing here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from shoal.config.flags import add_training_arguments, recipe_from_args, secret
+from shoal.config.recipe import Recipe
+from shoal.errors import ShoalError
+from shoal.train.trainer import Datasets, Runtime, prepare_run, run_training
+
+ACCEPTS_OVERRIDES = True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_training_arguments(parser)
+
+
+def build_pretrain_data(recipe: Recipe, runtime: Runtime, tokenizer_dir: Path | None) -> Datasets:
+    """Train/validation GPT datasets sized for max_steps (one epoch when max_steps is unset)."""
+    from shoal.data.gpt_dataset import build_pretrain_datasets
+    from shoal.data.tokenizer import load_tokenizer
+
+    data, t = recipe.data, recipe.train
+    if not data.dataset_path:
+        raise ShoalError("no pretraining data: pass --dataset_path DIR (the folder of your .bin/.idx files)")
+    eod = pad = None
+    if tokenizer_dir is not None:
+        tok = load_tokenizer(tokenizer_dir)
+        eod, pad = tok.eos_token_id, tok.pad_token_id
+
+    def build(num_samples):
+        return build_pretrain_datasets(
+            data.dataset_path, data.seq_length, data.seed, split=data.split, num_samples=num_samples,
+            cache_dir=data.cache_dir, eod_token_id=eod, pad_token_id=pad,
+            reset_position_ids=data.document_mask, eod_mask_loss=data.eod_mask_loss,
+        )
+
+    max_steps = t.max_steps
+    if max_steps is None:  # NeMo's rule: one epoch over the training split
+        train, _, _ = build((None, 0, 0))
+        max_steps = len(train) // t.global_batch_size
+        if max_steps == 0:
+            raise ShoalError(
+                f"--dataset_path {' '.join(data.dataset_path)} holds {len(train)} samples of {data.seq_length} tokens, "
+                f"fewer than one global batch ({t.global_batch_size}); lower --global_batch_size or --seq_length"
+            )
+    val_batches = t.limit_val_batches if t.limit_val_batches is not None else 1
+    evals = max_steps // (t.val_check_interval or max_steps) + 1
+    train, valid, _ = build((max_steps * t.global_batch_size, evals * val_batches * t.global_batch_size, 0))
+    return Datasets(train, valid, max_steps, {"stage": "pretrain", "dataset_path": data.dataset_path})
+
+
+def main(args: argparse.Namespace) -> int | None:
+    recipe = recipe_from_args(args, "pretrain")
+    runtime = prepare_run(recipe, args, stage="pretrain")
+    if not isinstance(runtime, Runtime):
+        return runtime  # the launcher ran (or submitted) the job
+    run_training(recipe, runtime, build_pretrain_data, wandb_token=secret(args.wandb_token, "WANDB_API_KEY"))
+    return 0

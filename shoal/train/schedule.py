@@ -1,0 +1,26 @@
+"""Learning-rate schedule: linear warmup, then cosine, linear or constant decay to `min_lr`.
+
+The rate is a pure function of the step, so resuming needs only the step count: nothing else of the
+scheduler has to be saved for the resumed run to follow the same curve.
+"""
+
+from __future__ import annotations
+
+import math
+
+from shoal.config.recipe import TrainSection
+
+
+def lr_at(step: int, cfg: TrainSection, total_steps: int) -> float:
+    """The learning rate for optimizer step `step` (0-based) of `total_steps`."""
+    peak = cfg.lr
+    floor = cfg.min_lr if cfg.min_lr is not None else peak / 10
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return peak
+    decay_steps = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    if cfg.lr_schedule == "linear":
+        return peak + (floor - peak) * progress
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
