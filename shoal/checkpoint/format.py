@@ -1,0 +1,398 @@
+"""The shoal checkpoint directory (DESIGN §3): `shoal.json`, `tokenizer/`, `model/` (DCP).
+
+    CKPT/
+      shoal.json   format version, model family and full ModelConfig, dtype, training progress,
+                   how the checkpoint was made
+      tokenizer/   the Hugging Face tokenizer files, copied as they came (chat template included)
+      model/       torch.distributed.checkpoint (DCP) of the weights, keyed by HF parameter names
+
+Training checkpoints add `optim/`, `trainer.json` and maybe `peft.json`; those belong to the
+training code, which saves its weights through `save_model_state` like the importer does.
+
+DCP stores global shapes plus the chunks each rank wrote, so a state dict of DTensors (FSDP2,
+tensor parallel) saves and loads here as it is, and a checkpoint written by one layout loads into
+any other or into a single process. DCP's `.metadata` file is a pickle; it is read here with an
+unpickler that only admits DCP's own metadata classes, so a checkpoint from someone else cannot
+run code when it is opened (the tensor blobs are read by DCP with `weights_only=True`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pickle
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+
+from shoal.errors import ShoalError
+from shoal.models.config import ModelConfig
+
+FORMAT_NAME = "shoal-checkpoint"
+FORMAT_VERSION = 1
+METADATA_FILE = "shoal.json"
+TOKENIZER_DIR = "tokenizer"
+MODEL_DIR = "model"
+
+# The files a Hugging Face tokenizer may consist of; anything else in a model folder is not ours to copy.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "spiece.model", "vocab.json", "merges.txt", "vocab.txt",
+    "chat_template.jinja", "chat_template.json",
+)
+TOKENIZER_DIRS = ("additional_chat_templates",)
+
+# Checkpoints of an experiment: RESULTS/EXPERIMENT/checkpoints/step=NNNNNN-val_loss=X.XXX[-last]/
+_STEP_NAME = re.compile(r"^step=(\d+)(?:-|$)")
+
+_PROGRESS_KEYS = ("step", "consumed_samples", "consumed_tokens")
+
+
+# ---------------------------------------------------------------------------------------------
+# shoal.json
+# ---------------------------------------------------------------------------------------------
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """'bfloat16' for torch.bfloat16 (and for the string itself); the spelling used in shoal.json."""
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str, where: str = "dtype") -> torch.dtype:
+    """torch dtype from 'bfloat16' / 'torch.bfloat16' / 'bf16' style names, refusing anything else."""
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    key = aliases.get(name, name.removeprefix("torch."))
+    dtype = getattr(torch, key, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ShoalError(f"{where}: {name!r} is not a floating-point dtype (expected e.g. bfloat16, float16, float32)")
+    return dtype
+
+
+def write_metadata(
+    ckpt_dir: str | os.PathLike,
+    model_config: ModelConfig,
+    dtype: torch.dtype | str,
+    progress: dict[str, int] | None = None,
+    made_by: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write `ckpt_dir/shoal.json` (atomically: a reader never sees half a file).
+
+    progress: {step, consumed_samples, consumed_tokens}, zeros by default.
+    made_by: {command, source, ...}; shoal_version and time are filled in when absent.
+    Secrets must not be passed in `made_by` or `extra`: this file is meant to be shared.
+    """
+    from shoal import __version__
+
+    progress = {key: int((progress or {}).get(key, 0)) for key in _PROGRESS_KEYS} | {
+        k: v for k, v in (progress or {}).items() if k not in _PROGRESS_KEYS
+    }
+    made = {
+        "shoal_version": __version__,
+        "command": None,
+        "source": None,
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    made.update(made_by or {})
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "family": model_config.family,
+        "model": model_config.to_dict(),
+        "dtype": dtype_name(dtype),
+        "progress": progress,
+        "made_by": made,
+        "extra": dict(extra or {}),
+    }
+    path = Path(ckpt_dir) / METADATA_FILE
+    tmp = path.with_name(f".{METADATA_FILE}.tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / METADATA_FILE).is_file()
+
+
+def read_metadata(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    """Parse and validate `ckpt_dir/shoal.json`; a ShoalError names the file and key at fault."""
+    path = Path(ckpt_dir) / METADATA_FILE
+    if not Path(ckpt_dir).is_dir():
+        raise ShoalError(f"{ckpt_dir} is not a shoal checkpoint: no such directory")
+    if not path.is_file():
+        raise ShoalError(f"{ckpt_dir} is not a shoal checkpoint: {METADATA_FILE} is missing")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ShoalError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    except UnicodeDecodeError:
+        raise ShoalError(f"{path}: not a UTF-8 text file") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise ShoalError(f"{path}: not a shoal checkpoint (expected \"format\": \"{FORMAT_NAME}\")")
+    version = meta.get("format_version")
+    if not isinstance(version, int):
+        raise ShoalError(f"{path}: \"format_version\" must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ShoalError(
+            f"{path}: format_version {version} was written by a newer shoal; "
+            f"this shoal reads format_version <= {FORMAT_VERSION}"
+        )
+    for key, kind in (("model", dict), ("dtype", str), ("progress", dict), ("made_by", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise ShoalError(f"{path}: key {key!r} is missing or not a {kind.__name__}")
+    for key in _PROGRESS_KEYS:
+        value = meta["progress"].get(key)
+        if not isinstance(value, int) or value < 0:
+            raise ShoalError(f"{path}: progress.{key} must be a non-negative integer, got {value!r}")
+    parse_dtype(meta["dtype"], where=f"{path}: key 'dtype'")
+    meta.setdefault("extra", {})
+    if meta.get("family", meta["model"].get("family")) != meta["model"].get("family"):
+        raise ShoalError(f"{path}: family {meta['family']!r} disagrees with model.family {meta['model'].get('family')!r}")
+    return meta
+
+
+def read_model_config(ckpt_dir: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig a checkpoint was saved with."""
+    meta = read_metadata(ckpt_dir)
+    try:
+        return ModelConfig.from_dict(meta["model"])
+    except ShoalError as err:
+        raise ShoalError(f"{Path(ckpt_dir) / METADATA_FILE}: key 'model': {err}") from None
+    except TypeError as err:
+        raise ShoalError(f"{Path(ckpt_dir) / METADATA_FILE}: key 'model': {err}") from None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory from a checkpoint, a `checkpoints/` folder or an experiment folder.
+
+    In the last two cases the latest complete checkpoint is picked: the highest `step=NNNNNN`,
+    preferring the one marked `-last` when two share a step. Hidden temporary folders of an
+    unfinished save are never candidates.
+    """
+    path = Path(path)
+    if is_checkpoint(path):
+        return path
+    if not path.is_dir():
+        raise ShoalError(f"checkpoint {path} does not exist")
+    for folder in (path / "checkpoints", path):
+        candidates = []
+        if folder.is_dir():
+            for child in folder.iterdir():
+                match = _STEP_NAME.match(child.name)
+                if match and is_checkpoint(child):
+                    candidates.append((int(match.group(1)), child.name.endswith("-last"), child))
+        if candidates:
+            return max(candidates, key=lambda c: (c[0], c[1], c[2].name))[2]
+    raise ShoalError(
+        f"{path} is not a shoal checkpoint ({METADATA_FILE} is missing) and holds no complete "
+        "checkpoints named step=NNNNNN-... (directly or under checkpoints/)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer/
+# ---------------------------------------------------------------------------------------------
+
+
+def tokenizer_files(src_dir: str | os.PathLike) -> list[Path]:
+    """The tokenizer files and folders present in a Hugging Face model folder."""
+    src = Path(src_dir)
+    found = [src / name for name in TOKENIZER_FILES if (src / name).is_file()]
+    return found + [src / name for name in TOKENIZER_DIRS if (src / name).is_dir()]
+
+
+def copy_tokenizer(src_dir: str | os.PathLike, ckpt_dir: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer files of an HF folder (or of a shoal checkpoint) into `ckpt_dir/tokenizer/`.
+
+    Files are copied byte for byte, so the chat template and special tokens stay exactly as they
+    came. Returns the names copied; an empty list means the source had no tokenizer.
+    """
+    src = Path(src_dir)
+    if is_checkpoint(src):
+        src = src / TOKENIZER_DIR
+    found = tokenizer_files(src)
+    if not found:
+        return []
+    dest = Path(ckpt_dir) / TOKENIZER_DIR
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in found:
+        if item.is_dir():
+            shutil.copytree(item, dest / item.name, dirs_exist_ok=True)
+        else:
+            shutil.copyfile(item, dest / item.name)
+    return [item.name for item in found]
+
+
+# ---------------------------------------------------------------------------------------------
+# model/ (DCP)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Global shape and dtype of one saved tensor."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * self.dtype.itemsize
+
+
+_ALLOWED_PICKLE_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "Path"),
+    ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits only the classes DCP's `.metadata` is made of; everything else is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in _ALLOWED_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from DCP metadata")
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """DCP's FileSystemReader with a restricted unpickler for `.metadata`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")
+        name = ".metadata" if rank is None else f"__{rank}.metadata"
+        path = Path(self.path) / name
+        try:
+            with open(path, "rb") as handle:
+                metadata = _MetadataUnpickler(handle).load()
+        except FileNotFoundError:
+            raise ShoalError(f"{Path(self.path)}: no DCP .metadata file (incomplete or not a DCP checkpoint)") from None
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as err:
+            raise ShoalError(f"{path}: unreadable DCP metadata ({err})") from None
+        if not isinstance(metadata, Metadata):
+            raise ShoalError(f"{path}: not DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _no_dist() -> bool:
+    return not (dist.is_available() and dist.is_initialized())
+
+
+def _storage_identity(tensor: Any) -> tuple | None:
+    """What two state-dict entries share when they are the same (tied) parameter; None for meta."""
+    if not isinstance(tensor, torch.Tensor):
+        return None
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    if local.device.type == "meta" or local.numel() == 0:
+        return None
+    return (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape), local.device)
+
+
+def _aliases(state_dict: dict[str, Any]) -> dict[str, str]:
+    """{name: earlier name} for entries that are the same tensor as an earlier one (tied weights)."""
+    seen: dict[tuple, str] = {}
+    aliases = {}
+    for name, value in state_dict.items():
+        ident = _storage_identity(value)
+        if ident is None:
+            continue
+        if ident in seen:
+            aliases[name] = seen[ident]
+        else:
+            seen[ident] = name
+    return aliases
+
+
+def save_model_state(
+    state_dict: dict[str, torch.Tensor], model_dir: str | os.PathLike, planner: Any = None
+) -> None:
+    """Save weights keyed by HF names as DCP into `model_dir` (every rank calls this when distributed).
+
+    Tied weights are stored once, under their first name (`model.embed_tokens.weight`, as HF does):
+    pass `model.state_dict()` as it is. Values may be DTensors; each rank writes its own shards.
+    `planner` is for callers that stream tensors in (see `shoal.convert.streaming`).
+    """
+    aliases = _aliases(state_dict)
+    to_save = {k: v for k, v in state_dict.items() if k not in aliases}
+    Path(model_dir).mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
+        dcp.save(to_save, storage_writer=dcp.FileSystemWriter(str(model_dir)), planner=planner, no_dist=_no_dist())
+
+
+def model_state_info(model_dir: str | os.PathLike) -> dict[str, TensorInfo]:
+    """{name: TensorInfo(global shape, dtype)} of every tensor saved in a DCP folder, without loading any."""
+    metadata = SafeFileSystemReader(str(model_dir)).read_metadata()
+    return {
+        name: TensorInfo(tuple(md.size), md.properties.dtype)
+        for name, md in metadata.state_dict_metadata.items()
+        if isinstance(md, TensorStorageMetadata)
+    }
+
+
+def model_state_keys(model_dir: str | os.PathLike) -> list[str]:
+    """The tensor names saved in a DCP folder, sorted."""
+    return sorted(model_state_info(model_dir))
+
+
+def load_model_state(state_dict: dict[str, torch.Tensor], model_dir: str | os.PathLike) -> None:
+    """Fill `state_dict`'s tensors in place from the DCP in `model_dir`.
+
+    Works in one process or on every rank of a process group; DTensor values receive just their
+    shards. Only the names asked for are read (a partial load). A name tied to another entry of
+    `state_dict` (lm_head.weight when embeddings are tied) is filled through that entry; an untied
+    `lm_head.weight` asked of a checkpoint that stored tied embeddings gets the embedding's values.
+    Names or shapes the checkpoint lacks raise a ShoalError listing them. dtypes are converted.
+    """
+    model_dir = Path(model_dir)
+    saved = model_state_info(model_dir)
+    aliases = _aliases(state_dict)
+    wanted = {k: v for k, v in state_dict.items() if k not in aliases}
+    retie = {}
+    if "lm_head.weight" in wanted and "lm_head.weight" not in saved and "model.embed_tokens.weight" in saved:
+        retie["model.embed_tokens.weight"] = wanted.pop("lm_head.weight")
+    missing = sorted(k for k in wanted if k not in saved)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ShoalError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s): {shown}")
+    for name, tensor in list(wanted.items()) + list(retie.items()):
+        if tuple(tensor.shape) != saved[name].shape:
+            raise ShoalError(
+                f"{model_dir}: tensor {name} has shape {list(saved[name].shape)} in the checkpoint, "
+                f"but the model expects {list(tensor.shape)}"
+            )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        for part in (wanted, retie):
+            if part:
+                dcp.load(part, storage_reader=SafeFileSystemReader(str(model_dir)), no_dist=_no_dist())

@@ -1,0 +1,187 @@
+"""`shoal export`: a shoal checkpoint -> a Hugging Face checkpoint that `transformers` loads as it is.
+
+    shoal export --source CKPT --output_path OUT [--overwrite] [--dtype bfloat16] [--max_shard_size 5GB]
+    shoal export -y path=CKPT output_path=OUT target=hf        (NeMo's `nemo llm export` form)
+
+`--source` may be a checkpoint, an experiment folder or its `checkpoints/` folder; for the last
+two the latest checkpoint (highest `step=NNNNNN`) is exported.
+
+Writes safetensors shards (`model.safetensors`, or `model-0000k-of-0000n.safetensors` plus
+`model.safetensors.index.json` past `--max_shard_size`, as `save_pretrained` does), `config.json`,
+`generation_config.json` and the tokenizer files exactly as they were imported. Weights are read
+from DCP a bounded group at a time and written straight to their shard, so memory holds at most
+`load_budget` bytes of weights, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from shoal.checkpoint.atomic import atomic_directory
+from shoal.checkpoint.format import (
+    MODEL_DIR, TOKENIZER_DIR, TensorInfo, dtype_name, parse_dtype, read_metadata, read_model_config,
+    resolve_checkpoint,
+)
+from shoal.convert.adapters import get_adapter
+from shoal.convert.options import add_overwrite_argument, check_output, parse_size
+from shoal.convert.safetensors_io import SafetensorsWriter, plan_shards, shard_file_names, write_index
+from shoal.convert.streaming import DCPWeightReader, WeightReader
+from shoal.errors import ShoalError
+from shoal.models.config import to_hf_config
+
+DEFAULT_MAX_SHARD_SIZE = 5_000_000_000  # Hugging Face's default, decimal bytes
+DEFAULT_LOAD_BUDGET = 1 << 30  # bytes of weights read from DCP per load
+
+# Where the PEFT code plugs in for checkpoints that carry adapters (peft.json): a module exposing
+# `merged_weight_reader(ckpt_dir: Path) -> WeightReader`, returning base weights with adapters merged.
+PEFT_EXPORT_MODULE = "shoal.peft.export"
+
+WeightReaderFactory = Callable[[Path], WeightReader]
+Finalizer = Callable[[Path, Path], None]
+
+
+def _peft_weight_reader(ckpt: Path) -> WeightReaderFactory:
+    try:
+        module = importlib.import_module(PEFT_EXPORT_MODULE)
+        return module.merged_weight_reader
+    except (ImportError, AttributeError):
+        raise ShoalError(
+            f"{ckpt} carries LoRA/DoRA adapters (peft.json), and this shoal has no adapter merge for export "
+            f"({PEFT_EXPORT_MODULE}.merged_weight_reader is missing)"
+        ) from None
+
+
+def generation_config(meta: dict) -> dict:
+    """The imported generation_config.json when there was one, else the token ids of the model config."""
+    kept = meta.get("extra", {}).get("generation_config")
+    if kept:
+        return dict(kept)
+    model = meta["model"]
+    config = {"_from_model_config": True}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if model.get(key) is not None:
+            config[key] = model[key]
+    return config
+
+
+def export_checkpoint(
+    source: str | os.PathLike,
+    output_path: str | os.PathLike,
+    overwrite: bool = False,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    weight_reader: WeightReaderFactory | None = None,
+    finalize: Finalizer | None = None,
+    load_budget: int = DEFAULT_LOAD_BUDGET,
+) -> Path:
+    """Export a shoal checkpoint (or the latest of an experiment) as a Hugging Face checkpoint.
+
+    dtype: convert floating weights to it; None keeps each tensor's saved dtype (lossless).
+    weight_reader: hook for checkpoints whose weights need work before export (LoRA/DoRA merge):
+        called with the checkpoint folder, it returns a `WeightReader` giving full-model weights by
+        shoal name. Default: plain DCP reads of `model/` (or `shoal.peft.export` when peft.json exists).
+    finalize: hook called as finalize(ckpt_dir, out_dir) before the output is published, to add
+        files (e.g. a PEFT adapter folder); whatever it writes appears atomically with the rest.
+    """
+    ckpt = resolve_checkpoint(source)
+    meta = read_metadata(ckpt)
+    cfg = read_model_config(ckpt)
+    target_dtype = parse_dtype(dtype, where="--dtype") if isinstance(dtype, str) else dtype
+    max_bytes = parse_size(max_shard_size)
+    out = check_output(output_path, overwrite, sources=(ckpt,))
+    if weight_reader is None and (ckpt / "peft.json").is_file():
+        weight_reader = _peft_weight_reader(ckpt)
+    if weight_reader is None and not (ckpt / MODEL_DIR).is_dir():
+        raise ShoalError(f"{ckpt}: {MODEL_DIR}/ is missing (an incomplete checkpoint?)")
+    reader = weight_reader(ckpt) if weight_reader else DCPWeightReader(ckpt / MODEL_DIR)
+
+    adapter = get_adapter(cfg)
+    saved = reader.tensor_info()
+    plan = adapter.export_plan(saved, where=ckpt / MODEL_DIR)  # {HF name: shoal name}, HF order
+
+    def out_info(shoal_name: str) -> TensorInfo:
+        info = saved[shoal_name]
+        return TensorInfo(info.shape, target_dtype or info.dtype)
+
+    shards = plan_shards([(hf, out_info(name).nbytes) for hf, name in plan.items()], max_bytes)
+    files = shard_file_names(len(shards))
+    config_dtype = dtype_name(target_dtype or meta["dtype"])
+
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        weight_map = {}
+        for shard, file in zip(shards, files):
+            specs = {hf: (out_info(plan[hf]).shape, out_info(plan[hf]).dtype) for hf in shard}
+            writer = SafetensorsWriter(tmp / file, specs, metadata={"format": "pt"})
+            try:
+                _write_shard(writer, plan, reader, adapter, target_dtype, out_info, load_budget)
+            finally:
+                writer.abort()
+            weight_map.update({hf: file for hf in shard})
+        if len(files) > 1:
+            total = sum(out_info(name).nbytes for name in plan.values())
+            params = sum(out_info(name).nbytes // out_info(name).dtype.itemsize for name in plan.values())
+            write_index(tmp, weight_map, total, total_parameters=params)
+        (tmp / "config.json").write_text(json.dumps(to_hf_config(cfg, dtype=config_dtype), indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(meta), indent=2) + "\n")
+        tokenizer = ckpt / TOKENIZER_DIR
+        if tokenizer.is_dir():
+            shutil.copytree(tokenizer, tmp, dirs_exist_ok=True)
+        if finalize is not None:
+            finalize(ckpt, tmp)
+    return out
+
+
+def _write_shard(writer: SafetensorsWriter, plan: dict[str, str], reader: WeightReader, adapter,
+                 target_dtype: torch.dtype | None, out_info: Callable[[str], TensorInfo], load_budget: int) -> None:
+    """Fill one shard in its data order, loading at most `load_budget` bytes of weights at a time."""
+    group: list[str] = []
+    group_bytes = 0
+
+    def flush() -> None:
+        tensors = reader.load([plan[hf] for hf in group])
+        for hf in group:
+            tensor = adapter.to_hf(plan[hf], tensors.pop(plan[hf]))
+            if target_dtype is not None and tensor.dtype != target_dtype:
+                tensor = tensor.to(target_dtype)
+            writer.write(hf, tensor)
+            del tensor
+
+    for hf in writer.order:
+        nbytes = out_info(plan[hf]).nbytes
+        if group and group_bytes + nbytes > load_budget:
+            flush()
+            group, group_bytes = [], 0
+        group.append(hf)
+        group_bytes += nbytes
+    if group:
+        flush()
+    writer.close()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", "--path", dest="source", required=True,
+                        help="shoal checkpoint, or an experiment / checkpoints folder (its latest checkpoint)")
+    parser.add_argument("--output_path", "--output-path", dest="output_path", required=True,
+                        help="the Hugging Face model folder to write")
+    add_overwrite_argument(parser)
+    parser.add_argument("--dtype", default=None,
+                        help="convert weights to this dtype (bfloat16, float16, float32); default: as saved")
+    parser.add_argument("--max_shard_size", "--max-shard-size", dest="max_shard_size", type=parse_size,
+                        default=DEFAULT_MAX_SHARD_SIZE, help="largest safetensors file, e.g. 5GB (default), 500MB")
+    parser.add_argument("--target", default="hf", choices=["hf"],
+                        help="accepted for NeMo compatibility (`target=hf`); Hugging Face is the only target")
+
+
+def main(args: argparse.Namespace) -> int:
+    out = export_checkpoint(args.source, args.output_path, overwrite=args.overwrite, dtype=args.dtype,
+                            max_shard_size=args.max_shard_size)
+    print(f"shoal export: wrote {out}")
+    return 0

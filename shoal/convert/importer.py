@@ -1,0 +1,171 @@
+"""`shoal import`: a Hugging Face checkpoint (folder or `hf://ORG/NAME`) -> a shoal checkpoint.
+
+    shoal import --source DIR|hf://ORG/NAME --output_path OUT [--overwrite] [--hf_token TOKEN]
+    shoal import -y model=llama3_8b source=hf://ORG/NAME output_path=OUT overwrite=false   (NeMo form)
+
+Reads `config.json` (refusing what shoal cannot represent), the tokenizer files and the
+safetensors weights (one file or sharded with an index), checks every tensor against the shapes
+the config implies, then streams the weights into DCP one tensor at a time. The checkpoint
+appears under OUT only once complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from shoal.checkpoint.atomic import atomic_directory
+from shoal.checkpoint.format import MODEL_DIR, TensorInfo, copy_tokenizer, dtype_name, write_metadata
+from shoal.convert import hub
+from shoal.convert.adapters import get_adapter
+from shoal.convert.options import add_overwrite_argument, check_output
+from shoal.convert.safetensors_io import find_weight_files, read_tensor
+from shoal.convert.streaming import stream_to_dcp
+from shoal.errors import ShoalError
+from shoal.models.config import ModelConfig, from_hf_config
+from shoal.models.presets import NEMO_ALIASES, get_preset
+
+# ModelConfig fields compared with a `--model` preset: the architecture, not the token ids.
+_SHAPE_FIELDS = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "head_dim", "tie_word_embeddings", "attention_bias", "qk_norm")
+
+
+def default_output_path(source: str) -> Path:
+    """Where an import goes without --output_path: $SHOAL_HOME/models/ORG/NAME (~/.cache/shoal)."""
+    home = Path(os.environ.get("SHOAL_HOME", Path.home() / ".cache" / "shoal"))
+    hub_source = hub.parse_hub_source(source)
+    name = hub_source.repo_id if hub_source else Path(source).absolute().name
+    return home / "models" / name
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from `path`, with a message naming the file (and line) when it is not one."""
+    if not path.is_file():
+        raise ShoalError(f"{path.parent}: {path.name} is missing ({what})")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ShoalError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    except UnicodeDecodeError:
+        raise ShoalError(f"{path}: not a UTF-8 text file") from None
+    if not isinstance(data, dict):
+        raise ShoalError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_hf_config(model_dir: Path) -> tuple[dict, ModelConfig]:
+    """config.json as a dict, and the ModelConfig it describes."""
+    path = model_dir / "config.json"
+    hf_config = read_json(path, "a Hugging Face model folder needs its config")
+    try:
+        return hf_config, from_hf_config(hf_config, where=str(path))
+    except KeyError as err:
+        raise ShoalError(f"{path}: required key {err.args[0]!r} is missing") from None
+    except (TypeError, ValueError) as err:
+        raise ShoalError(f"{path}: {err}") from None
+    except ShoalError as err:
+        if str(path) in str(err):
+            raise
+        raise ShoalError(f"{path}: {err}") from None
+
+
+def check_preset(name: str, cfg: ModelConfig) -> list[str]:
+    """Warnings for a `--model` preset that does not describe the imported architecture.
+
+    config.json always decides what is imported; the preset name only catches a wrong source.
+    """
+    try:
+        preset = get_preset(NEMO_ALIASES.get(name, name))
+    except ShoalError:
+        return [f"--model {name} is not a preset shoal knows; the architecture comes from config.json"]
+    diffs = [f"{field}={getattr(cfg, field)!r} (preset: {getattr(preset, field)!r})"
+             for field in _SHAPE_FIELDS if getattr(cfg, field) != getattr(preset, field)]
+    if diffs:
+        return [f"--model {name} does not match the imported config.json: " + ", ".join(diffs)
+                + "; importing what config.json describes"]
+    return []
+
+
+def _dominant_dtype(infos: dict[str, TensorInfo]) -> torch.dtype:
+    """The dtype holding most of the weight bytes: the model's dtype for shoal.json."""
+    by_dtype: dict[torch.dtype, int] = {}
+    for info in infos.values():
+        by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.nbytes
+    return max(by_dtype, key=by_dtype.get)
+
+
+def import_checkpoint(
+    source: str | os.PathLike,
+    output_path: str | os.PathLike,
+    overwrite: bool = False,
+    hf_token: str | None = None,
+    model: str | None = None,
+) -> Path:
+    """Convert an HF checkpoint folder or `hf://ORG/NAME` into a shoal checkpoint at `output_path`.
+
+    `model` names a preset (NeMo's `model=llama3_8b`); a mismatch with config.json is a warning.
+    """
+    source = str(source)
+    hub_source = hub.parse_hub_source(source)
+    local_source = None if hub_source else Path(source)
+    if local_source and not local_source.is_dir():
+        hint = f" (for a Hugging Face Hub model write hf://{source})" if source.count("/") == 1 else ""
+        raise ShoalError(f"--source {source}: no such directory{hint}")
+    out = check_output(output_path, overwrite, sources=(local_source,) if local_source else ())
+    model_dir = hub.download(hub_source, token=hf_token) if hub_source else local_source
+
+    hf_config, cfg = read_hf_config(model_dir)
+    for warning in check_preset(model, cfg) if model else []:
+        print(f"shoal import: warning: {warning}", file=sys.stderr)
+    entries = find_weight_files(model_dir)
+    adapter = get_adapter(cfg)
+    found = {name: TensorInfo(e.shape, e.dtype) for name, e in entries.items()}
+    plan = adapter.import_plan(found, where=model_dir)  # {shoal name: HF name}
+    specs = {name: found[hf_name] for name, hf_name in plan.items()}
+    generation_config = None
+    if (model_dir / "generation_config.json").is_file():
+        generation_config = read_json(model_dir / "generation_config.json", "generation defaults")
+
+    def read(name: str) -> torch.Tensor:
+        hf_name = plan[name]
+        return adapter.to_shoal(hf_name, read_tensor(entries[hf_name]))
+
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        copied = copy_tokenizer(model_dir, tmp)
+        if not copied:
+            print(f"shoal import: warning: {model_dir} has no tokenizer files; the checkpoint has no tokenizer/",
+                  file=sys.stderr)
+        stream_to_dcp(specs, read, tmp / MODEL_DIR)
+        made_by = {
+            "command": "shoal import",
+            "source": str(hub_source) if hub_source else str(model_dir.absolute()),
+            # The snapshot folder of the HF cache is named after the commit it holds.
+            "revision": model_dir.name if hub_source else None,
+        }
+        extra = {"generation_config": generation_config} if generation_config else {}
+        write_metadata(tmp, cfg, dtype_name(_dominant_dtype(specs)), made_by=made_by, extra=extra)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", required=True,
+                        help="Hugging Face model folder, or hf://ORG/NAME[@REVISION] to download from the Hub")
+    parser.add_argument("--output_path", "--output-path", dest="output_path", default=None,
+                        help="the shoal checkpoint to write (default $SHOAL_HOME/models/ORG/NAME)")
+    add_overwrite_argument(parser)
+    parser.add_argument("--hf_token", "--hf-token", dest="hf_token", default=None,
+                        help="Hugging Face token for gated/private models (default: $HF_TOKEN); never saved")
+    parser.add_argument("--model", "-M", default=None,
+                        help="preset name as in NeMo's `model=llama3_8b`; checked against config.json")
+
+
+def main(args: argparse.Namespace) -> int:
+    output = args.output_path or default_output_path(args.source)
+    out = import_checkpoint(args.source, output, overwrite=args.overwrite, hf_token=args.hf_token, model=args.model)
+    print(f"shoal import: wrote {out}")
+    return 0

@@ -1,0 +1,75 @@
+"""Argument parsing and output checks shared by `shoal import` and `shoal export`.
+
+Both commands accept the seed's NeMo spellings (`overwrite=false`, `-y`) next to shoal's own, and
+both refuse an output they could not publish before doing any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+from shoal.checkpoint.atomic import check_output_dir
+from shoal.errors import ShoalError
+
+_TRUE = {"1", "true", "yes", "y", "on"}
+_FALSE = {"0", "false", "no", "n", "off"}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+          "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
+def parse_bool(text: str | bool) -> bool:
+    """'true'/'false' (and yes/no/1/0) as NeMo's `overwrite=false` writes them."""
+    if isinstance(text, bool):
+        return text
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from '5GB' (decimal, as Hugging Face counts), '500MiB' (binary) or a plain integer."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size such as 5GB, 500MB or 1GiB, got {text!r}")
+    number, unit = match.groups()
+    unit = (unit or "").upper().removesuffix("B")
+    size = int(float(number) * _UNITS[unit])
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return size
+
+
+def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    """`--overwrite` as a bare flag, or with a value (`--overwrite false`, NeMo's `overwrite=false`)."""
+    parser.add_argument("--overwrite", nargs="?", const=True, default=False, type=parse_bool, metavar="BOOL",
+                        help="replace an existing output (bare flag, or true/false)")
+    parser.add_argument("-y", "--yes", action="store_true",
+                        help="accepted for NeMo compatibility (`nemo llm import -y`); shoal never prompts")
+
+
+def check_output(output: str | os.PathLike, overwrite: bool, sources: tuple[Path, ...] = ()) -> Path:
+    """Refuse, before any work, an output that exists (without overwrite), that cannot be created,
+    or whose replacement would delete the input being read."""
+    out = Path(output).absolute()
+    probe = out.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ShoalError(f"cannot create output {output}: {probe} is a file, not a directory")
+    if out.exists() and not out.is_dir():
+        raise ShoalError(f"output {output} exists and is a file, not a directory")
+    for source in sources:
+        source = source.absolute()
+        if out == source or out in source.parents:
+            raise ShoalError(f"output {output} overlaps the input {source}; choose another output path")
+    check_output_dir(out, overwrite)
+    return out

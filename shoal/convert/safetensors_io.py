@@ -1,0 +1,254 @@
+"""Hugging Face safetensors files, read and written one tensor at a time.
+
+The format (formats.md §5.4): 8 bytes little-endian header length N, N bytes of JSON
+`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the raw
+little-endian, C-order tensor bytes. Sharded checkpoints add `model.safetensors.index.json`
+mapping each tensor to its file.
+
+The header is parsed and checked here rather than trusted: a truncated download or a corrupt
+file must end in a message naming the file, not in a crash halfway through a conversion. Tensors
+are read with `readinto` straight into their own buffer and written from theirs, so memory holds
+one tensor at a time (no memory map whose pages would pile up, no serialised copy of a shard).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shoal.errors import ShoalError
+
+DTYPES: dict[str, torch.dtype] = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+MAX_HEADER_BYTES = 100_000_000  # the reference parser's limit
+
+if sys.byteorder != "little":  # the file is little-endian and we copy bytes as they are
+    raise ImportError("shoal's safetensors I/O needs a little-endian machine")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: absolute byte range [begin, end) in `path`."""
+
+    path: Path
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
+    """Parse and validate a safetensors header: {name: TensorEntry}, in file order."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise ShoalError(f"{path}: not a safetensors file (only {size} bytes)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise ShoalError(
+                    f"{path}: corrupt or truncated safetensors file (header length {header_len} "
+                    f"does not fit in {size} bytes)"
+                )
+            raw = handle.read(header_len)
+    except OSError as err:
+        raise ShoalError(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ShoalError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise ShoalError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_start = 8 + header_len
+    data_len = size - data_start
+    entries: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ShoalError(f"{path}: tensor {name!r} has an invalid header entry {info!r}") from None
+        if any(s < 0 for s in shape) or end - begin != _numel(shape) * dtype.itemsize or begin < 0:
+            raise ShoalError(f"{path}: tensor {name!r}: data_offsets {[begin, end]} do not match "
+                             f"shape {list(shape)} of {info['dtype']}")
+        if end > data_len:
+            raise ShoalError(
+                f"{path}: truncated safetensors file: tensor {name!r} ends at byte {data_start + end} "
+                f"but the file has {size} bytes"
+            )
+        entries[name] = TensorEntry(path, name, dtype, shape, data_start + begin, data_start + end)
+    spans = sorted((e.begin, e.end, e.name) for e in entries.values())
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise ShoalError(f"{path}: corrupt safetensors file: tensors {a!r} and {b!r} overlap")
+    return entries
+
+
+def read_tensor(entry: TensorEntry) -> torch.Tensor:
+    """Read one tensor from disk into fresh memory of exactly its size."""
+    tensor = torch.empty(entry.shape, dtype=entry.dtype)
+    if tensor.numel() == 0:
+        return tensor
+    view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+    with open(entry.path, "rb") as handle:
+        handle.seek(entry.begin)
+        done = 0
+        while done < len(view):
+            got = handle.readinto(view[done:])
+            if not got:
+                raise ShoalError(f"{entry.path}: truncated while reading tensor {entry.name!r}")
+            done += got
+    return tensor
+
+
+class SafetensorsWriter:
+    """Write one safetensors file whose tensors are known in advance and arrive one by one.
+
+    The header is written first from the declared names, shapes and dtypes; `write` then appends
+    each tensor's bytes in `self.order` (larger element sizes first, which keeps every tensor
+    aligned to its element size, as the reference writer does). `close` checks all arrived.
+    """
+
+    def __init__(self, path: str | os.PathLike, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        # Stable sort: within one element size the caller's (HF state-dict) order is kept.
+        self.order = sorted(specs, key=lambda name: -specs[name][1].itemsize)
+        self.specs = specs
+        header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+        offset = 0
+        for name in self.order:
+            shape, dtype = specs[name]
+            nbytes = _numel(shape) * dtype.itemsize
+            header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # pad so the data buffer starts 8-byte aligned
+        self._handle = open(self.path, "wb")
+        self._handle.write(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+        self.total_bytes = offset
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self.order[self._next] if self._next < len(self.order) else None
+        if name != expected:
+            raise RuntimeError(f"{self.path}: expected tensor {expected!r} next, got {name!r}")
+        shape, dtype = self.specs[name]
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise RuntimeError(f"{self.path}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
+                               f"declared {tuple(shape)} {dtype}")
+        if tensor.numel():
+            data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+            self._handle.write(memoryview(data))
+        self._next += 1
+
+    def close(self) -> None:
+        self._handle.close()
+        if self._next != len(self.order):
+            raise RuntimeError(f"{self.path}: {len(self.order) - self._next} tensor(s) were never written")
+
+    def abort(self) -> None:
+        self._handle.close()
+
+
+def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """Split tensors (in order) into shards the way Hugging Face does: a new shard starts when the
+    next tensor would push the current one past the limit; a tensor above the limit sits alone."""
+    shards: list[list[str]] = []
+    current: list[str] = []
+    current_bytes = 0
+    for name, nbytes in sizes:
+        if current and current_bytes + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(name)
+        current_bytes += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def shard_file_names(count: int) -> list[str]:
+    """`model.safetensors` for one shard, else `model-0000k-of-0000n.safetensors` (1-based)."""
+    if count == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def write_index(out_dir: str | os.PathLike, weight_map: dict[str, str], total_size: int,
+                total_parameters: int | None = None) -> Path:
+    """Write `model.safetensors.index.json` as transformers does (indent 2, names sorted)."""
+    metadata: dict[str, int] = {"total_size": total_size}
+    if total_parameters is not None:
+        metadata["total_parameters"] = total_parameters
+    path = Path(out_dir) / INDEX_FILE
+    index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
+    path.write_text(json.dumps(index, indent=2) + "\n")
+    return path
+
+
+def find_weight_files(model_dir: str | os.PathLike) -> dict[str, TensorEntry]:
+    """Every tensor of an HF model folder, {name: TensorEntry}, from the index or `model.safetensors`.
+
+    Only the files the index names are read (Mistral repos also ship a `consolidated.safetensors`
+    that must not be mixed in). PyTorch `.bin` weights are refused: loading them runs pickle.
+    """
+    model_dir = Path(model_dir)
+    index_path = model_dir / INDEX_FILE
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except json.JSONDecodeError as err:
+            raise ShoalError(f"{index_path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+        except (KeyError, TypeError):
+            raise ShoalError(f"{index_path}: expected a \"weight_map\" object of tensor name -> file") from None
+        files = sorted(set(weight_map.values()))
+        missing_files = [f for f in files if not (model_dir / f).is_file()]
+        if missing_files:
+            raise ShoalError(f"{index_path}: names shard file(s) that do not exist: {', '.join(missing_files)}")
+        entries: dict[str, TensorEntry] = {}
+        headers = {f: read_header(model_dir / f) for f in files}
+        for name, file in weight_map.items():
+            if name not in headers[file]:
+                raise ShoalError(f"{index_path}: tensor {name!r} is mapped to {file}, which does not contain it")
+            entries[name] = headers[file][name]
+        return entries
+    single = model_dir / SINGLE_FILE
+    if single.is_file():
+        return read_header(single)
+    if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")):
+        raise ShoalError(
+            f"{model_dir}: only PyTorch pickle weights (.bin/.pt) found; shoal reads safetensors only, "
+            "because loading pickle files can run arbitrary code. Convert them to safetensors first."
+        )
+    raise ShoalError(f"{model_dir}: no {SINGLE_FILE} and no {INDEX_FILE}: nothing to import")

@@ -1,0 +1,80 @@
+"""Move weights between Hugging Face safetensors and DCP without holding the whole model.
+
+Import: DCP plans a save from tensor shapes and dtypes alone, and asks for each tensor's data
+only when it writes that tensor. `LazySavePlanner` hands DCP meta-device placeholders to plan
+with and reads the real tensor from its safetensors file at that moment, so one tensor at a time
+is in memory.
+
+Export: `DCPWeightReader.load` does partial DCP loads of a caller-chosen group of names, which
+the exporter bounds by bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import MetadataIndex
+
+from shoal.checkpoint.format import TensorInfo, load_model_state, model_state_info, save_model_state
+
+
+class LazySavePlanner(DefaultSavePlanner):
+    """A DCP save planner whose state dict holds meta tensors; `read(name)` supplies the data."""
+
+    def __init__(self, read: Callable[[str], torch.Tensor]):
+        super().__init__()
+        self._read = read
+
+    def lookup_object(self, index: MetadataIndex) -> Any:
+        placeholder = super().lookup_object(index)
+        if isinstance(placeholder, torch.Tensor) and placeholder.is_meta:
+            tensor = self._read(index.fqn)
+            if tuple(tensor.shape) != tuple(placeholder.shape) or tensor.dtype != placeholder.dtype:
+                raise RuntimeError(f"tensor {index.fqn} changed while being converted")
+            return tensor
+        return placeholder
+
+
+def stream_to_dcp(specs: dict[str, TensorInfo], read: Callable[[str], torch.Tensor],
+                  model_dir: str | os.PathLike) -> None:
+    """Write a DCP checkpoint of tensors described by `specs`, reading each with `read(name)` just in time."""
+    placeholders = {name: torch.empty(info.shape, dtype=info.dtype, device="meta") for name, info in specs.items()}
+    save_model_state(placeholders, model_dir, planner=LazySavePlanner(read))
+
+
+class WeightReader(Protocol):
+    """Where the exporter gets a checkpoint's weights from, by shoal name.
+
+    The default reads `model/` of a checkpoint. A checkpoint with LoRA/DoRA adapters (`peft.json`)
+    needs a reader that returns base weights with the adapters merged in; the PEFT code provides
+    it (see `shoal.convert.exporter.export_checkpoint`).
+    """
+
+    def tensor_info(self) -> dict[str, TensorInfo]:
+        """{shoal name: TensorInfo} of the full-model weights this reader can return."""
+        ...
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, as full CPU tensors."""
+        ...
+
+
+class DCPWeightReader:
+    """Reads the plain weights of a checkpoint's `model/` folder, a few tensors per DCP load."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        self.model_dir = Path(model_dir)
+        self._info = model_state_info(self.model_dir)
+
+    def tensor_info(self) -> dict[str, TensorInfo]:
+        return dict(self._info)
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        tensors = {name: torch.empty(self._info[name].shape, dtype=self._info[name].dtype) for name in names}
+        load_model_state(tensors, self.model_dir)
+        return tensors
