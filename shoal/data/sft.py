@@ -42,8 +42,6 @@ _ROLES = ("system", "user", "assistant", "tool", "ipython")
 # while memory stays bounded on large files.
 _TOKENIZE_BATCH = 2048
 
-Segment = tuple[str, bool]  # (text, is_answer)
-
 
 # ---------------------------------------------------------------------------------------------
 # Reading rows
@@ -197,10 +195,24 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], 
     return text
 
 
-def chat_segments(
+@dataclass
+class Rendering:
+    """A row as text, with the character spans of its answers.
+
+    `whole` rows (chat templates) are tokenized in one piece, as `apply_chat_template` would, and
+    the answer spans located by tokenizing the text up to each span boundary; other rows (prompt
+    templates) are tokenized piece by piece, prompt apart from answer, as NeMo does.
+    """
+
+    text: str
+    answers: list[tuple[int, int]]
+    whole: bool
+
+
+def render_chat(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], special: re.Pattern[str] | None, where: str
-) -> list[Segment]:
-    """Split the chat-template rendering of a conversation into prompt and answer pieces.
+) -> Rendering:
+    """The chat template's rendering of a conversation, with every assistant turn's span.
 
     For assistant turn k, rendering messages[:k] with the generation prompt gives where the answer
     starts and rendering messages[:k+1] where its turn ends; both must be prefixes of the whole
@@ -210,23 +222,68 @@ def chat_segments(
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     messages = messages[: last + 1]  # turns after the last answer teach nothing
     full = _render(tokenizer, messages, False, where)
-    segments: list[Segment] = []
-    done = 0
+    answers: list[tuple[int, int]] = []
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         before = _render(tokenizer, messages[:k], True, where)
         through = _render(tokenizer, messages[: k + 1], False, where)
-        if not (full.startswith(through) and through.startswith(before)) or len(before) < done:
+        if not (full.startswith(through) and through.startswith(before)) or (answers and len(before) < answers[-1][1]):
             raise ShoalError(
                 f"{where}: the chat template is not prefix-stable: rendering the first {k} messages with the "
                 f"generation prompt, then the first {k + 1}, does not give prefixes of the whole conversation, so "
                 "the assistant turns cannot be located; give a prompt template instead or fix the chat template"
             )
-        end = len(before) + _answer_end(through[len(before):], message["content"], special)
-        segments += [(full[done:len(before)], False), (full[len(before):end], True)]
-        done = end
-    return segments
+        answers.append((len(before), len(before) + _answer_end(through[len(before):], message["content"], special)))
+    # Text after the last end-of-turn token (ChatML's newline) would only be a label with no loss.
+    return Rendering(full[: answers[-1][1]], answers, whole=True)
+
+
+def _cuts(rendering: Rendering) -> tuple[list[int], list[bool]]:
+    """Character offsets splitting the text into pieces, and whether each piece is answer."""
+    cuts = sorted({0, len(rendering.text), *(c for span in rendering.answers for c in span)})
+    is_answer = [any(a <= c < b for a, b in rendering.answers) for c in cuts[:-1]]
+    return cuts, is_answer
+
+
+def tokenize_renderings(
+    tokenizer: PreTrainedTokenizerBase, renderings: list[Rendering], wheres: list[str]
+) -> list[tuple[list[int], list[bool]]]:
+    """Token ids and per-id answer flags for each rendering, in one batched tokenizer call.
+
+    A whole rendering's answer boundaries are found by tokenizing the text up to each of them: each
+    such prefix must tokenize to a prefix of the whole text's ids (so the prompt's ids are exactly
+    those a model is given at inference), otherwise the row is refused.
+    """
+    requests: list[str] = []
+    plans = []
+    for r in renderings:
+        cuts, is_answer = _cuts(r)
+        pieces = [r.text[:c] for c in cuts[1:]] if r.whole else [r.text[a:b] for a, b in zip(cuts, cuts[1:])]
+        plans.append((len(requests), len(pieces), cuts, is_answer))
+        requests += pieces
+    encoded = tokenizer(requests, add_special_tokens=False)["input_ids"] if requests else []
+    out = []
+    for r, where, (first, count, cuts, is_answer) in zip(renderings, wheres, plans):
+        parts = encoded[first:first + count]
+        if r.whole:
+            ids = list(parts[-1])
+            ends = []
+            for cut, prefix in zip(cuts[1:], parts):
+                if ids[: len(prefix)] != prefix:
+                    raise ShoalError(
+                        f"{where}: the tokenizer splits the conversation differently when it stops at character "
+                        f"{cut}, where an answer starts or ends, so the answer's tokens cannot be located; "
+                        "give a prompt template instead"
+                    )
+                ends.append(len(prefix))
+            lengths = [b - a for a, b in zip([0, *ends[:-1]], ends)]
+        else:
+            ids = [i for piece in parts for i in piece]
+            lengths = [len(piece) for piece in parts]
+        answer = [flag for flag, n in zip(is_answer, lengths) for _ in range(n)]
+        out.append((ids, answer))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,12 +382,12 @@ class SFTDataset(Dataset):
         if self.template is not None and self.template.text.endswith("{output}") and self.tokenizer.eos_token is None:
             raise ShoalError("the prompt template ends at {output} and the tokenizer has no EOS token to close answers")
 
-    def _segments(self, row: dict[str, Any], where: str, special: re.Pattern[str] | None) -> list[Segment]:
+    def _render_row(self, row: dict[str, Any], where: str, special: re.Pattern[str] | None) -> Rendering:
         messages = row_to_messages(row, where)
         if self.template is None:
             if self.system_prompt is not None and messages[0]["role"] != "system":
                 messages = [{"role": "system", "content": self.system_prompt}, *messages]
-            return chat_segments(self.tokenizer, messages, special, where)
+            return render_chat(self.tokenizer, messages, special, where)
         system = self.system_prompt or ""
         if messages[0]["role"] == "system":
             system, messages = messages[0]["content"], messages[1:]
@@ -342,24 +399,18 @@ class SFTDataset(Dataset):
         prompt, answer = self.template.split(system, messages[0]["content"], messages[1]["content"])
         if self.template.text.endswith("{output}"):
             answer += self.tokenizer.eos_token
-        end = _answer_end(answer, messages[1]["content"], special)
-        return [(prompt, False), (answer[:end], True)]
+        end = len(prompt) + _answer_end(answer, messages[1]["content"], special)
+        return Rendering((prompt + answer)[:end], [(len(prompt), end)], whole=False)
 
     def _load(self) -> None:
         rows = read_jsonl(self.path)
         special = _special_token_pattern(self.tokenizer)
         bos = self.tokenizer.bos_token_id if _adds_bos(self.tokenizer) else None
         for start in range(0, len(rows), _TOKENIZE_BATCH):
-            batch = [self._segments(row, where, special) for where, row in rows[start:start + _TOKENIZE_BATCH]]
-            texts = [text for segments in batch for text, _ in segments]
-            pieces = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
-            for segments in batch:
-                ids: list[int] = []
-                answer: list[bool] = []
-                for _, is_answer in segments:
-                    piece = next(pieces)
-                    ids += piece
-                    answer += [is_answer] * len(piece)
+            batch = rows[start:start + _TOKENIZE_BATCH]
+            wheres = [where for where, _ in batch]
+            renderings = [self._render_row(row, where, special) for where, row in batch]
+            for ids, answer in tokenize_renderings(self.tokenizer, renderings, wheres):
                 # Exactly one BOS when the tokenizer's own encoding has one; templates that write it keep theirs.
                 if bos is not None and ids[:1] != [bos]:
                     ids, answer = [bos, *ids], [False, *answer]
@@ -464,7 +515,7 @@ def build_sft_dataset(
 
 
 __all__ = [
-    "PackedSFTDataset", "PromptTemplate", "SFTDataset", "build_sft_dataset", "chat_segments", "load_sft_split",
-    "read_jsonl",
+    "PackedSFTDataset", "PromptTemplate", "Rendering", "SFTDataset", "build_sft_dataset", "load_sft_split",
+    "read_jsonl", "render_chat", "tokenize_renderings",
     "read_prompt_template", "row_to_messages", "sft_split_path", "truncate_example",
 ]

@@ -133,6 +133,12 @@ def test_multi_turn_mask_covers_each_answer_and_its_end_token(which, eot, reques
     rendered = tok.apply_chat_template(CHAT["messages"], tokenize=False)
     assert tok.decode(_sequence(item)) == rendered.removesuffix("\n")
     assert tok.decode(_sequence(item)).count("<|begin_of_text|>") == (1 if which == "llama_tok" else 0)
+    # Before each answer are exactly the ids a model is given at inference: the generation prompt's.
+    seq, starts = _sequence(item), [i + 1 for i in range(159) if item["loss_mask"][i] and not item["loss_mask"][i - 1]]
+    turns = [k for k, m in enumerate(CHAT["messages"]) if m["role"] == "assistant"]
+    for k, start in zip(turns, starts, strict=True):
+        prompt = tok.apply_chat_template(CHAT["messages"][:k], tokenize=False, add_generation_prompt=True)
+        assert seq[:start] == _ids(tok, prompt)
     # Labels are the next tokens; padding after the example is its own document with no loss.
     n = len(_sequence(item)) - 1
     assert torch.equal(item["labels"][: n - 1], item["tokens"][1:n])
@@ -183,6 +189,19 @@ def test_prompt_template_bos_eos_and_trailing_text(llama_tok, chatml_tok, tmp_pa
     assert chatml_tok.decode(_sequence(ds[0])) == \
         "<|im_start|>user\nTell me a joke.<|im_end|>\n<|im_start|>assistant\nWhy not?<|im_end|>"
     assert _answer_runs(ds[0]) == [_ids(chatml_tok, "Why not?<|im_end|>")]
+
+
+def test_nemo_default_template_tokenizes_prompt_and_answer_apart(chatml_tok, tmp_path):
+    # NeMo's default "{input} {output}": the space ends the prompt, and the answer is tokenized on its
+    # own, so it is not merged into the answer's first token.
+    path = _write(tmp_path / "training.jsonl", [{"input": "Tell me a joke.", "output": "Why not?"}])
+    ds = SFTDataset(path, chatml_tok, seq_length=64, prompt_template="{input} {output}", pad_to=80)
+    answer = _ids(chatml_tok, "Why not?<|im_end|>")
+    assert _sequence(ds[0]) == _ids(chatml_tok, "Tell me a joke. ") + answer
+    assert _answer_runs(ds[0]) == [answer]
+    assert ds[0]["tokens"].shape == (80,)
+    with pytest.raises(ShoalError, match=r"pad_to \(32\) must be at least seq_length \(64\)"):
+        SFTDataset(path, chatml_tok, seq_length=64, pad_to=32)
 
 
 def test_read_prompt_template(tmp_path):
@@ -334,3 +353,11 @@ def test_bad_templates_are_refused(chatml_tok, tmp_path):
                       "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     with pytest.raises(ShoalError, match=r"training.jsonl:1: the chat template is not prefix-stable"):
         SFTDataset(path, unstable, 32)
+    # Text renders prefix-stably, but the generation prompt ends in a space that the whole text's
+    # tokenization merges into the answer's first word: the prompt's ids are not a prefix of the row's.
+    spaced = PreTrainedTokenizerFast(
+        tokenizer_object=chatml_tok.backend_tokenizer, eos_token="<|im_end|>",
+        chat_template="{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|im_end|>{% endfor %}"
+                      "{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(ShoalError, match=r"training.jsonl:1: the tokenizer splits the conversation differently"):
+        SFTDataset(path, spaced, 32)
