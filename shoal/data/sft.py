@@ -130,8 +130,8 @@ class PromptTemplate:
     `{output}` must each appear once, `{output}` after `{input}`. Text before `{output}` is the
     prompt; the answer is the output plus the template's text after `{output}` up to and including
     its first special token (the end-of-turn token, e.g. `<|eot_id|>`); anything after that is
-    dropped. A template that ends at `{output}` gets the tokenizer's EOS token appended, as NeMo's
-    `add_eos=True` does.
+    dropped. When no special token follows `{output}`, the tokenizer's EOS token is appended, as
+    NeMo's `add_eos=True` does.
     """
 
     text: str
@@ -148,13 +148,18 @@ class PromptTemplate:
     def uses_system(self) -> bool:
         return "{system}" in self.text
 
+    @property
+    def closing(self) -> str:
+        """The template's text after `{output}`."""
+        return self.text[self.text.index("{output}") + len("{output}"):]
+
     def split(self, system: str, user: str, output: str) -> tuple[str, str]:
         """(prompt text, output text followed by the template's closing text)."""
         at = self.text.index("{output}")
         values = {"system": system, "input": user}
         # One substitution pass, so braces inside the user's text are never expanded again.
         prompt = _PLACEHOLDER.sub(lambda m: values[m.group(1)], self.text[:at])
-        return prompt, output + self.text[at + len("{output}"):]
+        return prompt, output + self.closing
 
 
 def read_prompt_template(value: str) -> str:
@@ -358,6 +363,10 @@ class SFTDataset(Dataset):
         self.template = PromptTemplate(prompt_template) if prompt_template is not None else None
         self.system_prompt = system_prompt
         self.pad_id = self._pick_pad_id(pad_id)
+        self._special = _special_token_pattern(self.tokenizer)
+        # A template whose closing text has no end-of-turn token gets EOS after each answer.
+        self._append_eos = self.template is not None and (
+            self._special is None or not self._special.search(self.template.closing))
         self._check_prompt_source()
         self.examples: list[Example] = []
         self.num_rows = self.num_truncated = self.num_dropped = 0
@@ -379,15 +388,16 @@ class SFTDataset(Dataset):
             )
         if self.template is not None and self.template.uses_system and self.system_prompt is None:
             raise ShoalError("the prompt template uses {system} but no system prompt was given")
-        if self.template is not None and self.template.text.endswith("{output}") and self.tokenizer.eos_token is None:
-            raise ShoalError("the prompt template ends at {output} and the tokenizer has no EOS token to close answers")
+        if self._append_eos and self.tokenizer.eos_token is None:
+            raise ShoalError("no special token follows {output} in the prompt template and the tokenizer has no "
+                             "EOS token to close answers with")
 
-    def _render_row(self, row: dict[str, Any], where: str, special: re.Pattern[str] | None) -> Rendering:
+    def _render_row(self, row: dict[str, Any], where: str) -> Rendering:
         messages = row_to_messages(row, where)
         if self.template is None:
             if self.system_prompt is not None and messages[0]["role"] != "system":
                 messages = [{"role": "system", "content": self.system_prompt}, *messages]
-            return render_chat(self.tokenizer, messages, special, where)
+            return render_chat(self.tokenizer, messages, self._special, where)
         system = self.system_prompt or ""
         if messages[0]["role"] == "system":
             system, messages = messages[0]["content"], messages[1:]
@@ -397,19 +407,18 @@ class SFTDataset(Dataset):
                 f"{[m['role'] for m in messages]} (use the tokenizer's chat template for multi-turn chats)"
             )
         prompt, answer = self.template.split(system, messages[0]["content"], messages[1]["content"])
-        if self.template.text.endswith("{output}"):
+        if self._append_eos:
             answer += self.tokenizer.eos_token
-        end = len(prompt) + _answer_end(answer, messages[1]["content"], special)
+        end = len(prompt) + _answer_end(answer, messages[1]["content"], self._special)
         return Rendering((prompt + answer)[:end], [(len(prompt), end)], whole=False)
 
     def _load(self) -> None:
         rows = read_jsonl(self.path)
-        special = _special_token_pattern(self.tokenizer)
         bos = self.tokenizer.bos_token_id if _adds_bos(self.tokenizer) else None
         for start in range(0, len(rows), _TOKENIZE_BATCH):
             batch = rows[start:start + _TOKENIZE_BATCH]
             wheres = [where for where, _ in batch]
-            renderings = [self._render_row(row, where, special) for where, row in batch]
+            renderings = [self._render_row(row, where) for where, row in batch]
             for ids, answer in tokenize_renderings(self.tokenizer, renderings, wheres):
                 # Exactly one BOS when the tokenizer's own encoding has one; templates that write it keep theirs.
                 if bos is not None and ids[:1] != [bos]:

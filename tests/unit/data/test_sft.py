@@ -189,6 +189,9 @@ def test_prompt_template_bos_eos_and_trailing_text(llama_tok, chatml_tok, tmp_pa
     assert chatml_tok.decode(_sequence(ds[0])) == \
         "<|im_start|>user\nTell me a joke.<|im_end|>\n<|im_start|>assistant\nWhy not?<|im_end|>"
     assert _answer_runs(ds[0]) == [_ids(chatml_tok, "Why not?<|im_end|>")]
+    # Closing text without a special token is part of the answer, and EOS still ends it.
+    ds = SFTDataset(path, chatml_tok, seq_length=64, prompt_template="{input}\n{output}\n")
+    assert _answer_runs(ds[0]) == [_ids(chatml_tok, "Why not?\n<|im_end|>")]
 
 
 def test_nemo_default_template_tokenizes_prompt_and_answer_apart(chatml_tok, tmp_path):
