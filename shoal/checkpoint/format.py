@@ -18,6 +18,7 @@ run code when it is opened (the tensor blobs are read by DCP with `weights_only=
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -27,11 +28,12 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from shoal.errors import ShoalError
@@ -333,6 +335,23 @@ def _aliases(state_dict: dict[str, Any]) -> dict[str, str]:
     return aliases
 
 
+@contextlib.contextmanager
+def _dcp_errors() -> Iterator[None]:
+    """Re-raise the exception DCP wrapped (it raises CheckpointException, a BaseException that
+    would escape every `except Exception`), preferring a ShoalError, which the CLI reports cleanly;
+    and silence DCP's notice that no process group means a single-process save or load."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process.*")
+        try:
+            yield
+        except CheckpointException as err:
+            causes = [exc for _, (exc, _trace) in sorted(err.failures.items())]
+            cause = next((exc for exc in causes if isinstance(exc, ShoalError)), causes[0] if causes else None)
+            if isinstance(cause, BaseException):
+                raise cause from None
+            raise
+
+
 def save_model_state(
     state_dict: dict[str, torch.Tensor], model_dir: str | os.PathLike, planner: Any = None
 ) -> None:
@@ -345,8 +364,7 @@ def save_model_state(
     aliases = _aliases(state_dict)
     to_save = {k: v for k, v in state_dict.items() if k not in aliases}
     Path(model_dir).mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
+    with _dcp_errors():
         dcp.save(to_save, storage_writer=dcp.FileSystemWriter(str(model_dir)), planner=planner, no_dist=_no_dist())
 
 
@@ -391,8 +409,7 @@ def load_model_state(state_dict: dict[str, torch.Tensor], model_dir: str | os.Pa
                 f"{model_dir}: tensor {name} has shape {list(saved[name].shape)} in the checkpoint, "
                 f"but the model expects {list(tensor.shape)}"
             )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+    with _dcp_errors():
         for part in (wanted, retie):
             if part:
                 dcp.load(part, storage_reader=SafeFileSystemReader(str(model_dir)), no_dist=_no_dist())
