@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from shoal.checkpoint.format import SafeFileSystemReader, load_model_state, model_state_info
 from shoal.errors import ShoalError
 
 TIED_HEAD = "lm_head.weight"
@@ -40,33 +41,19 @@ def model_state(model: nn.Module) -> dict[str, Any]:
     return state
 
 
-def _saved_tensors(model_dir: Path) -> dict[str, torch.Size]:
-    if not (model_dir / ".metadata").exists():
-        raise ShoalError(f"{model_dir} is not a complete checkpoint (no DCP .metadata)")
-    metadata = dcp.FileSystemReader(str(model_dir)).read_metadata()
-    return {k: v.size for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
-
-
 def load_model_into(model: nn.Module, ckpt: Path, allow_missing: tuple[str, ...] = ("lora_",)) -> None:
     """Fill the model's parameters from `ckpt/model`, checking names and shapes first.
 
     Parameters whose names contain one of `allow_missing` (new adapters) may be absent from the
     checkpoint; any other difference means the checkpoint holds another model, and is refused.
     """
-    saved = _saved_tensors(ckpt / "model")
+    saved = model_state_info(ckpt / "model")
     state = model_state(model)
-    missing = [k for k in state if k not in saved and not any(m in k for m in allow_missing)]
-    if missing:
-        raise ShoalError(
-            f"checkpoint {ckpt} does not match this model: it lacks {len(missing)} tensors, e.g. {missing[0]} "
-            "(is it a checkpoint of another model?)"
-        )
-    wrong = [(k, tuple(saved[k]), tuple(v.shape)) for k, v in state.items() if k in saved and tuple(saved[k]) != tuple(v.shape)]
-    if wrong:
-        k, got, want = wrong[0]
-        raise ShoalError(f"checkpoint {ckpt} does not match this model: {k} has shape {got}, expected {want}")
-    target = {k: v for k, v in state.items() if k in saved}
-    dcp.load(target, checkpoint_id=str(ckpt / "model"))
+    target = {k: v for k, v in state.items() if k in saved or not any(m in k for m in allow_missing)}
+    try:
+        load_model_state(target, ckpt / "model")
+    except ShoalError as err:
+        raise ShoalError(f"{err} (is {ckpt} a checkpoint of another model?)") from None
     set_model_state_dict(model, target, options=StateDictOptions(strict=False))
 
 
@@ -76,5 +63,5 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
 
 def load_optimizer_into(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
     state = get_optimizer_state_dict(model, optimizer)
-    dcp.load(state, checkpoint_id=str(ckpt / "optim"))
+    dcp.load(state, storage_reader=SafeFileSystemReader(str(ckpt / "optim")))
     set_optimizer_state_dict(model, optimizer, state)

@@ -158,10 +158,20 @@ class Transformer(nn.Module):
         self.config = cfg
         self.model = Backbone(cfg)
         self.lm_head: nn.Linear | None = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         # Not persistent: derived from the config, rebuilt by init_buffers() after `to_empty`.
         self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
+
+    def tie_weights(self) -> None:
+        """Make the output head share the embedding's Parameter (Llama 3.2 1B/3B, small Qwen)."""
+        if self.config.tie_word_embeddings and self.lm_head is not None and self.model.embed_tokens is not None:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def to_empty(self, *, device, recurse: bool = True):
+        # Materialising converts each module's parameters separately, which unties shared ones.
+        super().to_empty(device=device, recurse=recurse)
+        self.tie_weights()
+        return self
 
     @torch.no_grad()
     def init_buffers(self) -> None:

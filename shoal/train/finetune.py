@@ -81,7 +81,7 @@ def build_sft_data(recipe: Recipe, runtime: Runtime, tokenizer_dir: Path | None)
         max_steps = len(train) // t.global_batch_size
         if max_steps == 0:
             raise ShoalError(f"{train_file}: {len(train)} sequences, fewer than one global batch ({t.global_batch_size})")
-    return Datasets(train, valid, max_steps, {"stage": "finetune", "dataset_path": str(folder)})
+    return Datasets(train, valid, max_steps, shuffle=True, description={"stage": "finetune", "dataset_path": str(folder)})
 
 
 def main(args: argparse.Namespace) -> int | None:

@@ -57,6 +57,8 @@ class Datasets:
     train: Dataset
     valid: Dataset | None
     max_steps: int
+    # Reshuffle each pass (fine-tuning); pretraining samples come already shuffled, as in Megatron.
+    shuffle: bool = False
     # Recorded in shoal.json so a checkpoint says what it was trained on.
     description: dict[str, Any] = field(default_factory=dict)
 
@@ -156,20 +158,14 @@ def build_training_model(recipe: Recipe, cfg: ModelConfig, runtime: Runtime, sta
     if start is not None:
         load_model_into(model, start)
     if recipe.peft.method != "none":
-        from shoal.peft import init_adapters
+        from shoal.peft import init_lora_weights
 
-        init_adapters(model)  # after loading: DoRA's magnitude starts from the loaded weights
+        init_lora_weights(model)  # after loading: DoRA's magnitude starts from the loaded weights
     return model
 
 
 def micro_batches(loader_iter: Iterator, count: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
     return [to_device(next(loader_iter), device) for _ in range(count)]
-
-
-def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(value)
-    return value
 
 
 @torch.no_grad()
@@ -195,7 +191,7 @@ def validate(model, dataset, recipe: Recipe, runtime: Runtime) -> float | None:
         totals[0] += masked_cross_entropy_sum(logits, batch["labels"], batch["loss_mask"]).double()
         totals[1] += batch["loss_mask"].sum().double()
     model.train()
-    all_reduce_sum(totals)
+    runtime.dims.all_reduce_over_batch(totals)
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
@@ -295,7 +291,10 @@ def run_training(
                      "token": wandb_token, "config": to_dict(recipe), "run_id": recipe.checkpoint.experiment}
     logger = MetricsLogger(exp, runtime.is_main, recipe.logging.tensorboard, wandb_cfg, max_steps, step)
 
-    sampler = MicroBatchSampler(len(datasets.train), t.micro_batch_size, runtime.dims.dp_rank, dp, consumed_samples=consumed)
+    # The position in the data is the global sample count, so it survives a change of data-parallel size.
+    sampler = MicroBatchSampler(max_steps * t.global_batch_size, t.micro_batch_size, runtime.dims.dp_rank, dp,
+                                consumed_samples=consumed, dataset_size=len(datasets.train),
+                                seed=recipe.data.seed if datasets.shuffle else None)
     loader = DataLoader(datasets.train, batch_sampler=sampler, num_workers=recipe.data.num_workers,
                         pin_memory=runtime.device.type == "cuda", persistent_workers=recipe.data.num_workers > 0)
     loader_iter = iter(loader)
@@ -313,7 +312,7 @@ def run_training(
     while step < max_steps:
         mbs = micro_batches(loader_iter, accum, runtime.device)
         local_tokens = torch.stack([mb["loss_mask"].sum() for mb in mbs]).sum().double()
-        global_tokens = all_reduce_sum(local_tokens.clone()).item()
+        global_tokens = runtime.dims.all_reduce_over_batch(local_tokens.clone()).item()
         lr = lr_at(step, t, max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -327,7 +326,7 @@ def run_training(
         window_tokens += t.global_batch_size * recipe.data.seq_length
 
         if step % t.log_interval == 0 or step == max_steps:
-            loss = all_reduce_sum(loss_sum.double()).item() / max(global_tokens, 1.0)
+            loss = runtime.dims.all_reduce_over_batch(loss_sum.double()).item() / max(global_tokens, 1.0)
             elapsed = time.perf_counter() - window_start
             tps = window_tokens / elapsed / runtime.world_size
             record = {"loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s_per_gpu": tps,
