@@ -111,14 +111,14 @@ def _init_worker(tokenizer: "PreTrainedTokenizerBase", keys: Sequence[str], bos:
 
 def _parse_line(raw: bytes, keys: Sequence[str]) -> tuple[list[str] | None, str | None]:
     """The texts of one line, or a message saying what is wrong with it."""
+    hint = (" (the file looks like one JSON array; expected JSON Lines, one object per line)"
+            if raw.lstrip().startswith(b"[") else "")
     try:
         record = json.loads(raw)
     except ValueError as err:  # JSONDecodeError and UnicodeDecodeError both
-        hint = (" (the file looks like one JSON array; expected JSON Lines, one object per line)"
-                if raw.lstrip().startswith(b"[") else "")
         return None, f"not valid JSON: {err}{hint}"
     if not isinstance(record, dict):
-        return None, f"expected a JSON object, got {type(record).__name__}"
+        return None, f"expected a JSON object, got {type(record).__name__}{hint}"
     texts = []
     for key in keys:
         if key not in record:
@@ -242,11 +242,12 @@ def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str | os.Path
                json_keys: Sequence[str] = ("text",), *, append_eod: bool = False,
                add_bos: bool = False, workers: int = 1, skip_bad_lines: bool = False,
                overwrite: bool = False, log_interval: int = 1000, batch_size: int = 256,
-               log: IO[str] | None = sys.stderr) -> PreprocessSummary:
+               progress: bool = True) -> PreprocessSummary:
     """Tokenize `inputs` into `{output_prefix}_{key}_document.bin/.idx` for each key.
 
     `tokenizer` is a tokenizer object or anything `load_tokenizer` accepts. Outputs appear only
     when every input was read; an error leaves no output (and an older output untouched).
+    `progress` prints a line on stderr every `log_interval` documents.
     """
     if not json_keys:
         raise ShoalError("--json-keys needs at least one key")
@@ -268,7 +269,8 @@ def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str | os.Path
     summary = PreprocessSummary(prefixes=prefixes, documents=dict.fromkeys(json_keys, 0),
                                 tokens=dict.fromkeys(json_keys, 0),
                                 empty_skipped=dict.fromkeys(json_keys, 0))
-    progress = _Progress(sum(p.stat().st_size for p in files), log_interval, log)
+    meter = _Progress(sum(p.stat().st_size for p in files), log_interval,
+                      sys.stderr if progress else None)
     writers = {key: IndexedDatasetWriter(prefix, dtype) for key, prefix in prefixes.items()}
     try:
         batches = _read_batches(files, batch_size)
@@ -281,7 +283,7 @@ def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str | os.Path
                 summary.bad_lines += 1
             for key, writer in writers.items():
                 _write_documents(writer, encoded.tokens[key], encoded.lengths[key], summary, key)
-            progress.update(summary.documents[json_keys[0]], sum(summary.tokens.values()),
+            meter.update(summary.documents[json_keys[0]], sum(summary.tokens.values()),
                             batch.bytes_done)
         for writer in writers.values():
             writer.finalize()
@@ -289,7 +291,7 @@ def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str | os.Path
         for writer in writers.values():
             writer.abort()
         raise
-    summary.seconds = time.perf_counter() - progress.start
+    summary.seconds = time.perf_counter() - meter.start
     return summary
 
 
@@ -388,7 +390,7 @@ def main(args: argparse.Namespace) -> int:
               f"{summary.tokens[key]} tokens", file=sys.stderr)
     skipped = sum(summary.empty_skipped.values())
     rate = sum(summary.tokens.values()) / max(summary.seconds, 1e-9)
-    print(f"done in {summary.seconds:.1f} s ({rate:.0f} tokens/s): {summary.lines} lines read, "
+    print(f"done in {summary.seconds:.2f} s ({rate:.0f} tokens/s): {summary.lines} lines read, "
           f"{skipped} empty documents skipped, {summary.bad_lines} bad lines skipped; "
           f"BOS {'added' if args.add_bos else 'not added'}, "
           f"EOD {'appended' if args.append_eod else 'not appended'}", file=sys.stderr)
