@@ -1,0 +1,186 @@
+"""`--executor local`: several ranks on this machine through torchrun.
+
+Every rank writes to `EXPERIMENT/logs/rank{N}.log`; rank 0's log is followed onto this terminal
+as it grows, and torchrun's own messages go to `logs/torchrun.log`, so the terminal shows the
+training and not the launcher. When a rank fails torchrun stops the others; we then print which
+rank failed first and the end of its log, and exit with its status. Ctrl-C stops every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from shoal.config.launch import EXECUTOR_ENV, LAUNCHED_ENV, LaunchConfig
+from shoal.errors import ShoalError
+from shoal.launch.worker import LOG_DIR_ENV, STATUS_DIR_ENV, rank_log_path
+
+TAIL_LINES = 30
+# How long torchrun gets to stop its ranks after Ctrl-C before it is killed.
+STOP_GRACE_S = 60.0
+
+
+def torchrun_command(cfg: LaunchConfig, module: str, args: list[str]) -> list[str]:
+    """`python -m torch.distributed.run ... -m shoal.launch.worker MODULE ARGS...` for one node."""
+    if cfg.master_port is None:
+        rendezvous = ["--standalone"]  # torchrun picks a free port on localhost
+    else:
+        rendezvous = ["--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={cfg.master_port}"]
+    return [
+        sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc_per_node={cfg.num_gpus}",
+        "-m", "shoal.launch.worker", module, *args,
+    ]
+
+
+def describe_devices(num_processes: int) -> str:
+    """Say what the ranks will run on; refuse more GPU ranks than this machine has GPUs."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"{num_processes} CPU processes (gloo; no GPU on this machine)"
+    count = torch.cuda.device_count()
+    if num_processes > count:
+        raise ShoalError(f"--num_gpus {num_processes} but this machine has {count} GPU(s); pass --num_gpus {count} or fewer")
+    return f"{num_processes} processes, one per GPU"
+
+
+class _Stop(Exception):
+    """SIGTERM reached the launcher: stop the ranks as for Ctrl-C."""
+
+
+def _raise_stop(signum, frame) -> None:
+    raise _Stop()
+
+
+def _copy_new_output(source: Path, offset: int) -> int:
+    """Write what was appended to `source` since `offset` to our stdout; return the new offset."""
+    try:
+        with open(source, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return offset
+    if data:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    return offset + len(data)
+
+
+def _tail(path: Path, lines: int = TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return f"({path} was not written)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _first_failure(status_dir: Path) -> dict | None:
+    records = []
+    for path in status_dir.glob("rank*.json"):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return min(records, key=lambda r: r["time"]) if records else None
+
+
+def _die_with_parent() -> None:
+    """In torchrun's process, before exec: get SIGTERM if the launcher dies (Linux), so no rank is orphaned."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Ask torchrun to stop its ranks (it forwards the signal), kill it if it does not."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run_local(cfg: LaunchConfig, module: str, args: list[str], secret_env: dict[str, str]) -> int:
+    """Run `cfg.num_gpus` ranks of `module` on this machine; return the exit status to report."""
+    if cfg.experiment_dir is None:
+        raise ShoalError("several local processes need an experiment folder for their logs (--experiment)")
+    log_dir = Path(cfg.experiment_dir) / "logs"
+    command = torchrun_command(cfg, module, args)
+    if cfg.dryrun:
+        print(shlex.join(command))
+        print(f"dry run: nothing started; rank logs would go to {log_dir}/", file=sys.stderr)
+        return 0
+    devices = describe_devices(cfg.num_gpus)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    rank0_log = rank_log_path(log_dir, 0)
+    offset = rank0_log.stat().st_size if rank0_log.exists() else 0
+    print(f"shoal: starting {devices}; rank 0 below, every rank's log in {log_dir}/", file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="shoal-launch-") as status_dir, \
+            open(log_dir / "torchrun.log", "ab") as torchrun_log:
+        env = {
+            **os.environ, **cfg.env, **secret_env,
+            LAUNCHED_ENV: "1", EXECUTOR_ENV: "local",
+            LOG_DIR_ENV: str(log_dir), STATUS_DIR_ENV: status_dir,
+            "PYTHONUNBUFFERED": "1",  # a rank's last words must reach its log before it is stopped
+        }
+        previous = signal.signal(signal.SIGTERM, _raise_stop)
+        # Its own session: Ctrl-C reaches only us, and torchrun gets exactly one signal to stop its
+        # ranks (a second one while it is stopping them would cut that short).
+        proc = subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, stdout=torchrun_log, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=_die_with_parent,
+        )
+        try:
+            while proc.poll() is None:
+                offset = _copy_new_output(rank0_log, offset)
+                time.sleep(0.1)
+        except (KeyboardInterrupt, _Stop):
+            _stop(proc)
+            _copy_new_output(rank0_log, offset)
+            print("shoal: interrupted; all ranks stopped", file=sys.stderr)
+            return 130
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            if proc.poll() is None:  # an unexpected error in this loop: leave no ranks behind
+                _stop(proc)
+        _copy_new_output(rank0_log, offset)
+        if proc.returncode == 0:
+            return 0
+        return _report_failure(proc.returncode, Path(status_dir), log_dir)
+
+
+def _report_failure(torchrun_status: int, status_dir: Path, log_dir: Path) -> int:
+    failure = _first_failure(status_dir)
+    if failure is None:
+        # No rank reported: one was killed (out of memory?) or torchrun itself failed.
+        print(
+            f"shoal: the run failed (torchrun exit status {torchrun_status}); the end of "
+            f"{log_dir / 'torchrun.log'}:\n{_tail(log_dir / 'torchrun.log')}",
+            file=sys.stderr,
+        )
+        return torchrun_status or 1
+    rank, code = failure["rank"], failure["exit_code"]
+    if rank == 0:
+        print(f"shoal: rank 0 failed with exit status {code} (its output is above); the other ranks were stopped",
+              file=sys.stderr)
+    else:
+        log = rank_log_path(log_dir, rank)
+        print(
+            f"shoal: rank {rank} failed with exit status {code}; the other ranks were stopped. "
+            f"The end of {log}:\n{_tail(log)}",
+            file=sys.stderr,
+        )
+    return code
