@@ -353,19 +353,23 @@ def _dcp_errors() -> Iterator[None]:
 
 
 def save_model_state(
-    state_dict: dict[str, torch.Tensor], model_dir: str | os.PathLike, planner: Any = None
+    state_dict: dict[str, torch.Tensor], model_dir: str | os.PathLike, planner: Any = None,
+    file_per_tensor: bool = False,
 ) -> None:
     """Save weights keyed by HF names as DCP into `model_dir` (every rank calls this when distributed).
 
     Tied weights are stored once, under their first name (`model.embed_tokens.weight`, as HF does):
     pass `model.state_dict()` as it is. Values may be DTensors; each rank writes its own shards.
-    `planner` is for callers that stream tensors in (see `shoal.convert.streaming`).
+    `planner` and `file_per_tensor` are for callers that stream tensors in (`shoal.convert.streaming`):
+    DCP's writer keeps every tensor of a data file referenced until that file is finished, so only
+    one file per tensor lets each be freed once written.
     """
     aliases = _aliases(state_dict)
     to_save = {k: v for k, v in state_dict.items() if k not in aliases}
     Path(model_dir).mkdir(parents=True, exist_ok=True)
     with _dcp_errors():
-        dcp.save(to_save, storage_writer=dcp.FileSystemWriter(str(model_dir)), planner=planner, no_dist=_no_dist())
+        writer = dcp.FileSystemWriter(str(model_dir), single_file_per_rank=not file_per_tensor)
+        dcp.save(to_save, storage_writer=writer, planner=planner, no_dist=_no_dist())
 
 
 def model_state_info(model_dir: str | os.PathLike) -> dict[str, TensorInfo]:

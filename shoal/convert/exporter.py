@@ -38,7 +38,7 @@ from shoal.errors import ShoalError
 from shoal.models.config import to_hf_config
 
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000  # Hugging Face's default, decimal bytes
-DEFAULT_LOAD_BUDGET = 1 << 30  # bytes of weights read from DCP per load
+DEFAULT_LOAD_BUDGET = 256 << 20  # bytes of weights read from DCP per load (plus one tensor in flight)
 
 # Where the PEFT code plugs in for checkpoints that carry adapters (peft.json): a module exposing
 # `merged_weight_reader(ckpt_dir: Path) -> WeightReader`, returning base weights with adapters merged.

@@ -44,7 +44,7 @@ def stream_to_dcp(specs: dict[str, TensorInfo], read: Callable[[str], torch.Tens
                   model_dir: str | os.PathLike) -> None:
     """Write a DCP checkpoint of tensors described by `specs`, reading each with `read(name)` just in time."""
     placeholders = {name: torch.empty(info.shape, dtype=info.dtype, device="meta") for name, info in specs.items()}
-    save_model_state(placeholders, model_dir, planner=LazySavePlanner(read))
+    save_model_state(placeholders, model_dir, planner=LazySavePlanner(read), file_per_tensor=True)
 
 
 class WeightReader(Protocol):
