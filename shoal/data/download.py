@@ -139,6 +139,9 @@ def _read_saved(path: Path, split: str) -> Rows:
 
 def _read_hub(repo_id: str, split: str, token: str | None) -> Rows:
     datasets = _import_datasets(f"downloading {repo_id!r} from the Hugging Face Hub")
+    # The Hub client retries for about a minute before giving up on an unreachable Hub.
+    print(f"shoal download: loading {repo_id!r} (split {split!r}) from the Hugging Face Hub "
+          f"or its local cache", file=sys.stderr, flush=True)
     try:
         dataset = datasets.load_dataset(repo_id, split=split, token=token)
     except Exception as err:  # network, auth, missing repo and split errors come in many types

@@ -271,10 +271,13 @@ def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str | os.Path
                                 empty_skipped=dict.fromkeys(json_keys, 0))
     meter = _Progress(sum(p.stat().st_size for p in files), log_interval,
                       sys.stderr if progress else None)
-    writers = {key: IndexedDatasetWriter(prefix, dtype) for key, prefix in prefixes.items()}
+    writers: dict[str, IndexedDatasetWriter] = {}
+    batches = _read_batches(files, batch_size)
+    results = _encoded_batches(batches, (tokenizer, json_keys, bos, eod), workers)
     try:
-        batches = _read_batches(files, batch_size)
-        for batch, encoded in _encoded_batches(batches, (tokenizer, json_keys, bos, eod), workers):
+        for key, prefix in prefixes.items():
+            writers[key] = IndexedDatasetWriter(prefix, dtype)
+        for batch, encoded in results:
             summary.lines += len(batch.lines)
             for index, problem in encoded.problems:
                 if not skip_bad_lines:
@@ -284,13 +287,17 @@ def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str | os.Path
             for key, writer in writers.items():
                 _write_documents(writer, encoded.tokens[key], encoded.lengths[key], summary, key)
             meter.update(summary.documents[json_keys[0]], sum(summary.tokens.values()),
-                            batch.bytes_done)
+                         batch.bytes_done)
         for writer in writers.values():
             writer.finalize()
     except BaseException:
         for writer in writers.values():
             writer.abort()
         raise
+    finally:
+        # Stop the worker pool and close the inputs now, not whenever the traceback is freed.
+        results.close()
+        batches.close()
     summary.seconds = time.perf_counter() - meter.start
     return summary
 

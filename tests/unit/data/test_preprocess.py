@@ -213,3 +213,32 @@ def test_missing_input_and_tokenizer_are_named(tmp_path, tiny_tokenizer):
     (tmp_path / "in.jsonl").write_text('{"text": "a"}\n', encoding="utf-8")
     with pytest.raises(ShoalError, match="no tokenizer found in"):
         preprocess([tmp_path / "in.jsonl"], tmp_path / "p", tmp_path, progress=False)
+
+
+def test_load_tokenizer_sources_and_errors(tmp_path, tiny_tokenizer_dir, tiny_tokenizer, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from shoal.data.tokenizer import load_tokenizer
+
+    assert load_tokenizer(tiny_tokenizer_dir)("台灣").input_ids == tiny_tokenizer("台灣").input_ids
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "shoal.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(ShoalError, match="has no tokenizer/ folder"):
+        load_tokenizer(ckpt)
+    with pytest.raises(ShoalError, match="is a file"):
+        load_tokenizer(tiny_tokenizer_dir / "tokenizer.json")
+    with pytest.raises(ShoalError, match="not found: not a local folder"):
+        load_tokenizer(tmp_path / "no" / "such" / "dir")
+
+    calls = []
+
+    def unreachable(name, **kwargs):
+        calls.append((name, kwargs))
+        raise OSError(f"We couldn't connect to the Hub (token {kwargs.get('token')})")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", unreachable)
+    with pytest.raises(ShoalError, match="if this machine is offline, pass a local tokenizer folder") as err:
+        load_tokenizer("hf://meta-llama/Llama-3.1-8B-Instruct", token="hf_SECRET")
+    assert "hf_SECRET" not in str(err.value)
+    assert calls == [("meta-llama/Llama-3.1-8B-Instruct", {"trust_remote_code": False, "token": "hf_SECRET"})]
