@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = rest
     else:
         args = parser.parse_args(argv)
+    args.argv = ["shoal", *argv]  # what the user typed, for launchers and provenance records
     try:
         return int(module.main(args) or 0)
     except ShoalError as err:

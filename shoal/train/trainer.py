@@ -23,18 +23,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from shoal import __version__
 from shoal.checkpoint import format as ckpt_format
-from shoal.checkpoint.state import load_model_into, load_optimizer_into, model_state, optimizer_state
 from shoal.checkpoint.training import latest_checkpoint, load_trainer_state, save_training_checkpoint, set_rng_state
 from shoal.config.loader import to_dict
 from shoal.config.recipe import Recipe
 from shoal.data.sampler import MicroBatchSampler
-from shoal.distributed import ParallelDims, build_mesh, init_distributed, parallelize_model
+from shoal.distributed import ParallelDims, build_mesh, init_distributed
 from shoal.errors import ShoalError
 from shoal.models import ModelConfig, build_model, get_preset
-from shoal.models.model import Transformer
 from shoal.train.metrics import MetricsLogger, peak_flops
 from shoal.train.schedule import lr_at
-from shoal.train.step import build_optimizer, clip_gradients, forward_backward, model_inputs, masked_cross_entropy_sum, to_device
+from shoal.train.engine import Engine, build_engine
+from shoal.train.step import to_device
 
 
 @dataclass
@@ -46,6 +45,7 @@ class Runtime:
     world_size: int
     dims: ParallelDims
     compute_dtype: torch.dtype
+    argv: list[str] = field(default_factory=list)  # the command as typed, for provenance
 
     @property
     def is_main(self) -> bool:
@@ -88,10 +88,11 @@ def prepare_run(recipe: Recipe, args, stage: str) -> Runtime | int:
 
     exp = experiment_dir(recipe)
     recipe.launch = launch_config_from_args(args, exp)
-    rc = maybe_launch(recipe.launch, argv=sys.argv, experiment_dir=exp)
+    rc = maybe_launch(recipe.launch, argv=args.argv, experiment_dir=exp)
     if rc is not None:
         return rc
     runtime = setup_runtime(recipe)
+    runtime.argv = list(args.argv)
     if runtime.is_main:
         import yaml
 
@@ -135,67 +136,38 @@ def model_config_for(recipe: Recipe, start: Path | None) -> ModelConfig:
     raise ShoalError("no model to train: pass --nemo_model CKPT (an imported checkpoint) or --model PRESET")
 
 
-def build_training_model(recipe: Recipe, cfg: ModelConfig, runtime: Runtime, start: Path | None) -> Transformer:
-    """Build on meta, add adapters, parallelize, materialise, then load or initialise the weights."""
-    torch.manual_seed(recipe.train.seed)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    if recipe.peft.method != "none":
-        from shoal.peft import apply_lora
-
-        apply_lora(
-            model,
-            rank=recipe.peft.rank,
-            alpha=recipe.peft.alpha,
-            dropout=recipe.peft.dropout,
-            target_modules=recipe.peft.target_modules,
-            use_dora=recipe.peft.method == "dora",
-        )
-    model = parallelize_model(model, runtime.dims, recipe.parallel, runtime.device.type, runtime.compute_dtype)
-    model.to_empty(device=runtime.device)
-    with torch.no_grad():
-        model.init_weights()  # real values for everything; a checkpoint then overwrites the base weights
-    if start is not None:
-        load_model_into(model, start)
-    if recipe.peft.method != "none":
-        from shoal.peft import init_lora_weights
-
-        init_lora_weights(model)  # after loading: DoRA's magnitude starts from the loaded weights
-    return model
-
-
 def micro_batches(loader_iter: Iterator, count: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
     return [to_device(next(loader_iter), device) for _ in range(count)]
 
 
 @torch.no_grad()
-def validate(model, dataset, recipe: Recipe, runtime: Runtime) -> float | None:
+def validate(engine: Engine, dataset, recipe: Recipe, runtime: Runtime) -> float | None:
     """Mean loss per loss token over `limit_val_batches` global batches of the validation split."""
     if dataset is None or len(dataset) == 0:
         return None
     t = recipe.train
     dp = runtime.dims.dp_size
-    per_step = t.micro_batch_size * dp
-    batches = len(dataset) // per_step
+    accum = t.global_batch_size // (t.micro_batch_size * dp)
+    steps = len(dataset) // t.global_batch_size
     if t.limit_val_batches is not None:
-        batches = min(batches, t.limit_val_batches * (t.global_batch_size // per_step))
-    if batches == 0:
+        steps = min(steps, t.limit_val_batches)
+    if steps == 0:
         return None
-    sampler = MicroBatchSampler(batches * per_step, t.micro_batch_size, runtime.dims.dp_rank, dp)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=0)
-    model.eval()
+    sampler = MicroBatchSampler(steps * t.global_batch_size, t.micro_batch_size, runtime.dims.dp_rank, dp)
+    batches = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=0))
+    engine.train(False)
     totals = torch.zeros(2, device=runtime.device, dtype=torch.float64)
-    for batch in loader:
-        batch = to_device(batch, runtime.device)
-        logits = model(batch["tokens"], **model_inputs(batch, recipe.data.document_mask))
-        totals[0] += masked_cross_entropy_sum(logits, batch["labels"], batch["loss_mask"]).double()
-        totals[1] += batch["loss_mask"].sum().double()
-    model.train()
+    for _ in range(steps):
+        mbs = micro_batches(batches, accum, runtime.device)
+        totals[0] += engine.loss_sum(mbs).double()
+        totals[1] += sum(mb["loss_mask"].sum().double() for mb in mbs)
+    engine.train(True)
     runtime.dims.all_reduce_over_batch(totals)
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-def write_static_files(recipe: Recipe, cfg: ModelConfig, tokenizer_dir: Path | None, progress: dict, datasets: Datasets):
+def write_static_files(recipe: Recipe, cfg: ModelConfig, tokenizer_dir: Path | None, progress: dict, datasets: Datasets,
+                       argv: list[str]):
     """The rank-0 files of a checkpoint: metadata, tokenizer, adapter config."""
 
     def write(ckpt_dir: Path) -> None:
@@ -204,20 +176,25 @@ def write_static_files(recipe: Recipe, cfg: ModelConfig, tokenizer_dir: Path | N
             cfg,
             dtype="float32",
             progress=progress,
-            made_by={"shoal": __version__, "command": " ".join(_redacted_argv()), "stage": datasets.description.get("stage")},
+            made_by={"shoal": __version__, "command": " ".join(_redacted_argv(argv)), "stage": datasets.description.get("stage")},
         )
         if tokenizer_dir is not None:
             ckpt_format.copy_tokenizer(tokenizer_dir, ckpt_dir)
         if recipe.peft.method != "none":
-            (ckpt_dir / "peft.json").write_text(json.dumps(to_dict(recipe.peft), indent=1))
+            from shoal.peft import LoraConfig
+
+            p = recipe.peft
+            lora = LoraConfig(rank=p.rank, alpha=p.alpha, dropout=p.dropout, target_modules=p.target_modules,
+                              use_dora=p.method == "dora")
+            (ckpt_dir / "peft.json").write_text(json.dumps(lora.to_dict(), indent=1))
 
     return write
 
 
-def _redacted_argv() -> list[str]:
-    """sys.argv with secret values replaced, for provenance records."""
+def _redacted_argv(argv: list[str]) -> list[str]:
+    """The command line with secret values replaced, for provenance records."""
     out, hide = [], False
-    for arg in sys.argv:
+    for arg in argv:
         if hide:
             out.append("***")
             hide = False
@@ -264,15 +241,13 @@ def run_training(
     accum = t.global_batch_size // (t.micro_batch_size * dp)
     max_steps = datasets.max_steps
 
-    model = build_training_model(recipe, cfg, runtime, None if resume_from else start)
-    if resume_from is not None:
-        load_model_into(model, resume_from.path)
-    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps)
-
-    step, consumed, consumed_tokens, best = 0, 0, 0, None
+    engine = build_engine(recipe, cfg, runtime.dims, runtime.device, runtime.compute_dtype, accum,
+                          None if resume_from else start)
+    step, consumed, consumed_tokens = 0, 0, 0
     if resume_from is not None:
         state = load_trainer_state(resume_from.path)
-        load_optimizer_into(model, optimizer, resume_from.path)
+        engine.load_model(resume_from.path)
+        engine.load_optimizer(resume_from.path)
         step, consumed, consumed_tokens = state["step"], state["consumed_samples"], state["consumed_tokens"]
         rng = state["rng"]
         set_rng_state(rng[runtime.rank] if runtime.rank < len(rng) else rng[0])
@@ -298,13 +273,11 @@ def run_training(
     loader = DataLoader(datasets.train, batch_sampler=sampler, num_workers=recipe.data.num_workers,
                         pin_memory=runtime.device.type == "cuda", persistent_workers=recipe.data.num_workers > 0)
     loader_iter = iter(loader)
-    params = [p for p in model.parameters() if p.requires_grad]
     flops_per_token = cfg.flops_per_token(recipe.data.seq_length)
     peak = peak_flops(runtime.device)
-    grad_scale = float(runtime.dims.dp_size) if runtime.dims.grads_averaged else 1.0
     last_val: float | None = None
     last_ckpt: Path | None = None
-    model.train()
+    engine.train(True)
     window_start, window_tokens = time.perf_counter(), 0
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -314,12 +287,8 @@ def run_training(
         local_tokens = torch.stack([mb["loss_mask"].sum() for mb in mbs]).sum().double()
         global_tokens = runtime.dims.all_reduce_over_batch(local_tokens.clone()).item()
         lr = lr_at(step, t, max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = forward_backward(model, mbs, max(global_tokens, 1.0), grad_scale, recipe.data.document_mask)
-        grad_norm = clip_gradients(params, t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum = engine.forward_backward(mbs, max(global_tokens, 1.0))
+        grad_norm = engine.clip_and_step(t.grad_clip, lr)
         step += 1
         consumed += t.global_batch_size
         consumed_tokens += t.global_batch_size * recipe.data.seq_length
@@ -341,7 +310,7 @@ def run_training(
         val_due = t.val_check_interval and step % t.val_check_interval == 0
         save_due = recipe.checkpoint.save_interval and step % recipe.checkpoint.save_interval == 0
         if val_due or save_due or is_last:
-            last_val = validate(model, datasets.valid, recipe, runtime)
+            last_val = validate(engine, datasets.valid, recipe, runtime)
             if last_val is not None:
                 logger.log(step, {"val_loss": last_val})
                 logger.progress(step, {"val_loss": last_val})
@@ -349,9 +318,9 @@ def run_training(
             progress = {"step": step, "consumed_samples": consumed, "consumed_tokens": consumed_tokens}
             last_ckpt = save_training_checkpoint(
                 ckpt_root, step, last_val,
-                model_state(model), optimizer_state(model, optimizer),
+                engine.model_state(), engine.optimizer_state(),
                 {**progress, "max_steps": max_steps, "val_loss": last_val},
-                write_static_files(recipe, cfg, tokenizer_dir, progress, datasets),
+                write_static_files(recipe, cfg, tokenizer_dir, progress, datasets, runtime.argv),
                 recipe.checkpoint.save_top_k,
             )
             if runtime.is_main:

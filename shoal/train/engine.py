@@ -1,0 +1,170 @@
+"""The model as training sees it: one part, or this rank's pipeline stages, behind one interface.
+
+`build_engine` builds the model on the meta device, swaps in LoRA/DoRA adapters, applies the
+parallel layout from outside (`shoal.distributed`), materialises it, and loads or initialises the
+weights. `Engine.forward_backward` and `Engine.loss_sum` then hide whether a pipeline schedule
+runs underneath. Checkpoint state is the union of every part's canonical (HF-named) state, with
+the optimizer state flattened per parameter name, so it reshards across any layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from shoal.checkpoint.format import SafeFileSystemReader
+from shoal.checkpoint.state import load_model_into, model_state
+from shoal.config.recipe import Recipe
+from shoal.distributed import ParallelDims, parallelize_model
+from shoal.distributed.grad_norm import clip_grad_norm_
+from shoal.distributed.parallelize import autocast_context
+from shoal.models import ModelConfig
+from shoal.models.model import Transformer
+from shoal.train.step import build_optimizer, masked_cross_entropy_sum, model_inputs
+
+# Optimizer state keyed by parameter name, not by position: loads into any layout.
+_OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+@dataclass
+class Engine:
+    parts: list[nn.Module]
+    optimizers: list[torch.optim.Optimizer]
+    dims: ParallelDims
+    document_mask: bool
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    pipeline: Any = None  # shoal.distributed.pipeline.Pipeline under pipeline parallelism
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for part in self.parts for p in part.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> None:
+        for part in self.parts:
+            part.train(mode)
+
+    def _pipeline_run(self, mbs: list[dict[str, torch.Tensor]], global_tokens: float, backward: bool) -> torch.Tensor:
+        from shoal.distributed.pipeline import pipeline_step
+
+        cat = {k: torch.cat([mb[k] for mb in mbs]) for k in mbs[0]}
+        return pipeline_step(
+            self.pipeline, cat["tokens"], cat["labels"], cat["loss_mask"], global_tokens,
+            position_ids=cat["position_ids"], document_ids=cat["document_ids"] if self.document_mask else None,
+            backward=backward,
+        )
+
+    def forward_backward(self, mbs: list[dict[str, torch.Tensor]], global_tokens: float) -> torch.Tensor:
+        """Accumulate the gradient of Σ CE·mask / global_tokens; returns this rank's Σ CE·mask."""
+        if self.pipeline is not None:
+            return self._pipeline_run(mbs, global_tokens, backward=True)
+        model = self.parts[0]
+        total = torch.zeros((), device=mbs[0]["tokens"].device)
+        for mb in mbs:
+            with self.autocast():
+                logits = model(mb["tokens"], **model_inputs(mb, self.document_mask))
+            loss_sum = masked_cross_entropy_sum(logits, mb["labels"], mb["loss_mask"])
+            # Gradients are summed (not averaged) across data-parallel ranks, see docs/parallelism.md.
+            (loss_sum / global_tokens).backward()
+            total += loss_sum.detach()
+        return total
+
+    @torch.no_grad()
+    def loss_sum(self, mbs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        if self.pipeline is not None:
+            return self._pipeline_run(mbs, 1.0, backward=False)
+        model = self.parts[0]
+        total = torch.zeros((), device=mbs[0]["tokens"].device)
+        for mb in mbs:
+            with self.autocast():
+                logits = model(mb["tokens"], **model_inputs(mb, self.document_mask))
+            total += masked_cross_entropy_sum(logits, mb["labels"], mb["loss_mask"])
+        return total
+
+    def clip_and_step(self, max_norm: float, lr: float) -> torch.Tensor:
+        norm = clip_grad_norm_(self.parameters(), max_norm, self.dims)
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    # -- checkpoint state ------------------------------------------------------------------------
+    def model_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        for part in self.parts:
+            state.update(model_state(part))
+        return state
+
+    def optimizer_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        for part, optimizer in zip(self.parts, self.optimizers):
+            state.update(get_optimizer_state_dict(part, optimizer, options=_OPTIM_OPTIONS))
+        return state
+
+    def load_model(self, ckpt: Path) -> None:
+        for part in self.parts:
+            load_model_into(part, ckpt)
+
+    def load_optimizer(self, ckpt: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        states = [get_optimizer_state_dict(p, o, options=_OPTIM_OPTIONS) for p, o in zip(self.parts, self.optimizers)]
+        merged = {k: v for s in states for k, v in s.items()}
+        dcp.load(merged, storage_reader=SafeFileSystemReader(str(ckpt / "optim")))
+        for part, optimizer, state in zip(self.parts, self.optimizers, states):
+            set_optimizer_state_dict(part, optimizer, {k: merged[k] for k in state}, options=_OPTIM_OPTIONS)
+
+
+def build_engine(
+    recipe: Recipe,
+    cfg: ModelConfig,
+    dims: ParallelDims,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    micro_batches_per_step: int,
+    start: Path | None,
+) -> Engine:
+    """Build on meta, add adapters, apply the layout, materialise, then load or initialise weights."""
+    torch.manual_seed(recipe.train.seed)  # the same initial weights whatever the layout
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    peft = recipe.peft.method != "none"
+    if peft:
+        from shoal.peft import apply_lora
+
+        apply_lora(model, rank=recipe.peft.rank, alpha=recipe.peft.alpha, dropout=recipe.peft.dropout,
+                   target_modules=recipe.peft.target_modules, use_dora=recipe.peft.method == "dora")
+    pipeline = None
+    if dims.pp_enabled:
+        from shoal.distributed.pipeline import pipeline_model
+
+        pipeline, parts, _, _ = pipeline_model(
+            model, dims, recipe.parallel, masked_cross_entropy_sum, recipe.train.micro_batch_size,
+            micro_batches_per_step, device.type, compute_dtype,
+        )
+    else:
+        parts = [parallelize_model(model, dims, recipe.parallel, device.type, compute_dtype)]
+    for part in parts:
+        part.to_empty(device=device)
+        with torch.no_grad():
+            part.init_weights()
+        if start is not None:
+            load_model_into(part, start)
+        if peft:
+            from shoal.peft import init_lora_weights
+
+            init_lora_weights(part)  # after the load: DoRA's magnitude starts from the loaded weights
+    t = recipe.train
+    optimizers = [build_optimizer(p, t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps) for p in parts]
+    autocast = lambda: autocast_context(dims, recipe.parallel, device.type, compute_dtype)  # noqa: E731
+    return Engine(parts, optimizers, dims, recipe.data.document_mask, autocast, pipeline)
