@@ -72,10 +72,10 @@ def main(args: argparse.Namespace) -> int:
     _run("1. import the Hugging Face model",
          ["import", "--source", str(paths["hf_model"]), "--output_path", str(paths["imported"]), "--overwrite"])
     _run("2a. download the pretraining corpus",
-         ["download", "pretrain", "--dataset_name", str(paths["raw_corpus"]), "--output", str(paths["corpus"])])
+         ["download", "pretrain", "--dataset_name", str(paths["raw_corpus"]), "--output", str(paths["corpus"]), "--overwrite"])
     _run("2b. tokenize it into Megatron .bin/.idx",
          ["preprocess", "--input", str(paths["corpus"]), "--json-keys", "text", "--tokenizer", str(paths["imported"]),
-          "--output-prefix", str(paths["preprocessed"] / "demo"), "--append-eod", "--workers", "2"])
+          "--output-prefix", str(paths["preprocessed"] / "demo"), "--append-eod", "--workers", "2", "--overwrite"])
     pretrain = ["pretrain", *common, "--experiment", "demo_pretraining", "--nemo_model", str(paths["imported"]),
                 "--dataset_path", str(paths["preprocessed"])]
     if args.pretrain_steps:

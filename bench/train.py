@@ -1,0 +1,172 @@
+"""Training throughput of shoal against Hugging Face `transformers` training the same shape, same GPU.
+
+    python bench/train.py --preset llama32_1b --seq_length 4096 --micro_batch_size 4 --steps 20
+
+Both sides train a randomly initialised model of the preset's shape on random tokens, in bf16 with
+fp32 master weights (shoal: its own training engine, as `shoal pretrain` builds it; transformers:
+`AutoModelForCausalLM` with SDPA attention under `torch.autocast`, fused AdamW, optionally
+`torch.compile`). Each variant runs `--warmup` steps, then `--steps` timed steps; the table gives
+tokens/s/GPU, MFU (DESIGN §7) and peak memory, and every shoal figure's ratio to the best peer.
+Results go to stdout and, as JSON, to `--output`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shoal.config.recipe import Recipe  # noqa: E402
+from shoal.distributed import build_mesh  # noqa: E402
+from shoal.models import get_preset, to_hf_config  # noqa: E402
+from shoal.train.engine import build_engine  # noqa: E402
+from shoal.train.metrics import peak_flops  # noqa: E402
+from shoal.train.step import masked_cross_entropy_sum  # noqa: E402
+
+
+def random_batch(vocab: int, mbs: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
+    tokens = torch.randint(0, vocab, (mbs, seq + 1), device=device)
+    return {
+        "tokens": tokens[:, :-1].contiguous(),
+        "labels": tokens[:, 1:].contiguous(),
+        "loss_mask": torch.ones(mbs, seq, device=device),
+        "position_ids": torch.arange(seq, device=device).expand(mbs, seq).contiguous(),
+        "document_ids": torch.zeros(mbs, seq, dtype=torch.long, device=device),
+    }
+
+
+def time_steps(step, warmup: int, steps: int) -> tuple[float, float]:
+    """Seconds per step (median of per-step event timings) and peak memory in GiB."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    times.sort()
+    return times[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
+
+
+def bench_shoal(args, compile_: bool, device: torch.device) -> dict:
+    recipe = Recipe()
+    recipe.model.preset = args.preset
+    recipe.data.seq_length = args.seq_length
+    recipe.train.micro_batch_size = args.micro_batch_size
+    recipe.train.global_batch_size = args.micro_batch_size
+    recipe.train.weight_decay = 0.1
+    recipe.parallel.compile = compile_
+    recipe.parallel.activation_checkpointing = args.activation_checkpointing
+    cfg = get_preset(args.preset)
+    dims = build_mesh(recipe.parallel, 1, "cuda")
+    engine = build_engine(recipe, cfg, dims, device, torch.bfloat16, 1, None)
+    batch = random_batch(cfg.vocab_size, args.micro_batch_size, args.seq_length, device)
+    tokens = float(batch["loss_mask"].sum())
+
+    def step():
+        engine.forward_backward([batch], tokens)
+        engine.clip_and_step(1.0, 1e-4)
+
+    sec, mem = time_steps(step, args.warmup, args.steps)
+    del engine
+    return {"seconds_per_step": sec, "memory_gib": mem}
+
+
+def bench_hf(args, compile_: bool, device: torch.device) -> dict:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = get_preset(args.preset)
+    hf_cfg = LlamaConfig(**{k: v for k, v in to_hf_config(cfg).items() if k not in ("architectures", "model_type")})
+    hf_cfg._attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa").to(device)
+    if args.activation_checkpointing == "full":
+        model.gradient_checkpointing_enable()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    forward = torch.compile(model) if compile_ else model
+    batch = random_batch(cfg.vocab_size, args.micro_batch_size, args.seq_length, device)
+    tokens = float(batch["loss_mask"].sum())
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = forward(input_ids=batch["tokens"]).logits
+        loss = masked_cross_entropy_sum(logits, batch["labels"], batch["loss_mask"]) / tokens
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    sec, mem = time_steps(step, args.warmup, args.steps)
+    del model, optimizer, forward
+    return {"seconds_per_step": sec, "memory_gib": mem}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="llama32_1b")
+    parser.add_argument("--seq_length", type=int, default=4096)
+    parser.add_argument("--micro_batch_size", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--activation_checkpointing", default="none", choices=["none", "full", "selective"])
+    parser.add_argument("--variants", default="hf,hf_compile,shoal,shoal_compile")
+    parser.add_argument("--output", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/train.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    cfg = get_preset(args.preset)
+    peak = peak_flops(device)
+    tokens_per_step = args.micro_batch_size * args.seq_length
+    flops_per_token = cfg.flops_per_token(args.seq_length)
+    runners = {"hf": (bench_hf, False), "hf_compile": (bench_hf, True),
+               "shoal": (bench_shoal, False), "shoal_compile": (bench_shoal, True)}
+    results = {}
+    for name in args.variants.split(","):
+        fn, compile_ = runners[name]
+        torch.manual_seed(0)
+        try:
+            r = fn(args, compile_, device)
+        except torch.OutOfMemoryError:
+            r = {"error": "out of memory"}
+        gc.collect()
+        torch.cuda.empty_cache()
+        if "seconds_per_step" in r:
+            r["tokens_per_s_per_gpu"] = tokens_per_step / r["seconds_per_step"]
+            r["mfu"] = r["tokens_per_s_per_gpu"] * flops_per_token / peak if peak else None
+        results[name] = r
+        print(f"{name}: {r}", flush=True)
+    peers = [r["tokens_per_s_per_gpu"] for n, r in results.items() if n.startswith("hf") and "tokens_per_s_per_gpu" in r]
+    best_peer = max(peers) if peers else None
+    print(f"\n{args.preset} seq {args.seq_length} micro batch {args.micro_batch_size} on {torch.cuda.get_device_name(device)}"
+          f" (torch {torch.__version__})")
+    print(f"{'variant':15s} {'tokens/s/GPU':>13s} {'MFU':>6s} {'mem GiB':>8s} {'vs best HF':>10s}")
+    for name, r in results.items():
+        if "tokens_per_s_per_gpu" not in r:
+            print(f"{name:15s} {r.get('error')}")
+            continue
+        ratio = r["tokens_per_s_per_gpu"] / best_peer if best_peer else float("nan")
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
+        print(f"{name:15s} {r['tokens_per_s_per_gpu']:13,.0f} {mfu:>6s} {r['memory_gib']:8.1f} {ratio:9.2f}x")
+    if args.output:
+        Path(args.output).write_text(json.dumps({"args": vars(args), "results": results,
+                                                 "device": torch.cuda.get_device_name(device)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
