@@ -217,3 +217,60 @@ def test_hub_source_offline_says_so(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "hf://no-such-org/no-such-model" in err and "offline" in err
     assert not out.exists()
+
+
+def test_tied_checkpoint_carrying_lm_head_and_rope_buffers_imports(tmp_path):
+    """Some tied checkpoints also save lm_head.weight, and older ones saved rotary inv_freq buffers;
+    transformers ignores both, and so does the import (the export then matches transformers' own)."""
+    hf_dir, ckpt, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "out"
+    save_hf_checkpoint(hf_dir, "llama")  # tied
+    tensors = load_file(hf_dir / "model.safetensors")
+    original = dict(tensors)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    from safetensors.torch import save_file
+
+    save_file(tensors, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    assert shoal(["import", "--source", str(hf_dir), "--output_path", str(ckpt)]) == 0
+    assert shoal(["export", "--source", str(ckpt), "--output_path", str(out)]) == 0
+    after = hf_tensors(out)
+    assert after.keys() == original.keys() and all(torch.equal(after[n], original[n]) for n in original)
+
+
+def test_export_hooks_for_adapters(tmp_path, capsys, monkeypatch):
+    """A checkpoint with peft.json is exported through the PEFT plug-in's merged weights (never as
+    if it had no adapters); the weight_reader / finalize hooks of the Python API do the same job."""
+    import shoal.convert.exporter as exporter
+    from shoal.convert.streaming import DCPWeightReader
+
+    class Doubled(DCPWeightReader):  # stands in for a LoRA merge
+        def load(self, names):
+            return {name: tensor * 2 for name, tensor in super().load(names).items()}
+
+    hf_model, hf_dir, ckpt, _ = round_trip(tmp_path, "qwen2")
+    before = hf_tensors(hf_dir)
+    seen = []
+    exporter.export_checkpoint(ckpt, tmp_path / "hooked", weight_reader=lambda c: Doubled(c / "model"),
+                               finalize=lambda c, tmp: seen.append((c, tmp.name.startswith(".hooked.tmp"))))
+    assert seen == [(ckpt, True)]
+    after = hf_tensors(tmp_path / "hooked")
+    assert all(torch.equal(after[n], before[n] * 2) for n in before)
+
+    (ckpt / "peft.json").write_text(json.dumps({"rank": 8}))
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text("from shoal.convert.streaming import DCPWeightReader\n"
+                      "class Tripled(DCPWeightReader):\n"
+                      "    def load(self, names):\n"
+                      "        return {n: t * 3 for n, t in super().load(names).items()}\n"
+                      "def merged_weight_reader(ckpt):\n"
+                      "    return Tripled(ckpt / 'model')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(exporter, "PEFT_EXPORT_MODULE", "plugin")
+    assert shoal(["export", "--source", str(ckpt), "--output_path", str(tmp_path / "merged")]) == 0
+    after = hf_tensors(tmp_path / "merged")
+    assert all(torch.equal(after[n], before[n] * 3) for n in before)
+
+    monkeypatch.setattr(exporter, "PEFT_EXPORT_MODULE", "shoal_no_such_module")
+    out = tmp_path / "refused"
+    assert shoal(["export", "--source", str(ckpt), "--output_path", str(out)]) == 2
+    assert "peft.json" in capsys.readouterr().err and not out.exists()
