@@ -34,7 +34,8 @@ _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_KEY|ACCESS_KEY|CREDENTIAL", r
 
 @dataclass
 class LaunchConfig:
-    """Where and how many processes run; every field has a flag of the same name (docs/launching.md)."""
+    """Where and how many processes run. Fields mirror the flags of the same name (`time_limit` is
+    `--time`); `experiment_dir` comes from the command's experiment. docs/launching.md has the guide."""
 
     executor: Literal["local", "slurm"] = "local"
     num_nodes: int = 1

@@ -59,6 +59,16 @@ def _raise_stop(signum, frame) -> None:
     raise _Stop()
 
 
+def _on_sigterm(handler):
+    """Install a SIGTERM handler, returning the previous one; only the main thread may (else a no-op)."""
+    if handler is None:
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
+
+
 def _copy_new_output(source: Path, offset: int) -> int:
     """Write what was appended to `source` since `offset` to our stdout; return the new offset."""
     try:
@@ -68,7 +78,11 @@ def _copy_new_output(source: Path, offset: int) -> int:
     except FileNotFoundError:
         return offset
     if data:
-        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        if hasattr(sys.stdout, "buffer"):  # bytes as the rank wrote them (progress bars' \r included)
+            sys.stdout.buffer.write(data)
+        else:
+            sys.stdout.write(data.decode(errors="replace"))
         sys.stdout.flush()
     return offset + len(data)
 
@@ -136,7 +150,7 @@ def run_local(cfg: LaunchConfig, module: str, args: list[str], secret_env: dict[
             LOG_DIR_ENV: str(log_dir), STATUS_DIR_ENV: status_dir,
             "PYTHONUNBUFFERED": "1",  # a rank's last words must reach its log before it is stopped
         }
-        previous = signal.signal(signal.SIGTERM, _raise_stop)
+        previous = _on_sigterm(_raise_stop)
         # Its own session: Ctrl-C reaches only us, and torchrun gets exactly one signal to stop its
         # ranks (a second one while it is stopping them would cut that short).
         proc = subprocess.Popen(
@@ -153,7 +167,7 @@ def run_local(cfg: LaunchConfig, module: str, args: list[str], secret_env: dict[
             print("shoal: interrupted; all ranks stopped", file=sys.stderr)
             return 130
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            _on_sigterm(previous)
             if proc.poll() is None:  # an unexpected error in this loop: leave no ranks behind
                 _stop(proc)
         _copy_new_output(rank0_log, offset)
