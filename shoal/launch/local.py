@@ -95,14 +95,15 @@ def _tail(path: Path, lines: int = TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _first_failure(status_dir: Path) -> dict | None:
+def _failures(status_dir: Path) -> list[dict]:
+    """The ranks that reported a failure, first failure first."""
     records = []
     for path in status_dir.glob("rank*.json"):
         try:
             records.append(json.loads(path.read_text()))
         except (OSError, ValueError):
             continue
-    return min(records, key=lambda r: r["time"]) if records else None
+    return sorted(records, key=lambda r: r["time"])
 
 
 def _die_with_parent() -> None:
@@ -177,8 +178,8 @@ def run_local(cfg: LaunchConfig, module: str, args: list[str], secret_env: dict[
 
 
 def _report_failure(torchrun_status: int, status_dir: Path, log_dir: Path) -> int:
-    failure = _first_failure(status_dir)
-    if failure is None:
+    failures = _failures(status_dir)
+    if not failures:
         # No rank reported: one was killed (out of memory?) or torchrun itself failed.
         print(
             f"shoal: the run failed (torchrun exit status {torchrun_status}); the end of "
@@ -186,15 +187,13 @@ def _report_failure(torchrun_status: int, status_dir: Path, log_dir: Path) -> in
             file=sys.stderr,
         )
         return torchrun_status or 1
-    rank, code = failure["rank"], failure["exit_code"]
+    rank, code = failures[0]["rank"], failures[0]["exit_code"]
+    what = f"rank {rank} failed" if len(failures) == 1 else f"{len(failures)} ranks failed, rank {rank} first,"
     if rank == 0:
-        print(f"shoal: rank 0 failed with exit status {code} (its output is above); the other ranks were stopped",
+        print(f"shoal: {what} with exit status {code} (its output is above); the other ranks were stopped",
               file=sys.stderr)
     else:
         log = rank_log_path(log_dir, rank)
-        print(
-            f"shoal: rank {rank} failed with exit status {code}; the other ranks were stopped. "
-            f"The end of {log}:\n{_tail(log)}",
-            file=sys.stderr,
-        )
+        print(f"shoal: {what} with exit status {code}; the other ranks were stopped. The end of {log}:\n{_tail(log)}",
+              file=sys.stderr)
     return code
