@@ -1,0 +1,59 @@
+"""The global gradient norm and clipping on any layout.
+
+A parallelized model mixes gradient kinds: DTensors on the FSDP mesh, on the tensor-parallel mesh,
+on both (2-D), and plain tensors; a pipeline rank holds only its stages' gradients. Each group of
+DTensors sharing a mesh gets its norm from DTensor (which knows which axes hold shards and which
+hold copies); the squares are added, then summed over pipeline ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from shoal.distributed.mesh import ParallelDims
+
+
+@torch.no_grad()
+def grad_norm(parameters: Iterable[torch.nn.Parameter], parallel_dims: ParallelDims | None = None) -> torch.Tensor:
+    """The L2 norm of all gradients of the model (every stage), as a plain fp32 scalar on every rank."""
+    by_mesh: dict[object, list[torch.Tensor]] = {}
+    device = None
+    for p in parameters:
+        if p.grad is None:
+            continue
+        key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+        by_mesh.setdefault(key, []).append(p.grad)
+        device = p.grad.device
+    if device is None:
+        device = torch.device("cuda" if parallel_dims and parallel_dims.device_type == "cuda" else "cpu")
+    total_sq = torch.zeros((), dtype=torch.float32, device=device)
+    for grads in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        total_sq = total_sq + norm.float() ** 2
+    if parallel_dims is not None and parallel_dims.pp_enabled:
+        dist.all_reduce(total_sq, group=parallel_dims.group("pp"))
+    return total_sq.sqrt()
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: Iterable[torch.nn.Parameter], max_norm: float, parallel_dims: ParallelDims | None = None
+) -> torch.Tensor:
+    """Scale all gradients so their global L2 norm is at most max_norm (no-op when max_norm <= 0);
+    returns the norm before clipping."""
+    params = [p for p in parameters if p.grad is not None]
+    total = grad_norm(params, parallel_dims)
+    if max_norm > 0:
+        # One host sync per step; it lets the scaling be a plain Python float, which DTensor and
+        # plain gradients alike accept.
+        coef = max_norm / (total.item() + 1e-6)
+        if coef < 1.0:
+            for p in params:
+                p.grad.mul_(coef)
+    return total

@@ -1,0 +1,251 @@
+"""One device mesh with named axes, and the checks that a layout fits the model and the batch.
+
+The mesh has five axes, outermost first: "pp" (pipeline stages), "dp_replicate" (HSDP replicas),
+"dp_shard" (FSDP shards), "cp" (context parallel), "tp" (tensor parallel). Tensor parallelism is
+innermost so its frequent collectives stay between neighbouring GPUs of one node; pipeline
+parallelism is outermost because it only sends activations. Three flattened axes are derived:
+
+* "dp" = dp_replicate × dp_shard: ranks that read different samples (the data loader's rank);
+* "dp_shard_cp" = dp_shard × cp: what FSDP shards parameters over (context-parallel ranks hold the
+  same weights, so they share the work of storing them and reduce gradients together);
+* "dp_cp" = dp_replicate × dp_shard × cp: ranks that compute different tokens, whose loss sums add
+  up to the global loss.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from shoal.config.parallel import ParallelConfig
+from shoal.errors import ShoalError
+from shoal.models.config import ModelConfig
+
+MESH_AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+# Flattened axes: name -> the mesh axes they merge.
+FLAT_AXES = {
+    "dp": ("dp_replicate", "dp_shard"),
+    "dp_shard_cp": ("dp_shard", "cp"),
+    "dp_cp": ("dp_replicate", "dp_shard", "cp"),
+}
+
+
+@dataclass
+class ParallelDims:
+    """The sizes of each axis, and the mesh once process groups exist (None in a single process)."""
+
+    world_size: int
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    cp: int = 1
+    tp: int = 1
+    device_type: str = "cpu"
+    mesh: DeviceMesh | None = field(default=None, repr=False)
+    # The flattened axes as `_flatten` returned them (torch >= 2.11 wants callers to keep them
+    # rather than slice them back out of the root mesh by name).
+    flat_meshes: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)
+
+    @property
+    def dp_size(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def cp_enabled(self) -> bool:
+        return self.cp > 1
+
+    @property
+    def dp_enabled(self) -> bool:
+        """Whether gradients must be reduced across ranks that hold the same weights (FSDP2 does it)."""
+        return self.dp_size * self.cp > 1
+
+    @property
+    def grads_averaged(self) -> bool:
+        """False: shoal's FSDP sums gradients across ranks instead of averaging them, so a loss
+        normalised by the global token count gives the one-process gradient as it is."""
+        return False
+
+    def submesh(self, name: str) -> DeviceMesh | None:
+        """A mesh axis ("pp", "tp", ...) or flattened axis ("dp", "dp_shard_cp", "dp_cp")."""
+        if name not in MESH_AXES and name not in FLAT_AXES:
+            raise ValueError(f"unknown mesh axis {name!r}")
+        if self.mesh is None:
+            return None
+        return self.flat_meshes[name] if name in FLAT_AXES else self.mesh[name]
+
+    def group(self, name: str) -> dist.ProcessGroup | None:
+        mesh = self.submesh(name)
+        return None if mesh is None else mesh.get_group()
+
+    def rank_in(self, name: str) -> int:
+        mesh = self.submesh(name)
+        return 0 if mesh is None else mesh.get_local_rank()
+
+    @property
+    def dp_rank(self) -> int:
+        """Which shard of each global batch this rank reads."""
+        return self.rank_in("dp")
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank_in("pp")
+
+    @property
+    def is_pp_first(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_pp_last(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def fsdp_mesh(self) -> DeviceMesh | None:
+        """The mesh FSDP2 shards over: 1-D (dp_shard × cp), or 2-D (replicate, shard) for HSDP."""
+        if self.mesh is None or not self.dp_enabled:
+            return None
+        if self.dp_replicate == 1:
+            return self.flat_meshes["dp_shard_cp"]
+        if self.cp == 1:
+            return self.mesh["dp_replicate", "dp_shard"]
+        with warnings.catch_warnings():
+            # The one 2-D mesh that mixes a plain and a flattened axis: slicing is the only way
+            # to build it in torch 2.11-2.13, deprecated or not.
+            warnings.filterwarnings("ignore", message="Slicing a flattened dim")
+            return self.mesh["dp_replicate", "dp_shard_cp"]
+
+    @property
+    def loss_mesh(self) -> DeviceMesh | None:
+        """Ranks holding different tokens: summing their loss sums (and token counts) gives the
+        global ones. Tensor-parallel and pipeline ranks are left out: they hold the same tokens."""
+        return self.submesh("dp_cp") if self.dp_size * self.cp > 1 else None
+
+    def all_reduce_over_batch(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` in place over the ranks that hold different tokens (see `loss_mesh`)."""
+        mesh = self.loss_mesh
+        if mesh is not None:
+            dist.all_reduce(tensor, group=mesh.get_group())
+        return tensor
+
+
+def _layout_sizes(cfg: ParallelConfig, world_size: int) -> tuple[int, int]:
+    """(dp_replicate, dp_shard) after tensor, pipeline and context parallelism take their share."""
+    tp, pp, cp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.context_parallel_size
+    model_parallel = tp * pp * cp
+    if world_size % model_parallel:
+        raise ShoalError(
+            f"world size {world_size} is not divisible by tensor ({tp}) × pipeline ({pp}) × context ({cp}) "
+            f"parallel sizes = {model_parallel}; data parallelism takes what remains, so the product must divide "
+            "the number of processes (num_nodes × num_gpus)"
+        )
+    dp = world_size // model_parallel
+    replicate = cfg.replicate_size
+    if dp % replicate:
+        raise ShoalError(
+            f"data-parallel size {dp} (world {world_size} / tp·pp·cp {model_parallel}) is not divisible by "
+            f"the {replicate} data-parallel replicas (parallel.data_parallel_replicate_size or hsdp)"
+        )
+    return replicate, dp // replicate
+
+
+def check_parallel_layout(
+    cfg: ParallelConfig,
+    world_size: int,
+    model_cfg: ModelConfig | None = None,
+    *,
+    seq_length: int | None = None,
+    global_batch_size: int | None = None,
+    micro_batch_size: int | None = None,
+) -> None:
+    """Refuse a layout that cannot run, before anything is built. Checks what it is given."""
+    replicate, shard = _layout_sizes(cfg, world_size)
+    dp = replicate * shard
+    tp, pp, cp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.context_parallel_size
+    if model_cfg is not None:
+        for key in ("num_heads", "num_kv_heads", "intermediate_size", "vocab_size"):
+            value = getattr(model_cfg, key)
+            if value % tp:
+                raise ShoalError(
+                    f"tensor_model_parallel_size {tp} does not divide the model's {key} ({value}); "
+                    f"each tensor-parallel rank must hold whole {'heads' if 'heads' in key else 'columns'}"
+                )
+        stages = pp * cfg.stages_per_rank
+        if model_cfg.num_layers % stages:
+            raise ShoalError(
+                f"the model's {model_cfg.num_layers} layers cannot be split evenly over {stages} pipeline stages "
+                f"(pipeline_model_parallel_size {pp} × {cfg.stages_per_rank} stages per rank)"
+            )
+        if pp > 1 and model_cfg.tie_word_embeddings:
+            raise ShoalError(
+                "pipeline parallelism with tied input/output embeddings (tie_word_embeddings, e.g. Llama 3.2 1B/3B, "
+                "Qwen2.5 1.5B) is not supported: the embedding and the output layer live on different stages; "
+                "use tensor/data parallelism for this model"
+            )
+    if seq_length is not None:
+        if cp > 1 and seq_length % (2 * cp):
+            raise ShoalError(
+                f"seq_length {seq_length} is not divisible by 2 × context_parallel_size = {2 * cp}: context "
+                "parallelism splits each sequence into 2·cp chunks to balance causal attention across ranks"
+            )
+        if tp > 1 and cfg.sequence_parallel and (seq_length // cp) % tp:
+            raise ShoalError(
+                f"seq_length {seq_length} / context_parallel_size {cp} is not divisible by "
+                f"tensor_model_parallel_size {tp}, which sequence parallelism splits each sequence over"
+            )
+    if global_batch_size is not None and micro_batch_size is not None:
+        if global_batch_size % (micro_batch_size * dp):
+            raise ShoalError(
+                f"global_batch_size {global_batch_size} is not divisible by micro_batch_size {micro_batch_size} × "
+                f"data-parallel size {dp}"
+            )
+        micro_batches = global_batch_size // (micro_batch_size * dp)
+        if pp > 1 and cfg.pipeline_schedule == "1f1b" and micro_batches < pp:
+            raise ShoalError(
+                f"the 1F1B pipeline needs at least as many micro-batches per step as stages: global_batch_size "
+                f"{global_batch_size} / (micro_batch_size {micro_batch_size} × data-parallel {dp}) = {micro_batches} "
+                f"< {pp} stages"
+            )
+        rounds = max(1, micro_batches // pp)
+        if pp > 1 and cfg.pipeline_schedule == "interleaved_1f1b" and micro_batches % rounds:
+            raise ShoalError(
+                f"the interleaved pipeline runs micro-batches in rounds of {pp}: {micro_batches} micro-batches per "
+                f"step must be a multiple of {rounds} (use a multiple of {pp})"
+            )
+
+
+def build_mesh(cfg: ParallelConfig, world_size: int, device_type: str) -> ParallelDims:
+    """The layout's sizes and, with more than one process, its device mesh (needs the process group)."""
+    replicate, shard = _layout_sizes(cfg, world_size)
+    dims = ParallelDims(
+        world_size=world_size,
+        pp=cfg.pipeline_model_parallel_size,
+        dp_replicate=replicate,
+        dp_shard=shard,
+        cp=cfg.context_parallel_size,
+        tp=cfg.tensor_model_parallel_size,
+        device_type=device_type,
+    )
+    if world_size == 1:
+        return dims
+    if not dist.is_initialized():
+        raise ShoalError(f"a layout over {world_size} processes needs a process group: start the run with torchrun")
+    if dist.get_world_size() != world_size:
+        raise ShoalError(f"world size {world_size} does not match the process group's {dist.get_world_size()}")
+    shape = (dims.pp, dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp)
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_AXES)
+    for name, axes in FLAT_AXES.items():
+        # DeviceMesh._flatten is the (only) way to merge axes in torch 2.11-2.13; torchtitan uses it too.
+        dims.flat_meshes[name] = mesh[axes]._flatten(mesh_dim_name=name)
+    dims.mesh = mesh
+    return dims

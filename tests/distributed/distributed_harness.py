@@ -1,0 +1,76 @@
+"""Run a function in N CPU processes joined by gloo, started the way torchrun starts them.
+
+Each process gets torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), joins
+the group through `shoal.distributed.init_distributed` (so that is tested too), runs the function
+and saves what it returns; the caller gets one result per rank. A process that fails makes the
+call raise with its traceback; a hang ends at the collective timeout or the call's deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.multiprocessing as mp
+
+# A peer that died leaves the others waiting in a collective; fail them well before pytest would.
+COLLECTIVE_TIMEOUT = timedelta(seconds=120)
+
+# Processes are forked from a server that imported torch and shoal once, instead of each
+# importing them again (seconds per process on a loaded machine). The server forks before any
+# computation, so no thread pool or process group is inherited.
+_PRELOAD = ["torch", "torch.distributed.fsdp", "torch.distributed.pipelining", "shoal.distributed", "shoal.models"]
+mp.set_forkserver_preload(_PRELOAD)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_dir: str, args: tuple) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    # Many processes share few cores: one thread each avoids oversubscription.
+    torch.set_num_threads(1)
+    from shoal.distributed import destroy_distributed, init_distributed
+
+    init_distributed("cpu", timeout=COLLECTIVE_TIMEOUT)
+    try:
+        result = fn(*args)
+    finally:
+        destroy_distributed()
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, deadline_s: float = 600) -> list[Any]:
+    """fn(*args) in `world_size` gloo processes; returns each rank's result (plain data or tensors)."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.start_processes(
+            _entry,
+            args=(fn, world_size, _free_port(), out_dir, args),
+            nprocs=world_size,
+            join=False,
+            start_method="forkserver",
+        )
+        start = time.monotonic()
+        while not ctx.join(timeout=1):
+            if time.monotonic() - start > deadline_s:
+                for process in ctx.processes:
+                    if process.is_alive():
+                        process.kill()
+                raise TimeoutError(f"{getattr(fn, '__name__', fn)} did not finish in {deadline_s}s on {world_size} ranks")
+        return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(world_size)]

@@ -1,0 +1,180 @@
+"""What the distributed tests run: a few AdamW steps on one layout, and its one-process oracle.
+
+Both sides build the same tiny model from the same seed and read the same global batches. The
+oracle is plain PyTorch in one process (whole batch, `torch.nn.utils.clip_grad_norm_`, AdamW);
+the layout run goes through shoal.distributed the way the training loop does: meta model,
+parallelize (or split into pipeline stages), materialise, load the full weights through DCP's
+state-dict API, then per step: count loss tokens over the ranks, accumulate micro-batches with
+the loss `Σ CE · mask / N_global`, clip, step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+from shoal.config.parallel import ParallelConfig
+from shoal.distributed import (
+    build_mesh,
+    check_parallel_layout,
+    clip_grad_norm_,
+    context_parallel_context,
+    parallelize_model,
+    pipeline_model,
+    pipeline_step,
+)
+from shoal.distributed.context_parallel import shard_sequence
+from shoal.models import build_model, get_preset
+from shoal.models.config import ModelConfig
+from shoal.models.model import Transformer
+
+SEQ_LENGTH = 32
+GLOBAL_BATCH = 8
+STEPS = 3
+LR = 1e-3
+
+
+MAX_NORM = 1.0  # low enough that clipping is active in the first steps
+WEIGHTS_SEED = 0
+
+
+def model_config(preset: str = "llama_tiny", num_layers: int = 2) -> ModelConfig:
+    return dataclasses.replace(get_preset(preset), num_layers=num_layers)
+
+
+def initial_state(cfg: ModelConfig, seed: int = WEIGHTS_SEED) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    # Tied weights appear once in the state dict under both names; loading handles either.
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def make_batch(step: int, cfg: ModelConfig, documents: bool) -> dict[str, torch.Tensor]:
+    """The global batch of one step. The loss mask drops ~30% of tokens unevenly, so ranks hold
+    different token counts (a per-rank mean would then differ from the global one). With
+    `documents`, each row packs several documents: positions restart and document ids change."""
+    g = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(0, cfg.vocab_size, (GLOBAL_BATCH, SEQ_LENGTH + 1), generator=g)
+    loss_mask = (torch.rand(GLOBAL_BATCH, SEQ_LENGTH, generator=g) > 0.3).float()
+    loss_mask[0, : SEQ_LENGTH // 2] = 0  # one row with far fewer loss tokens
+    batch = {"tokens": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": loss_mask}
+    if documents:
+        starts = torch.rand(GLOBAL_BATCH, SEQ_LENGTH, generator=g) < 0.15
+        starts[:, 0] = True
+        doc = torch.cumsum(starts.long(), dim=1) - 1
+        index = torch.arange(SEQ_LENGTH).expand(GLOBAL_BATCH, -1)
+        first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+        batch["document_ids"] = doc
+        batch["position_ids"] = index - first
+    else:
+        batch["position_ids"] = torch.arange(SEQ_LENGTH).expand(GLOBAL_BATCH, -1).clone()
+    return batch
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
+    return (losses * loss_mask.flatten().to(losses.dtype)).sum()
+
+
+def reference_run(cfg: ModelConfig, documents: bool) -> dict[str, Any]:
+    """The oracle: one process, the whole global batch at once."""
+    model = Transformer(cfg)
+    model.load_state_dict(initial_state(cfg))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, foreach=False)
+    losses, norms = [], []
+    for step in range(STEPS):
+        b = make_batch(step, cfg, documents)
+        logits = model(b["tokens"], position_ids=b["position_ids"], document_ids=b.get("document_ids"))
+        loss = loss_sum(logits, b["labels"], b["loss_mask"]) / b["loss_mask"].sum()
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM).item())
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    final = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"losses": losses, "grad_norms": norms, "state": final}
+
+
+def _rows(tensor: torch.Tensor, index: int, count: int) -> torch.Tensor:
+    size = tensor.shape[0] // count
+    return tensor[index * size : (index + 1) * size]
+
+
+def build_layout(spec: dict[str, Any]):
+    """Mesh, model parts (and pipeline) for a layout, loaded with the oracle's initial weights."""
+    pcfg = ParallelConfig(**spec["parallel"])
+    cfg = model_config(spec.get("preset", "llama_tiny"), spec.get("num_layers", 2))
+    world = dist.get_world_size()
+    micro = spec.get("micro_batch_size", 1)
+    check_parallel_layout(pcfg, world, cfg, seq_length=SEQ_LENGTH, global_batch_size=GLOBAL_BATCH, micro_batch_size=micro)
+    dims = build_mesh(pcfg, world, "cpu")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    pipe = None
+    if dims.pp_enabled:
+        n_micro = GLOBAL_BATCH // dims.dp_size // micro
+        pipe, parts, _, _ = pipeline_model(model, dims, pcfg, loss_sum, micro, n_micro, "cpu")
+    else:
+        parts = [parallelize_model(model, dims, pcfg, "cpu")]
+    full = initial_state(cfg)
+    for part in parts:
+        part.to_empty(device="cpu")
+        part.init_buffers()
+        set_model_state_dict(part, full, options=StateDictOptions(full_state_dict=True, strict=False))
+    return dims, pcfg, cfg, parts, pipe
+
+
+def gathered_state(parts: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Full (unsharded) weights of this rank's parts, keyed as DCP names them."""
+    state = {}
+    for part in parts:
+        sd = get_model_state_dict(part, options=StateDictOptions(full_state_dict=True))
+        state.update({k: v.detach().clone() for k, v in sd.items()})
+    return state
+
+
+def train_layout(spec: dict[str, Any]) -> dict[str, Any]:
+    """STEPS optimizer steps on one layout; returns losses, grad norms and the final weights."""
+    dims, pcfg, cfg, parts, pipe = build_layout(spec)
+    documents = spec.get("documents", False)
+    explicit_positions = spec.get("explicit_positions", True)
+    micro = spec.get("micro_batch_size", 1)
+    params = [p for part in parts for p in part.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=LR, foreach=False)
+    cp, cp_rank = dims.cp, dims.rank_in("cp")
+    losses, norms = [], []
+    for step in range(STEPS):
+        batch = {k: _rows(v, dims.dp_rank, dims.dp_size) for k, v in make_batch(step, cfg, documents).items()}
+        # Count the loss tokens this rank computes, then sum over the ranks holding other tokens.
+        local_mask = batch["loss_mask"] if cp == 1 else shard_sequence(batch["loss_mask"], 1, cp, cp_rank)
+        global_tokens = dims.all_reduce_over_batch(local_mask.sum().double()).item()
+        docs = batch.get("document_ids")
+        names = ["tokens", "labels", "loss_mask", "position_ids"]
+        if pipe is not None:
+            with context_parallel_context(dims, [batch[n] for n in names], [1] * 4, document_ids=docs if cp > 1 else None) as (t, l, m, p):
+                total = pipeline_step(pipe, t, l, m, global_tokens, position_ids=p, document_ids=docs if cp == 1 else None)
+        else:
+            total = torch.zeros(())
+            for i in range(batch["tokens"].shape[0] // micro):
+                mb = {k: v[i * micro : (i + 1) * micro] for k, v in batch.items()}
+                mb_docs = mb.get("document_ids")
+                with context_parallel_context(
+                    dims, [mb[n] for n in names], [1] * 4, document_ids=mb_docs if cp > 1 else None
+                ) as (t, l, m, p):
+                    kwargs = {"position_ids": p} if explicit_positions or cp > 1 else {}
+                    if mb_docs is not None and cp == 1:
+                        kwargs["document_ids"] = mb_docs
+                    s = loss_sum(parts[0](t, **kwargs), l, m)
+                    (s / global_tokens).backward()
+                total += s.detach()
+        loss = dims.all_reduce_over_batch(total.double()).item() / global_tokens
+        norms.append(clip_grad_norm_(params, MAX_NORM, dims).item())
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss)
+    return {"losses": losses, "grad_norms": norms, "state": gathered_state(parts)}
