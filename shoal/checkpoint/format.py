@@ -397,6 +397,10 @@ def load_model_state(state_dict: dict[str, torch.Tensor], model_dir: str | os.Pa
     Names or shapes the checkpoint lacks raise a ShoalError listing them. dtypes are converted.
     """
     model_dir = Path(model_dir)
+    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        # DCP unpickles non-tensor entries with weights_only=False: never ask it for one.
+        raise TypeError(f"load_model_state loads tensors only; not tensors: {not_tensors[:5]}")
     saved = model_state_info(model_dir)
     aliases = _aliases(state_dict)
     wanted = {k: v for k, v in state_dict.items() if k not in aliases}

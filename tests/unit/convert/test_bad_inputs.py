@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 import sys
 from pathlib import Path
 
@@ -124,7 +123,6 @@ def test_truncated_safetensors(tmp_path, hf_dir, capsys):
 def test_corrupt_safetensors_header(tmp_path, hf_dir, capsys):
     weights = hf_dir / "model.safetensors"
     data = bytearray(weights.read_bytes())
-    (header_len,) = struct.unpack("<Q", data[:8])
     data[8:8 + 20] = b"\x00garbage-not-json!!!"
     weights.write_bytes(bytes(data))
     assert_refused(*run_import(tmp_path, hf_dir, capsys), "model.safetensors", "corrupt safetensors header")
