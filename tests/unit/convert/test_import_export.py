@@ -274,3 +274,16 @@ def test_export_hooks_for_adapters(tmp_path, capsys, monkeypatch):
     out = tmp_path / "refused"
     assert shoal(["export", "--source", str(ckpt), "--output_path", str(out)]) == 2
     assert "peft.json" in capsys.readouterr().err and not out.exists()
+
+
+def test_default_output_path_is_under_shoal_home(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    hf_dir = tmp_path / "snapshot"
+    save_hf_checkpoint(hf_dir, "qwen3")
+    monkeypatch.setenv("SHOAL_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(hf_dir))
+    assert shoal(["import", "source=hf://org/tiny-qwen3"]) == 0
+    assert read_metadata(tmp_path / "home" / "models" / "org" / "tiny-qwen3")["family"] == "qwen3"
+    assert shoal(["import", "--source", str(hf_dir)]) == 0
+    assert read_metadata(tmp_path / "home" / "models" / "snapshot")["family"] == "qwen3"
