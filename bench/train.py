@@ -80,8 +80,20 @@ def bench_shoal(args, compile_: bool, device: torch.device) -> dict:
         engine.clip_and_step(1.0, 1e-4)
 
     sec, mem = time_steps(step, args.warmup, args.steps)
+    if args.profile:
+        print_profile(step)
     del engine
     return {"seconds_per_step": sec, "memory_gib": mem}
+
+
+def print_profile(step, rows: int = 25) -> None:
+    """The kernels one step spends its GPU time in, to see what limits throughput."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
 
 
 def bench_hf(args, compile_: bool, device: torch.device) -> dict:
@@ -122,6 +134,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--activation_checkpointing", default="none", choices=["none", "full", "selective"])
     parser.add_argument("--variants", default="hf,hf_compile,shoal,shoal_compile")
+    parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of one shoal step")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
