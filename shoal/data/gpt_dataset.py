@@ -58,7 +58,11 @@ class IndexedDatasetLike(Protocol):
 
 @dataclass(frozen=True)
 class GPTDatasetConfig:
-    """How samples are cut and what each one carries; the first four fields decide the indices."""
+    """How samples are cut and what each one carries.
+
+    The indices depend on `seq_length`, `seed`, `split` and the drop-last rule only; the token
+    ids and flags shape each sample as it is read, so changing them reuses the cached indices.
+    """
 
     seq_length: int
     seed: int
@@ -87,7 +91,10 @@ class GPTDatasetConfig:
 
 def parse_split(split: str) -> list[float]:
     """`"998,1,0"` -> normalised train/valid/test fractions (missing entries are 0)."""
-    numbers = [float(x) for x in re.findall(r"[.0-9]+", split)]
+    try:
+        numbers = [float(x) for x in re.findall(r"[.0-9]+", split)]
+    except ValueError:
+        numbers = []
     if not numbers or len(numbers) > 3 or sum(numbers) <= 0:
         raise ShoalError(
             f"split {split!r}: expected up to three non-negative numbers for train,valid,test "
@@ -126,7 +133,7 @@ def split_ranges(split: str, num_sequences: int) -> list[tuple[int, int] | None]
 
 def num_epochs_for(tokens_per_epoch: int, num_samples: int | None, seq_length: int) -> int:
     """The fewest epochs whose tokens cover `num_samples` windows of `seq_length + 1` tokens."""
-    if num_samples is None:
+    if num_samples is None or tokens_per_epoch == 0:
         return 1
     needed = num_samples * seq_length + 1  # + 1: the last window's extra label token
     return max(1, -(-needed // tokens_per_epoch))
@@ -292,11 +299,16 @@ class GPTDataset(torch.utils.data.Dataset):
         self.num_samples = num_samples
         self.config = config
         lengths = indexed.sequence_lengths
+        if num_samples and int(np.sum(lengths[sequence_ids], dtype=np.int64)) <= 1:
+            raise ShoalError(
+                f"dataset {dataset_path}: {num_samples} {split_name} samples requested, but its "
+                f"{split_name} split ({len(sequence_ids)} documents) holds no complete sample"
+            )
         description = json.dumps(
             {
                 "class": "GPTDataset",
                 "dataset_path": os.path.abspath(dataset_path),
-                "num_samples": num_samples,
+                "num_samples": None if num_samples is None else int(num_samples),
                 "index_split": split_name,
                 "random_seed": config.seed,
                 "sequence_length": config.seq_length,
@@ -527,7 +539,9 @@ def build_pretrain_datasets(
             result: GPTDataset | BlendedDataset | None = datasets[0]
         elif weights is not None:
             size = sum(row[i] for row in targets)
-            result = BlendedDataset(datasets, weights, size, name, cache_dir)
+            # Normalised weights, normalised again inside: Megatron does both, and the second
+            # division can move the last bit, which the greedy blend would notice.
+            result = BlendedDataset(datasets, normalised, size, name, cache_dir)
         else:
             # Size-weighted blend; empty members drop out (Megatron would reject a zero weight).
             kept = [d for d in datasets if d is not None and len(d) > 0]

@@ -157,7 +157,7 @@ def test_split_ranges_are_contiguous_rounded_fractions(split, n):
 
 
 def test_bad_split_string_is_a_clear_error():
-    for bad in ("", "a,b", "0,0,0", "1,2,3,4"):
+    for bad in ("", "a,b", "0,0,0", "1,2,3,4", "9..8,1"):
         with pytest.raises(ShoalError, match="split"):
             gpt_dataset.parse_split(bad)
 
@@ -354,6 +354,9 @@ def test_bad_paths_are_clear_errors(tmp_path, corpus):
         build(["1", good, "2", good], seq_length=8, seed=1)
     with pytest.raises(ShoalError, match="eod_token_id"):
         build([good], seq_length=8, seed=1, eod_token_id=None, reset_position_ids=True)
+    hollow = corpus("hollow", random_docs(1, 10) + [np.zeros(0, dtype=np.int64)] * 2)
+    with pytest.raises(ShoalError, match=r"hollow: 5 valid samples requested"):
+        build([hollow], seq_length=8, seed=1, split="10,2,0", num_samples=(10, 5, None))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,6 +403,31 @@ def test_cache_files_are_reused_and_keyed(corpus, monkeypatch, tmp_path):
     build([prefix, other], seq_length=8, seed=2, split="1", cache_dir=custom)
     kinds = sorted({f.split("-")[1] for f in os.listdir(custom)})
     assert kinds == ["BlendedDataset", "GPTDataset"]
+
+
+def test_interrupted_cache_write_leaves_no_usable_half(corpus, monkeypatch, tmp_path):
+    from shoal.data import index_cache
+
+    prefix = corpus("c", random_docs(5, 40))
+    cache = str(tmp_path / "cache")
+    real_save, calls = index_cache._save_npy, []
+
+    def failing_save(fd, array):
+        calls.append(1)
+        if len(calls) == 2:  # the disk fills up while the second array is written
+            os.close(fd)
+            raise OSError("No space left on device")
+        real_save(fd, array)
+
+    monkeypatch.setattr(index_cache, "_save_npy", failing_save)
+    first, *_ = build([prefix], seq_length=8, seed=2, split="1", cache_dir=cache)
+    monkeypatch.undo()
+    left = os.listdir(cache)
+    assert not any(f.endswith("description.txt") or f.endswith(".tmp") for f in left)
+    assert len(left) == 1  # the one finished array, unused without its description
+    second, *_ = build([prefix], seq_length=8, seed=2, split="1", cache_dir=cache)
+    assert len(os.listdir(cache)) == 4 and not isinstance(first.sample_index, np.memmap)
+    assert all(torch.equal(first[i]["tokens"], second[i]["tokens"]) for i in range(len(first)))
 
 
 def test_shoal_reader_gives_the_same_samples(corpus):
@@ -466,7 +494,10 @@ def test_single_prefix_matches_megatron_core(tmp_path, seq_length, sizes, empty_
             assert_same_gpt(mine, megatron)
 
 
-@pytest.mark.parametrize("weights,sizes", [(["2", "1", "1"], [400, 40, 20]), (None, [300, None, 25])])
+@pytest.mark.parametrize(
+    "weights,sizes",
+    [(["2", "1", "1"], [400, 40, 20]), (["0.37", "1.1", "0.53"], [333, 41, 17]), (None, [300, None, 25])],
+)
 def test_blend_matches_megatron_core(tmp_path, weights, sizes):
     prefixes = []
     for k, count in enumerate((90, 60, 75)):
