@@ -29,7 +29,6 @@ class BlendMember(Protocol):
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]: ...
 
 
-
 def build_blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
     """Which dataset (int16) and which of its samples (int64) each blended sample comes from.
 
