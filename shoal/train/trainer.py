@@ -140,6 +140,12 @@ def micro_batches(loader_iter: Iterator, count: int, device: torch.device) -> li
     return [to_device(next(loader_iter), device) for _ in range(count)]
 
 
+def data_generator(recipe: Recipe) -> torch.Generator:
+    """A DataLoader's own generator: creating an iterator draws a seed from it, and drawing from the
+    global RNG instead would shift the dropout stream a resumed run restores from its checkpoint."""
+    return torch.Generator().manual_seed(recipe.data.seed)
+
+
 @torch.no_grad()
 def validate(engine: Engine, dataset, recipe: Recipe, runtime: Runtime) -> float | None:
     """Mean loss per loss token over `limit_val_batches` global batches of the validation split."""
@@ -154,7 +160,7 @@ def validate(engine: Engine, dataset, recipe: Recipe, runtime: Runtime) -> float
     if steps == 0:
         return None
     sampler = MicroBatchSampler(steps * t.global_batch_size, t.micro_batch_size, runtime.dims.dp_rank, dp)
-    batches = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=0))
+    batches = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=0, generator=data_generator(recipe)))
     engine.train(False)
     totals = torch.zeros(2, device=runtime.device, dtype=torch.float64)
     for _ in range(steps):
@@ -271,6 +277,7 @@ def run_training(
                                 consumed_samples=consumed, dataset_size=len(datasets.train),
                                 seed=recipe.data.seed if datasets.shuffle else None)
     loader = DataLoader(datasets.train, batch_sampler=sampler, num_workers=recipe.data.num_workers,
+                        generator=data_generator(recipe),
                         pin_memory=runtime.device.type == "cuda", persistent_workers=recipe.data.num_workers > 0)
     loader_iter = iter(loader)
     flops_per_token = cfg.flops_per_token(recipe.data.seq_length)
