@@ -9,6 +9,7 @@ and `[a, b]` mean what they look like.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,6 +20,8 @@ import yaml
 from shoal.errors import ShoalError
 
 T = TypeVar("T")
+
+_DECIMAL = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def _check_type(value: Any, annotation: Any, where: str) -> Any:
@@ -61,6 +64,8 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
         return value
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str) and _DECIMAL.match(value.strip()):
+        return float(value)  # YAML 1.1 reads `1e-4` (no dot) as a string; users mean the number
     if annotation is bool and not isinstance(value, bool):
         raise ShoalError(f"{where}: expected true or false, got {value!r}")
     if annotation in (int, float) and isinstance(value, bool):
