@@ -1,4 +1,4 @@
-"""Run a function in N CPU processes joined by gloo, started the way torchrun starts them.
+"""Run a function in N processes (CPU + gloo, or one GPU each + NCCL), started the way torchrun does.
 
 Each process gets torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), joins
 the group through `shoal.distributed.init_distributed` (so that is tested too), runs the function
@@ -35,7 +35,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_dir: str, args: tuple) -> None:
+def _entry(
+    rank: int, fn: Callable[..., Any], world_size: int, port: int, out_dir: str, device_type: str, args: tuple
+) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -48,7 +50,7 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_di
     torch.set_num_threads(1)
     from shoal.distributed import destroy_distributed, init_distributed
 
-    init_distributed("cpu", timeout=COLLECTIVE_TIMEOUT)
+    init_distributed(device_type, timeout=COLLECTIVE_TIMEOUT)
     try:
         result = fn(*args)
     finally:
@@ -56,12 +58,15 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_di
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, deadline_s: float = 600) -> list[Any]:
-    """fn(*args) in `world_size` gloo processes; returns each rank's result (plain data or tensors)."""
+def run_distributed(
+    fn: Callable[..., Any], world_size: int, *args: Any, device_type: str = "cpu", deadline_s: float = 600
+) -> list[Any]:
+    """fn(*args) in `world_size` processes (gloo on CPU; NCCL with one GPU each on "cuda");
+    returns each rank's result (plain data or CPU tensors)."""
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(
             _entry,
-            args=(fn, world_size, _free_port(), out_dir, args),
+            args=(fn, world_size, _free_port(), out_dir, device_type, args),
             nprocs=world_size,
             join=False,
             start_method="forkserver",

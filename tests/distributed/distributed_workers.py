@@ -81,23 +81,49 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor
     return (losses * loss_mask.flatten().to(losses.dtype)).sum()
 
 
-def reference_run(cfg: ModelConfig, documents: bool) -> dict[str, Any]:
-    """The oracle: one process, the whole global batch at once."""
-    model = Transformer(cfg)
+def reference_run(
+    cfg: ModelConfig, documents: bool, device: str = "cpu", compute_dtype: torch.dtype | None = None
+) -> dict[str, Any]:
+    """The oracle: one process, the whole global batch at once.
+
+    With a compute dtype (bf16), it does by hand what FSDP2's mixed precision does: forward and
+    backward on a copy whose parameters (not buffers) are in that dtype, gradients taken back to
+    the fp32 weights, which the optimizer updates.
+    """
+    model = Transformer(cfg).to(device)
     model.load_state_dict(initial_state(cfg))
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, foreach=False)
     losses, norms = [], []
     for step in range(STEPS):
-        b = make_batch(step, cfg, documents)
-        logits = model(b["tokens"], position_ids=b["position_ids"], document_ids=b.get("document_ids"))
+        b = {k: v.to(device) for k, v in make_batch(step, cfg, documents).items()}
+        runner = model
+        if compute_dtype is not None:
+            runner = Transformer(cfg).to(device)
+            runner.load_state_dict(model.state_dict())
+            for p in runner.parameters():
+                p.data = p.data.to(compute_dtype)
+        logits = runner(b["tokens"], position_ids=b["position_ids"], document_ids=b.get("document_ids"))
         loss = loss_sum(logits, b["labels"], b["loss_mask"]) / b["loss_mask"].sum()
         loss.backward()
+        if runner is not model:
+            for p, q in zip(model.parameters(), runner.parameters()):
+                p.grad = q.grad.float()
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM).item())
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    final = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    final = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return {"losses": losses, "grad_norms": norms, "state": final}
+
+
+def _device(spec: dict[str, Any]) -> torch.device:
+    if spec.get("device", "cpu") == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _compute_dtype(spec: dict[str, Any]) -> torch.dtype | None:
+    return {"bfloat16": torch.bfloat16, None: None}[spec.get("compute_dtype")]
 
 
 def _rows(tensor: torch.Tensor, index: int, count: int) -> torch.Tensor:
@@ -105,27 +131,34 @@ def _rows(tensor: torch.Tensor, index: int, count: int) -> torch.Tensor:
     return tensor[index * size : (index + 1) * size]
 
 
-def build_layout(spec: dict[str, Any]):
-    """Mesh, model parts (and pipeline) for a layout, loaded with the oracle's initial weights."""
+def build_layout(spec: dict[str, Any], weights: dict[str, torch.Tensor] | None = None):
+    """Mesh, model parts (and pipeline) for a layout, loaded with `weights` (default: the oracle's
+    initial weights; {}: all zeros, for a checkpoint to fill)."""
     pcfg = ParallelConfig(**spec["parallel"])
     cfg = model_config(spec.get("preset", "llama_tiny"), spec.get("num_layers", 2))
     world = dist.get_world_size()
     micro = spec.get("micro_batch_size", 1)
     check_parallel_layout(pcfg, world, cfg, seq_length=SEQ_LENGTH, global_batch_size=GLOBAL_BATCH, micro_batch_size=micro)
-    dims = build_mesh(pcfg, world, "cpu")
+    device, dtype = _device(spec), _compute_dtype(spec)
+    dims = build_mesh(pcfg, world, device.type)
     with torch.device("meta"):
         model = Transformer(cfg)
     pipe = None
     if dims.pp_enabled:
         n_micro = GLOBAL_BATCH // dims.dp_size // micro
-        pipe, parts, _, _ = pipeline_model(model, dims, pcfg, loss_sum, micro, n_micro, "cpu")
+        pipe, parts, _, _ = pipeline_model(model, dims, pcfg, loss_sum, micro, n_micro, device.type, dtype)
     else:
-        parts = [parallelize_model(model, dims, pcfg, "cpu")]
-    full = initial_state(cfg)
+        parts = [parallelize_model(model, dims, pcfg, device.type, dtype)]
+    full = initial_state(cfg) if weights is None else weights
     for part in parts:
-        part.to_empty(device="cpu")
+        part.to_empty(device=device)
         part.init_buffers()
-        set_model_state_dict(part, full, options=StateDictOptions(full_state_dict=True, strict=False))
+        if full:
+            set_model_state_dict(part, full, options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            with torch.no_grad():
+                for p in part.parameters():
+                    p.zero_()
     return dims, pcfg, cfg, parts, pipe
 
 
@@ -134,13 +167,14 @@ def gathered_state(parts: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
     state = {}
     for part in parts:
         sd = get_model_state_dict(part, options=StateDictOptions(full_state_dict=True))
-        state.update({k: v.detach().clone() for k, v in sd.items()})
+        state.update({k: v.detach().cpu().clone() for k, v in sd.items()})
     return state
 
 
 def train_layout(spec: dict[str, Any]) -> dict[str, Any]:
     """STEPS optimizer steps on one layout; returns losses, grad norms and the final weights."""
     dims, pcfg, cfg, parts, pipe = build_layout(spec)
+    device = _device(spec)
     documents = spec.get("documents", False)
     explicit_positions = spec.get("explicit_positions", True)
     micro = spec.get("micro_batch_size", 1)
@@ -149,22 +183,26 @@ def train_layout(spec: dict[str, Any]) -> dict[str, Any]:
     cp, cp_rank = dims.cp, dims.rank_in("cp")
     losses, norms = [], []
     for step in range(STEPS):
-        batch = {k: _rows(v, dims.dp_rank, dims.dp_size) for k, v in make_batch(step, cfg, documents).items()}
+        batch = {k: _rows(v, dims.dp_rank, dims.dp_size).to(device) for k, v in make_batch(step, cfg, documents).items()}
         # Count the loss tokens this rank computes, then sum over the ranks holding other tokens.
         local_mask = batch["loss_mask"] if cp == 1 else shard_sequence(batch["loss_mask"], 1, cp, cp_rank)
         global_tokens = dims.all_reduce_over_batch(local_mask.sum().double()).item()
         docs = batch.get("document_ids")
         names = ["tokens", "labels", "loss_mask", "position_ids"]
         if pipe is not None:
-            with context_parallel_context(dims, [batch[n] for n in names], [1] * 4, document_ids=docs if cp > 1 else None) as (t, l, m, p):
+            with context_parallel_context(
+                dims, [batch[n] for n in names], [1] * 4, document_ids=docs if cp > 1 else None,
+                backend=spec.get("cp_backend", "auto"),
+            ) as (t, l, m, p):
                 total = pipeline_step(pipe, t, l, m, global_tokens, position_ids=p, document_ids=docs if cp == 1 else None)
         else:
-            total = torch.zeros(())
+            total = torch.zeros((), device=device)
             for i in range(batch["tokens"].shape[0] // micro):
                 mb = {k: v[i * micro : (i + 1) * micro] for k, v in batch.items()}
                 mb_docs = mb.get("document_ids")
                 with context_parallel_context(
-                    dims, [mb[n] for n in names], [1] * 4, document_ids=mb_docs if cp > 1 else None
+                    dims, [mb[n] for n in names], [1] * 4, document_ids=mb_docs if cp > 1 else None,
+                    backend=spec.get("cp_backend", "auto"),
                 ) as (t, l, m, p):
                     kwargs = {"position_ids": p} if explicit_positions or cp > 1 else {}
                     if mb_docs is not None and cp == 1:
@@ -178,3 +216,32 @@ def train_layout(spec: dict[str, Any]) -> dict[str, Any]:
         optimizer.zero_grad()
         losses.append(loss)
     return {"losses": losses, "grad_norms": norms, "state": gathered_state(parts)}
+
+
+def dcp_across_layouts(checkpoint_root: str) -> dict[str, Any]:
+    """Save with DCP from one layout, load into the next: FSDP2 -> TP2 -> PP2 (and PP2 saves too).
+
+    Each loading layout starts from zeros, so anything the checkpoint does not fill shows.
+    Returns the full weights each layout ended up with.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    weights = initial_state(model_config(), seed=123)  # not what a fresh model would hold
+    _, _, _, parts, _ = build_layout({"parallel": {}}, weights)
+    dcp.save(get_model_state_dict(parts[0]), checkpoint_id=f"{checkpoint_root}/fsdp2")
+
+    out = {}
+    for name, spec, source in [
+        ("tp2", {"parallel": {"tensor_model_parallel_size": 2}}, "fsdp2"),
+        ("pp2", {"parallel": {"pipeline_model_parallel_size": 2}, "micro_batch_size": 2}, "tp2"),
+    ]:
+        _, _, _, parts, _ = build_layout(spec, weights={})
+        state = {}
+        for part in parts:
+            state.update(get_model_state_dict(part))
+        dcp.load(state, checkpoint_id=f"{checkpoint_root}/{source}")
+        for part in parts:
+            set_model_state_dict(part, state, options=StateDictOptions(strict=False))
+        out[name] = gathered_state(parts)
+        dcp.save(state, checkpoint_id=f"{checkpoint_root}/{name}")
+    return out
