@@ -55,7 +55,7 @@ def build_pretrain_data(recipe: Recipe, runtime: Runtime, tokenizer_dir: Path | 
     val_batches = t.limit_val_batches if t.limit_val_batches is not None else 1
     evals = max_steps // (t.val_check_interval or max_steps) + 1
     train, valid, _ = build((max_steps * t.global_batch_size, evals * val_batches * t.global_batch_size, 0))
-    return Datasets(train, valid, max_steps, {"stage": "pretrain", "dataset_path": data.dataset_path})
+    return Datasets(train, valid, max_steps, description={"stage": "pretrain", "dataset_path": data.dataset_path})
 
 
 def main(args: argparse.Namespace) -> int | None:
