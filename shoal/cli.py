@@ -29,9 +29,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
 _KEY_VALUE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
-def normalize_argv(argv: list[str]) -> list[str]:
-    """Accept NeMo-CLI style `key=value` arguments (`source=hf://x output_path=y`) as `--key=value`."""
-    return [f"--{a}" if _KEY_VALUE.match(a) else a for a in argv]
+def normalize_argv(argv: list[str], options: set[str] | None = None) -> list[str]:
+    """Accept NeMo-CLI style `key=value` arguments (`source=hf://x output_path=y`) as `--key=value`.
+
+    With `options` (the command's option strings), only words naming one of them, or a dotted
+    recipe key, are rewritten, so a value such as `--env NAME=VALUE` passes through untouched.
+    """
+    out = []
+    for i, a in enumerate(argv):
+        key = a.split("=", 1)[0]
+        follows_option = i > 0 and argv[i - 1].startswith("-") and "=" not in argv[i - 1]
+        known = options is None or f"--{key}" in options or ("." in key and not follows_option)
+        out.append(f"--{a}" if _KEY_VALUE.match(a) and known else a)
+    return out
 
 
 def _exists(module: str) -> bool:
@@ -57,8 +67,17 @@ def build_parser(commands: dict[str, tuple[str, str]]) -> tuple[argparse.Argumen
     return parser, subparsers
 
 
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    found = set(parser._option_string_actions)
+    for action in parser._actions:  # sub-sub-commands (`shoal download pretrain`)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _option_strings(sub)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = normalize_argv(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
     commands = _available()
     parser, subparsers = build_parser(commands)
     # Only the chosen command's module is imported to fill in its arguments.
@@ -68,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if chosen is None else 2
     module = importlib.import_module(commands[chosen][0])
     module.add_arguments(subparsers[chosen])
+    argv = normalize_argv(argv, _option_strings(subparsers[chosen]))
     if getattr(module, "ACCEPTS_OVERRIDES", False):
         # Training commands take dotted recipe overrides (`--train.lr=1e-4`) beside their flags.
         args, rest = parser.parse_known_args(argv)

@@ -88,6 +88,11 @@ def prepare_run(recipe: Recipe, args, stage: str) -> Runtime | int:
 
     exp = experiment_dir(recipe)
     recipe.launch = launch_config_from_args(args, exp)
+    # Inside a rank the node count comes from torchrun's environment, not from the (removed) flag.
+    recipe.parallel.num_nodes, recipe.parallel.num_gpus = recipe.launch.num_nodes, recipe.launch.num_gpus
+    for path in recipe.data.dataset_path:  # fail before any process starts, not inside every rank
+        if not _is_number(path) and not Path(path).exists() and not Path(path + ".idx").exists():
+            raise ShoalError(f"--dataset_path {path} does not exist")
     rc = maybe_launch(recipe.launch, argv=args.argv, experiment_dir=exp)
     if rc is not None:
         return rc
@@ -100,6 +105,14 @@ def prepare_run(recipe: Recipe, args, stage: str) -> Runtime | int:
         resolved = {"stage": stage, **to_dict(recipe)}  # secrets are not part of the recipe
         (exp / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
     return runtime
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def resolve_start_checkpoint(recipe: Recipe) -> Path | None:
