@@ -176,12 +176,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="convert weights to this dtype (bfloat16, float16, float32); default: as saved")
     parser.add_argument("--max_shard_size", "--max-shard-size", dest="max_shard_size", type=parse_size,
                         default=DEFAULT_MAX_SHARD_SIZE, help="largest safetensors file, e.g. 5GB (default), 500MB")
-    parser.add_argument("--target", default="hf", choices=["hf"],
-                        help="accepted for NeMo compatibility (`target=hf`); Hugging Face is the only target")
+    parser.add_argument("--target", default="hf", choices=["hf", "hf-peft"],
+                        help="hf: a full model (adapters merged); hf-peft: the adapters alone (NeMo's names)")
+    parser.add_argument("--adapter_only", "--adapter-only", action="store_true",
+                        help="write only the LoRA/DoRA adapters, in Hugging Face PEFT format (same as target=hf-peft)")
+
+
+def export_adapter(source: str | os.PathLike, output_path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """The checkpoint's LoRA/DoRA adapters alone, as a PEFT folder (`PeftModel.from_pretrained` loads it)."""
+    from shoal.peft.export import write_peft_adapter
+
+    ckpt = resolve_checkpoint(source)
+    if not (ckpt / "peft.json").is_file():
+        raise ShoalError(f"{ckpt} carries no LoRA/DoRA adapters (no peft.json); export the full model instead")
+    out = check_output(output_path, overwrite, sources=(ckpt,))
+    base = read_metadata(ckpt).get("made_by", {}).get("source")
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        write_peft_adapter(ckpt, tmp / "adapter", base_model_name_or_path=base)
+        for item in (tmp / "adapter").iterdir():
+            item.rename(tmp / item.name)
+        (tmp / "adapter").rmdir()
+    return out
 
 
 def main(args: argparse.Namespace) -> int:
-    out = export_checkpoint(args.source, args.output_path, overwrite=args.overwrite, dtype=args.dtype,
-                            max_shard_size=args.max_shard_size)
+    if args.adapter_only or args.target == "hf-peft":
+        out = export_adapter(args.source, args.output_path, overwrite=args.overwrite)
+    else:
+        out = export_checkpoint(args.source, args.output_path, overwrite=args.overwrite, dtype=args.dtype,
+                                max_shard_size=args.max_shard_size)
     print(f"shoal export: wrote {out}")
     return 0
