@@ -131,13 +131,15 @@ def resolve_start_checkpoint(recipe: Recipe) -> Path | None:
     return path
 
 
+_SHAPE = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size")
+
+
 def model_config_for(recipe: Recipe, start: Path | None) -> ModelConfig:
     if start is not None:
         cfg = ckpt_format.read_model_config(start)
         if recipe.model.preset:
             preset = get_preset(recipe.model.preset)
-            shape = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size")
-            if any(getattr(preset, k) != getattr(cfg, k) for k in shape):
+            if any(getattr(preset, k) != getattr(cfg, k) for k in _SHAPE):
                 raise ShoalError(
                     f"checkpoint {start} holds a model of another shape than --model {recipe.model.preset} "
                     f"(hidden {cfg.hidden_size}, layers {cfg.num_layers}, heads {cfg.num_heads}, "
@@ -243,6 +245,15 @@ def run_training(
     resume_from = latest_checkpoint(ckpt_root) if recipe.checkpoint.resume else None
     start = resume_from.path if resume_from else resolve_start_checkpoint(recipe)
     cfg = model_config_for(recipe, start)
+    if resume_from is not None and recipe.model.checkpoint is not None:
+        # Resuming ignores --nemo_model; one of another shape means the user meant another run.
+        given = ckpt_format.read_model_config(resolve_start_checkpoint(recipe))
+        if any(getattr(given, k) != getattr(cfg, k) for k in _SHAPE):
+            raise ShoalError(
+                f"experiment {exp} has checkpoints of another model than --nemo_model {recipe.model.checkpoint} "
+                f"(hidden {cfg.hidden_size} vs {given.hidden_size}, layers {cfg.num_layers} vs {given.num_layers}, "
+                f"vocab {cfg.vocab_size} vs {given.vocab_size}); use a new --experiment to start from it"
+            )
     if recipe.data.seq_length > cfg.max_position_embeddings:
         raise ShoalError(
             f"--seq_length {recipe.data.seq_length} exceeds what the model supports "
