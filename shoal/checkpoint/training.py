@@ -125,9 +125,11 @@ def save_training_checkpoint(
         if rank == 0:
             (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
             write_static(tmp)
-    except BaseException:
+    except BaseException as err:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):  # a full disk or a lost mount: the user's problem, said plainly
+            raise ShoalError(f"could not write checkpoint {final}: {err}; earlier checkpoints are kept") from err
         raise
     _barrier()
     if rank == 0:
