@@ -46,8 +46,6 @@ def test_adapter_finetune_changes_only_adapters_and_exports(train_assets: TrainA
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from shoal.peft.export import write_peft_adapter
-
     args = train_args(train_assets, "finetune", tmp_path / "res", "ft", "--max_steps", 3, "--peft", method,
                       f"--peft.rank={RANK}", f"--peft.alpha={ALPHA}", "--peft.dropout=0.0",
                       f"--peft.target_modules=[{','.join(TARGETS)}]", "--train.lr=1e-2")
@@ -79,9 +77,9 @@ def test_adapter_finetune_changes_only_adapters_and_exports(train_assets: TrainA
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     torch.testing.assert_close(hf_logits(merged, tokens), expected_logits, rtol=0, atol=2e-5)
 
-    # The adapters alone, in PEFT's format, on top of the exported starting model.
+    # The adapters alone (`--adapter_only`, PEFT's format), on top of the exported starting model.
     assert shoal("export", "--source", train_assets.checkpoint, "--output_path", tmp_path / "base") == 0
-    write_peft_adapter(final, tmp_path / "adapter")
+    assert shoal("export", "--source", final, "--output_path", tmp_path / "adapter", "--adapter_only") == 0
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter")
     torch.testing.assert_close(hf_logits(peft_model, tokens), expected_logits, rtol=0, atol=2e-5)
