@@ -292,6 +292,8 @@ def run_training(
         exp.mkdir(parents=True, exist_ok=True)
     wandb_cfg = None
     if recipe.logging.wandb:
+        # wandb saves this process's command line in its run files: secrets typed as flags must not get there.
+        sys.argv[:] = _redacted_argv(sys.argv)
         wandb_cfg = {"project": recipe.logging.wandb_project, "name": recipe.logging.wandb_name or recipe.checkpoint.experiment,
                      "token": wandb_token, "config": to_dict(recipe), "run_id": recipe.checkpoint.experiment}
     logger = MetricsLogger(exp, runtime.is_main, recipe.logging.tensorboard, wandb_cfg, max_steps, step)
