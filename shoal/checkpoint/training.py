@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from shoal.checkpoint.format import save_model_state
+from shoal.checkpoint.format import _dcp_errors, save_model_state
 from shoal.errors import ShoalError
 
 _NAME = re.compile(r"^step=(\d+)(?:-val_loss=([0-9.]+|nan|inf))?(-last)?$")
@@ -119,8 +119,9 @@ def save_training_checkpoint(
     _barrier()
     try:
         save_model_state(model_state, tmp / "model")
-        dcp.save(optim_state, storage_writer=dcp.FileSystemWriter(str(tmp / "optim")),
-                 no_dist=not (dist.is_available() and dist.is_initialized()))
+        with _dcp_errors():  # DCP's wrapped errors unwrapped (a full disk is an OSError), its notices quiet
+            dcp.save(optim_state, storage_writer=dcp.FileSystemWriter(str(tmp / "optim")),
+                     no_dist=not (dist.is_available() and dist.is_initialized()))
         trainer_state = {**trainer_state, "rng": gather_rng_states()}
         if rank == 0:
             (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
