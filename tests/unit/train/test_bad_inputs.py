@@ -115,21 +115,44 @@ def tree_digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_failed_checkpoint_write_keeps_the_previous_one(train_assets: TrainAssets, tmp_path: Path, capsys,
-                                                       monkeypatch: pytest.MonkeyPatch):
-    ckpts = tmp_path / "res" / "e" / "checkpoints"
+def fail_model_write(monkeypatch: pytest.MonkeyPatch, before_failing) -> None:
+    """The step-4 weights are written, then the disk is full."""
     real_save = training.save_model_state
-    seen: dict[str, dict[str, str]] = {}
 
     def save_or_fail(state, model_dir, *args, **kwargs):
-        if "step=000004" not in str(model_dir):
-            return real_save(state, model_dir, *args, **kwargs)
-        (previous,) = ckpts.glob("step=000002*")
-        seen[previous.name] = tree_digest(previous)  # what the step-2 checkpoint held before the failure
-        real_save(state, model_dir, *args, **kwargs)  # some files written, then the disk fills up
-        raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(state, model_dir, *args, **kwargs)
+        if "step=000004" in str(model_dir):
+            before_failing()
+            raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(training, "save_model_state", save_or_fail)
+
+
+def fail_optimizer_write(monkeypatch: pytest.MonkeyPatch, before_failing) -> None:
+    """The disk fills up while DCP writes the step-4 optimizer state (DCP wraps the error)."""
+    import torch.distributed.checkpoint as dcp
+
+    class FullDiskWriter(dcp.FileSystemWriter):
+        def write_data(self, plan, planner):
+            if "step=000004" in str(self.path) and str(self.path).endswith("optim"):
+                before_failing()
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write_data(plan, planner)
+
+    monkeypatch.setattr(dcp, "FileSystemWriter", FullDiskWriter)
+
+
+@pytest.mark.parametrize("fail", [fail_model_write, fail_optimizer_write])
+def test_failed_checkpoint_write_keeps_the_previous_one(train_assets: TrainAssets, tmp_path: Path, capsys,
+                                                       monkeypatch: pytest.MonkeyPatch, fail):
+    ckpts = tmp_path / "res" / "e" / "checkpoints"
+    seen: dict[str, dict[str, str]] = {}
+
+    def record_previous() -> None:
+        (previous,) = ckpts.glob("step=000002*")
+        seen[previous.name] = tree_digest(previous)  # what the step-2 checkpoint held before the failure
+
+    fail(monkeypatch, record_previous)
     args = train_args(train_assets, "pretrain", tmp_path / "res", "e", "--max_steps", 4, "--checkpoint.save_interval=2")
     fails_with(capsys, args, "could not write checkpoint", "step=000004", "No space left on device")
 
@@ -142,7 +165,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(train_assets: TrainAsset
     assert {"shoal.json", "trainer.json", "model/.metadata", "optim/.metadata"} <= set(seen[name])
 
     # And the run resumes from it once the disk has room again.
-    monkeypatch.setattr(training, "save_model_state", real_save)
+    monkeypatch.undo()
     assert shoal(*args) == 0
     assert "(step 2)" in capsys.readouterr().err
     assert [p.name for p in ckpts.iterdir()][0].startswith("step=000004")
