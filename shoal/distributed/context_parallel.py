@@ -21,8 +21,9 @@ Two attention backends, chosen per batch:
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -108,6 +109,12 @@ class _AllGatherAttention:
                 "context-parallel attention handles causal attention only; pass document_ids to "
                 "context_parallel_context rather than an attention mask to the model"
             )
+        if self.mask.shape[0] not in (1, query.shape[0]):
+            raise ShoalError(
+                f"document_ids were given for {self.mask.shape[0]} sequences but attention runs on "
+                f"{query.shape[0]}: enter context_parallel_context once per micro-batch (packed documents "
+                "cannot combine with context and pipeline parallelism, whose schedule splits the batch)"
+            )
         keys, values = self.gather(key), self.gather(value)
         return _ORIGINAL_SDPA(
             query, keys, values, attn_mask=self.mask, dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa
@@ -124,6 +131,18 @@ def _dispatch_sdpa(*args, **kwargs) -> torch.Tensor:
     if _active is None:
         return _ORIGINAL_SDPA(*args, **kwargs)
     return _active.attention(*args, **kwargs)
+
+
+def _expand_kv_heads_for_fp32(sdpa: Callable[..., torch.Tensor], query: torch.Tensor, key: torch.Tensor,
+                              value: torch.Tensor, *args: Any, enable_gqa: bool = False, **kwargs: Any) -> torch.Tensor:
+    """Ring attention runs on the flash or memory-efficient kernel. Flash (bf16/fp16) handles
+    grouped-query attention itself; the efficient kernel (the one fp32 gets) does not, so there
+    each key/value head is repeated for the query heads that share it."""
+    groups = query.shape[1] // key.shape[1]
+    if enable_gqa and groups > 1 and query.dtype not in (torch.bfloat16, torch.float16):
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        enable_gqa = False
+    return sdpa(query, key, value, *args, enable_gqa=enable_gqa, **kwargs)
 
 
 @contextlib.contextmanager
@@ -200,7 +219,12 @@ def context_parallel_context(
         with context_parallel(
             parallel_dims.submesh("cp"), buffers=shards, buffer_seq_dims=list(seq_dims), no_restore_buffers=set(shards)
         ):
-            yield shards
+            ring_sdpa = F.scaled_dot_product_attention
+            F.scaled_dot_product_attention = functools.partial(_expand_kv_heads_for_fp32, ring_sdpa)
+            try:
+                yield shards
+            finally:
+                F.scaled_dot_product_attention = ring_sdpa
         return
     if backend != "allgather":
         raise ShoalError(f"context-parallel backend {backend!r}: expected auto, ring or allgather")

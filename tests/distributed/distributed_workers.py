@@ -54,25 +54,25 @@ def initial_state(cfg: ModelConfig, seed: int = WEIGHTS_SEED) -> dict[str, torch
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def make_batch(step: int, cfg: ModelConfig, documents: bool) -> dict[str, torch.Tensor]:
+def make_batch(step: int, cfg: ModelConfig, documents: bool, seq_length: int = SEQ_LENGTH) -> dict[str, torch.Tensor]:
     """The global batch of one step. The loss mask drops ~30% of tokens unevenly, so ranks hold
     different token counts (a per-rank mean would then differ from the global one). With
     `documents`, each row packs several documents: positions restart and document ids change."""
     g = torch.Generator().manual_seed(1000 + step)
-    ids = torch.randint(0, cfg.vocab_size, (GLOBAL_BATCH, SEQ_LENGTH + 1), generator=g)
-    loss_mask = (torch.rand(GLOBAL_BATCH, SEQ_LENGTH, generator=g) > 0.3).float()
-    loss_mask[0, : SEQ_LENGTH // 2] = 0  # one row with far fewer loss tokens
+    ids = torch.randint(0, cfg.vocab_size, (GLOBAL_BATCH, seq_length + 1), generator=g)
+    loss_mask = (torch.rand(GLOBAL_BATCH, seq_length, generator=g) > 0.3).float()
+    loss_mask[0, : seq_length // 2] = 0  # one row with far fewer loss tokens
     batch = {"tokens": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": loss_mask}
     if documents:
-        starts = torch.rand(GLOBAL_BATCH, SEQ_LENGTH, generator=g) < 0.15
+        starts = torch.rand(GLOBAL_BATCH, seq_length, generator=g) < 0.15
         starts[:, 0] = True
         doc = torch.cumsum(starts.long(), dim=1) - 1
-        index = torch.arange(SEQ_LENGTH).expand(GLOBAL_BATCH, -1)
+        index = torch.arange(seq_length).expand(GLOBAL_BATCH, -1)
         first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
         batch["document_ids"] = doc
         batch["position_ids"] = index - first
     else:
-        batch["position_ids"] = torch.arange(SEQ_LENGTH).expand(GLOBAL_BATCH, -1).clone()
+        batch["position_ids"] = torch.arange(seq_length).expand(GLOBAL_BATCH, -1).clone()
     return batch
 
 
@@ -82,7 +82,11 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor
 
 
 def reference_run(
-    cfg: ModelConfig, documents: bool, device: str = "cpu", compute_dtype: torch.dtype | None = None
+    cfg: ModelConfig,
+    documents: bool,
+    device: str = "cpu",
+    compute_dtype: torch.dtype | None = None,
+    seq_length: int = SEQ_LENGTH,
 ) -> dict[str, Any]:
     """The oracle: one process, the whole global batch at once.
 
@@ -95,7 +99,7 @@ def reference_run(
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, foreach=False)
     losses, norms = [], []
     for step in range(STEPS):
-        b = {k: v.to(device) for k, v in make_batch(step, cfg, documents).items()}
+        b = {k: v.to(device) for k, v in make_batch(step, cfg, documents, seq_length).items()}
         runner = model
         if compute_dtype is not None:
             runner = Transformer(cfg).to(device)
@@ -138,7 +142,8 @@ def build_layout(spec: dict[str, Any], weights: dict[str, torch.Tensor] | None =
     cfg = model_config(spec.get("preset", "llama_tiny"), spec.get("num_layers", 2))
     world = dist.get_world_size()
     micro = spec.get("micro_batch_size", 1)
-    check_parallel_layout(pcfg, world, cfg, seq_length=SEQ_LENGTH, global_batch_size=GLOBAL_BATCH, micro_batch_size=micro)
+    seq = spec.get("seq_length", SEQ_LENGTH)
+    check_parallel_layout(pcfg, world, cfg, seq_length=seq, global_batch_size=GLOBAL_BATCH, micro_batch_size=micro)
     device, dtype = _device(spec), _compute_dtype(spec)
     dims = build_mesh(pcfg, world, device.type)
     with torch.device("meta"):
@@ -183,7 +188,8 @@ def train_layout(spec: dict[str, Any]) -> dict[str, Any]:
     cp, cp_rank = dims.cp, dims.rank_in("cp")
     losses, norms = [], []
     for step in range(STEPS):
-        batch = {k: _rows(v, dims.dp_rank, dims.dp_size).to(device) for k, v in make_batch(step, cfg, documents).items()}
+        full = make_batch(step, cfg, documents, spec.get("seq_length", SEQ_LENGTH))
+        batch = {k: _rows(v, dims.dp_rank, dims.dp_size).to(device) for k, v in full.items()}
         # Count the loss tokens this rank computes, then sum over the ranks holding other tokens.
         local_mask = batch["loss_mask"] if cp == 1 else shard_sequence(batch["loss_mask"], 1, cp, cp_rank)
         global_tokens = dims.all_reduce_over_batch(local_mask.sum().double()).item()
@@ -245,3 +251,27 @@ def dcp_across_layouts(checkpoint_root: str) -> dict[str, Any]:
         out[name] = gathered_state(parts)
         dcp.save(state, checkpoint_id=f"{checkpoint_root}/{name}")
     return out
+
+
+def assert_matches_reference(
+    results: list[dict[str, Any]], expected: dict[str, Any], rtol: float, weight_tolerance: float
+) -> None:
+    """Every rank's losses and gradient norms within rtol of the oracle's; the final weights,
+    gathered from all ranks, under exactly the oracle's names and with a mean absolute difference
+    per tensor below weight_tolerance. (A mean, not a maximum: AdamW moves a weight by about ±LR
+    whatever its gradient's size, so the rare weight whose gradient is ~0 can land ±LR away from
+    rounding alone, while a wrong gradient displaces whole tensors.)"""
+    for rank, result in enumerate(results):
+        for key in ("losses", "grad_norms"):
+            torch.testing.assert_close(
+                result[key], expected[key], rtol=rtol, atol=0, msg=lambda m, key=key, rank=rank: f"{key}, rank {rank}: {m}"
+            )
+    final: dict[str, torch.Tensor] = {}
+    for result in results:
+        final.update(result["state"])
+    assert sorted(final) == sorted(expected["state"])
+    worst = max(
+        ((final[name] - value).abs().mean().item(), name) for name, value in expected["state"].items()
+    )
+    print(f"largest mean |weight difference|: {worst[0]:.2e} ({worst[1]})")
+    assert worst[0] <= weight_tolerance, f"{worst[1]}: mean |difference| {worst[0]:.2e} > {weight_tolerance:.0e}"

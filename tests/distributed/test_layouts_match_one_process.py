@@ -8,9 +8,9 @@ distributed_workers.py). Tolerances, fp32 throughout:
   reduce-scatters, micro-batch accumulation), which moves results by a few 1e-7 relative;
   a missing or doubled contribution (a gradient not reduced over tensor-parallel ranks, a loss
   normalised per rank instead of globally) moves them by 1e-3 or more.
-* final weights, atol LR/2: AdamW's first steps move every weight by about ±LR whatever the
-  gradient's size, so a wrong gradient shows as a difference of order LR, while reordered sums
-  leave ~1e-5.
+* final weights, mean absolute difference per tensor below LR/10: AdamW's first steps move every
+  weight by about ±LR whatever the gradient's size, so a wrong gradient shows as differences of
+  order LR across a tensor, while reordered sums leave ~1e-7 on average.
 Final weights are gathered through DCP's `get_model_state_dict`, so the test also checks that
 every layout names its parameters exactly as Hugging Face does.
 """
@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from distributed_harness import run_distributed
-from distributed_workers import LR, model_config, reference_run, train_layout
+from distributed_workers import LR, assert_matches_reference, model_config, reference_run, train_layout
 
 # (id, world size, spec). A spec names the ParallelConfig fields it sets; "preset", "num_layers",
 # "documents" (packed sequences with a document mask), "micro_batch_size" and
@@ -65,18 +65,4 @@ def _reference(preset: str, num_layers: int, documents: bool) -> dict:
 def test_layout_matches_one_process(world_size: int, spec: dict) -> None:
     expected = _reference(spec.get("preset", "llama_tiny"), spec.get("num_layers", 2), spec.get("documents", False))
     results = run_distributed(train_layout, world_size, spec)
-
-    for rank, result in enumerate(results):
-        # Every rank reports the global loss and norm, not its own share.
-        torch.testing.assert_close(result["losses"], expected["losses"], rtol=1e-5, atol=0, msg=f"loss, rank {rank}")
-        torch.testing.assert_close(
-            result["grad_norms"], expected["grad_norms"], rtol=1e-5, atol=0, msg=f"grad norm, rank {rank}"
-        )
-
-    # Pipeline ranks each hold their stages: together they must cover the model exactly once.
-    final: dict[str, torch.Tensor] = {}
-    for result in results:
-        final.update(result["state"])
-    assert sorted(final) == sorted(expected["state"])
-    for name, value in expected["state"].items():
-        torch.testing.assert_close(final[name], value, rtol=0, atol=LR / 2, msg=name)
+    assert_matches_reference(results, expected, rtol=1e-5, weight_tolerance=LR / 10)

@@ -9,8 +9,10 @@ oracle is the same steps in this process on one GPU. Two groups:
 * bf16 through FSDP2's mixed precision (bf16 compute, fp32 weights and gradient reduction),
   against a one-GPU oracle doing the same casts by hand. bf16 keeps 8 significant bits and the
   layouts sum bf16 partial products in other orders, so single values move by ~1e-2 relative;
-  the loss (an average over ~180 tokens) and the gradient norm stay within 2e-2 and weights
-  within LR/2 after 3 steps, while a wrong gradient or normalisation moves them much further.
+  the loss (an average over ~180 tokens) and the gradient norm stay within 2e-2, and weights
+  within LR/4 on average per tensor after 3 steps (more weights have gradients near bf16's
+  rounding noise, whose AdamW step can flip sign), while a wrong gradient or normalisation moves
+  them much further.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
 from distributed_harness import run_distributed  # noqa: E402
-from distributed_workers import LR, model_config, reference_run, train_layout  # noqa: E402
+from distributed_workers import LR, SEQ_LENGTH, assert_matches_reference, model_config, reference_run, train_layout  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -34,12 +36,14 @@ FP32_LAYOUTS = [
     ("pp2_interleaved_documents", 2, {"parallel": {"pipeline_model_parallel_size": 2,
                                                    "pipeline_schedule": "interleaved_1f1b"},
                                       "num_layers": 4, "documents": True}),
-    ("cp2_ring", 2, {"parallel": {"context_parallel_size": 2}, "cp_backend": "ring"}),
+    # fp32 ring attention runs on the memory-efficient kernel, whose log-sum-exp PyTorch's ring
+    # merge only handles for query chunks of a multiple of 32 tokens: 128 = 2 ranks × 2 × 32.
+    ("cp2_ring", 2, {"parallel": {"context_parallel_size": 2}, "cp_backend": "ring", "seq_length": 128}),
     ("cp2_allgather_documents", 2, {"parallel": {"context_parallel_size": 2}, "documents": True}),
     ("tp2_fsdp2_compile_selective_ac", 4, {"parallel": {"tensor_model_parallel_size": 2, "compile": True,
                                                         "activation_checkpointing": "selective"}}),
     ("cp2_tp2_ring", 4, {"parallel": {"context_parallel_size": 2, "tensor_model_parallel_size": 2},
-                         "cp_backend": "ring"}),
+                         "cp_backend": "ring", "seq_length": 128}),
     ("pp2_fsdp2_full_ac", 4, {"parallel": {"pipeline_model_parallel_size": 2, "activation_checkpointing": "full"}}),
 ]
 
@@ -62,33 +66,25 @@ def _params(layouts, dtype):
 
 
 @functools.lru_cache(maxsize=None)
-def _reference(preset: str, num_layers: int, documents: bool, dtype: str | None) -> dict:
+def _reference(preset: str, num_layers: int, documents: bool, dtype: str | None, seq_length: int) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False
     compute = torch.bfloat16 if dtype == "bfloat16" else None
-    return reference_run(model_config(preset, num_layers), documents, device="cuda", compute_dtype=compute)
+    return reference_run(model_config(preset, num_layers), documents, device="cuda", compute_dtype=compute,
+                         seq_length=seq_length)
 
 
-def _check(world_size: int, spec: dict, rtol: float) -> None:
+def _check(world_size: int, spec: dict, rtol: float, weight_tolerance: float) -> None:
     expected = _reference(spec.get("preset", "llama_tiny"), spec.get("num_layers", 2), spec.get("documents", False),
-                          spec.get("compute_dtype"))
+                          spec.get("compute_dtype"), spec.get("seq_length", SEQ_LENGTH))
     results = run_distributed(train_layout, world_size, spec, device_type="cuda")
-    for rank, result in enumerate(results):
-        torch.testing.assert_close(result["losses"], expected["losses"], rtol=rtol, atol=0, msg=f"loss, rank {rank}")
-        torch.testing.assert_close(result["grad_norms"], expected["grad_norms"], rtol=rtol, atol=0,
-                                   msg=f"grad norm, rank {rank}")
-    final: dict[str, torch.Tensor] = {}
-    for result in results:
-        final.update(result["state"])
-    assert sorted(final) == sorted(expected["state"])
-    for name, value in expected["state"].items():
-        torch.testing.assert_close(final[name], value, rtol=0, atol=LR / 2, msg=name)
+    assert_matches_reference(results, expected, rtol=rtol, weight_tolerance=weight_tolerance)
 
 
 @pytest.mark.parametrize("world_size,spec", _params(FP32_LAYOUTS, None))
 def test_fp32_layout_matches_one_gpu(world_size: int, spec: dict) -> None:
-    _check(world_size, spec, rtol=1e-5)
+    _check(world_size, spec, rtol=1e-5, weight_tolerance=LR / 10)
 
 
 @pytest.mark.parametrize("world_size,spec", _params(BF16_LAYOUTS, "bfloat16"))
 def test_bf16_layout_matches_one_gpu(world_size: int, spec: dict) -> None:
-    _check(world_size, spec, rtol=2e-2)
+    _check(world_size, spec, rtol=2e-2, weight_tolerance=LR / 4)
