@@ -4,11 +4,11 @@ instruction task in the same language.
 Nothing here is text taken from elsewhere. The world is a few hundred invented people with a home
 city, a pet, a favourite colour, a job and a favourite food, each known by an English and a
 Traditional Chinese name (the seed's users train on zh-TW text, so non-ASCII paths get exercised
-end to end). The corpus tells profiles, short stories, dialogues and sums about them, in both
-languages.
+end to end). The corpus tells profiles, short stories, dialogues, quizzes (facts, then questions
+answered from them) and sums about them, in both languages.
 
-The instruction task is reading comprehension: the input describes two or three people and asks
-for one person's city, pet or colour; the output is the one word the description gives. A tiny
+The instruction task is reading comprehension: the input gives a fact about each of two or three
+people and asks for one person's city, pet or colour; the output is the word the input gives. A tiny
 model learns it in a few hundred steps, yet cannot answer it untrained, and exact match checks it.
 The pretraining corpus uses the same sentence forms, so continual pretraining teaches the
 "language" the task is written in. Every generator is deterministic for a seed.
@@ -78,8 +78,20 @@ class Person:
     food: tuple[str, str]
 
 
+# English words the corpus and the task are written with: an invented name must not be one of them,
+# or a sentence such as "What pet does Have have?" would be ambiguous.
+_TEMPLATE_WORDS = set(
+    "a across and answer answered as asked brought color does evening favorite food friend from had has have "
+    "home in is like likes live lives minus nearby of on pet plus question said slept so thank the they to together "
+    "took train visit walked went what where works you".split()
+)
+
+
 def _english_name(rng: random.Random) -> str:
-    return (rng.choice(_SYLLABLES) + rng.choice(_SYLLABLES) + rng.choice(_ENDINGS)).capitalize()
+    while True:
+        name = rng.choice(_SYLLABLES) + rng.choice(_SYLLABLES) + rng.choice(_ENDINGS)
+        if name not in _TEMPLATE_WORDS:
+            return name.capitalize()
 
 
 def _chinese_name(rng: random.Random) -> str:
@@ -151,6 +163,10 @@ def _profile(rng: random.Random, p: Person, zh: bool) -> str:
     return " ".join(facts)
 
 
+def _plural(noun: str) -> str:
+    return noun + ("es" if noun.endswith(("ch", "sh", "o")) else "s")
+
+
 def _story(rng: random.Random, p: Person, q: Person, zh: bool) -> str:
     day = rng.choice(DAYS)
     a, b = rng.randint(1, 9), rng.randint(1, 9)
@@ -163,7 +179,7 @@ def _story(rng: random.Random, p: Person, q: Person, zh: bool) -> str:
     trip = (f"walked across {p.city[0]} to visit {q.name}" if same_city
             else f"took the train from {p.city[0]} to {q.city[0]} to visit {q.name}")
     return (f"On {day[0]}, {p.name} {trip}. "
-            f"{p.name} brought {a} {p.food[0]}s and {q.name} had {b}, so together they had {a + b}. "
+            f"{p.name} brought {a} {_plural(p.food[0])} and {q.name} had {b}, so together they had {a + b}. "
             f"The {q.pet[0]} of {q.name} slept nearby. In the evening {p.name} went home to {p.city[0]}.")
 
 
@@ -175,6 +191,20 @@ def _dialogue(rng: random.Random, p: Person, asker: Person, zh: bool) -> str:
     if zh:
         return f"{other}問：「{question}」朋友回答：「{answer}」{other}說：「謝謝！」"
     return f'{other} asked, "{question}" A friend answered, "{answer}" {other} said, "Thank you!"'
+
+
+def _quiz(rng: random.Random, world: list[Person], zh: bool) -> str:
+    """Facts about a few people, then questions answered from them: reading comprehension in plain
+    text, the skill the instruction task asks for in chat form."""
+    people = rng.sample(world, rng.choice((2, 3, 4)))
+    stated = [(p, kind) for p in people for kind in rng.sample(QUESTION_KINDS, rng.choice((1, 2, 3)))]
+    rng.shuffle(stated)
+    parts = [fact_sentence(p.name_zh if zh else p.name, k, _value(p, k, zh), zh) for p, k in stated]
+    for p, kind in rng.sample(stated, min(len(stated), rng.choice((1, 2, 3)))):
+        question = question_sentence(p.name_zh if zh else p.name, kind, zh)
+        value = _value(p, kind, zh)
+        parts.append(f"問題：{question}答案：{value}。" if zh else f"Question: {question} Answer: {value}.")
+    return ("" if zh else " ").join(parts)
 
 
 def _sums(rng: random.Random, zh: bool) -> str:
@@ -190,13 +220,14 @@ def _sums(rng: random.Random, zh: bool) -> str:
 
 
 def pretraining_documents(num_documents: int = 3000, seed: int = 0) -> list[str]:
-    """Short documents about the world: profiles, stories, dialogues and sums, about a third in Chinese."""
+    """Short documents about the world: profiles, stories, dialogues, quizzes and sums, about a third
+    in Chinese."""
     world = make_world(seed=seed)
     rng = random.Random(f"corpus-{seed}")
     docs = []
     for _ in range(num_documents):
         zh = rng.random() < 0.35
-        kind = rng.choices(("profile", "story", "dialogue", "sums"), weights=(4, 3, 3, 1))[0]
+        kind = rng.choices(("profile", "story", "dialogue", "quiz", "sums"), weights=(3, 2, 2, 4, 1))[0]
         p, q = rng.sample(world, 2)
         if kind == "profile":
             docs.append(_profile(rng, p, zh))
@@ -204,6 +235,8 @@ def pretraining_documents(num_documents: int = 3000, seed: int = 0) -> list[str]
             docs.append(_story(rng, p, q, zh))
         elif kind == "dialogue":
             docs.append(_dialogue(rng, p, q, zh))
+        elif kind == "quiz":
+            docs.append(_quiz(rng, world, zh))
         else:
             docs.append(_sums(rng, zh))
     return docs
@@ -214,19 +247,18 @@ def pretraining_documents(num_documents: int = 3000, seed: int = 0) -> list[str]
 
 
 def instruction_example(rng: random.Random, names: list[str], names_zh: list[str]) -> dict[str, str]:
-    """Two or three people, one or two facts each, and a question about one of the stated facts.
+    """Two or three people, one fact each (each of a different kind), and a question about one.
 
     The facts are drawn afresh rather than taken from the world, so the answer can only come from
-    reading the input; people share the facts' kinds, so the model must match the right name.
+    reading the input. Giving each person a different kind of fact keeps the task within reach of a
+    tiny model trained for a few hundred steps: with two cities in one input it must also match the
+    name, which takes it several times longer to learn.
     """
     zh = rng.random() < 0.35
-    count = rng.choice((2, 3))
-    people = rng.sample(names_zh if zh else names, count)
+    people = rng.sample(names_zh if zh else names, rng.choice((2, 3)))
+    kinds = rng.sample(QUESTION_KINDS, len(people))
     vocab = {"city": CITIES, "pet": PETS, "color": COLORS}
-    stated: list[tuple[str, str, str]] = []
-    for name in people:
-        for kind in rng.sample(QUESTION_KINDS, rng.choice((1, 2))):
-            stated.append((name, kind, rng.choice(vocab[kind])[1 if zh else 0]))
+    stated = [(name, kind, rng.choice(vocab[kind])[1 if zh else 0]) for name, kind in zip(people, kinds)]
     name, kind, value = rng.choice(stated)
     facts = ("" if zh else " ").join(fact_sentence(n, k, v, zh) for n, k, v in stated)
     return {"input": f"{facts}{'' if zh else ' '}{question_sentence(name, kind, zh)}", "output": value}
