@@ -36,7 +36,9 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def load_balanced_indices(seq_length: int, cp_size: int, cp_rank: int, device: torch.device | None = None) -> torch.Tensor:
+def load_balanced_indices(
+    seq_length: int, cp_size: int, cp_rank: int, device: torch.device | None = None
+) -> torch.Tensor:
     """Global positions held by `cp_rank`: chunk r then chunk 2·cp-1-r of 2·cp equal chunks."""
     if seq_length % (2 * cp_size):
         raise ShoalError(
@@ -200,7 +202,8 @@ def context_parallel_context(
     for buffer, dim in zip(buffers, seq_dims):
         if buffer.shape[dim] != seq_length:
             raise ShoalError(
-                f"context_parallel_context: buffers disagree on the sequence length ({buffer.shape[dim]} vs {seq_length})"
+                "context_parallel_context: buffers disagree on the sequence length "
+                f"({buffer.shape[dim]} vs {seq_length})"
             )
     if document_ids is not None and document_ids.shape[-1] != seq_length:
         raise ShoalError(f"document_ids have length {document_ids.shape[-1]}, the batch {seq_length}")

@@ -13,6 +13,7 @@ device (the training loop materialises it afterwards) or already hold real weigh
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 from typing import Any
@@ -41,7 +42,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 aten = torch.ops.aten
 # Selective checkpointing keeps these ops' outputs and recomputes everything between them (norms,
 # SiLU, RoPE, residual adds): the expensive matmuls and attention run once, the cheap element-wise
-# ops twice. Reduce-scatter outputs are kept too so recomputation never communicates.
+# ops twice. Reduce-scatter outputs are kept too (as torchtitan does), so recomputation repeats
+# fewer collectives.
 _SELECTIVE_SAVE_OPS = [
     aten.mm.default,
     aten.addmm.default,
@@ -149,11 +151,11 @@ def _install_input_checks(model: nn.Module, parallel_dims: ParallelDims, sequenc
             if kwargs.get("position_ids") is None:
                 raise ShoalError(
                     "under context parallelism the model needs position_ids: pass the ones sharded by "
-                    "shoal.distributed.context_parallel (they are not 0..S-1 on each rank)"
+                    "context_parallel_context (they are not 0..S-1 on each rank)"
                 )
             if kwargs.get("document_ids") is not None:
                 raise ShoalError(
-                    "under context parallelism pass document_ids to shoal.distributed.context_parallel, "
+                    "under context parallelism pass document_ids to context_parallel_context, "
                     "not to the model: the attention mask spans the whole sequence, held by several ranks"
                 )
         elif kwargs.get("position_ids") is None and tp > 1 and sequence_parallel:
@@ -282,8 +284,6 @@ def autocast_context(
 ) -> Any:
     """Mixed precision where FSDP2 does not provide it: torch.autocast to the compute dtype when the
     model is not FSDP-wrapped and that dtype is lower than fp32; a no-op context otherwise."""
-    import contextlib
-
     dtype = resolve_param_dtype(parallel_cfg, compute_dtype)
     if parallel_dims.dp_enabled or dtype in (None, torch.float32):
         return contextlib.nullcontext()

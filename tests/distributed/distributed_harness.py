@@ -77,5 +77,6 @@ def run_distributed(
                 for process in ctx.processes:
                     if process.is_alive():
                         process.kill()
-                raise TimeoutError(f"{getattr(fn, '__name__', fn)} did not finish in {deadline_s}s on {world_size} ranks")
+                name = getattr(fn, "__name__", fn)
+                raise TimeoutError(f"{name} did not finish in {deadline_s}s on {world_size} ranks")
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(world_size)]

@@ -200,7 +200,8 @@ def train_layout(spec: dict[str, Any]) -> dict[str, Any]:
                 dims, [batch[n] for n in names], [1] * 4, document_ids=docs if cp > 1 else None,
                 backend=spec.get("cp_backend", "auto"),
             ) as (t, l, m, p):
-                total = pipeline_step(pipe, t, l, m, global_tokens, position_ids=p, document_ids=docs if cp == 1 else None)
+                model_docs = docs if cp == 1 else None
+                total = pipeline_step(pipe, t, l, m, global_tokens, position_ids=p, document_ids=model_docs)
         else:
             total = torch.zeros((), device=device)
             for i in range(batch["tokens"].shape[0] // micro):
@@ -264,7 +265,8 @@ def assert_matches_reference(
     for rank, result in enumerate(results):
         for key in ("losses", "grad_norms"):
             torch.testing.assert_close(
-                result[key], expected[key], rtol=rtol, atol=0, msg=lambda m, key=key, rank=rank: f"{key}, rank {rank}: {m}"
+                result[key], expected[key], rtol=rtol, atol=0,
+                msg=lambda m, key=key, rank=rank: f"{key}, rank {rank}: {m}",
             )
     final: dict[str, torch.Tensor] = {}
     for result in results:

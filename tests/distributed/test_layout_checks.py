@@ -150,7 +150,8 @@ def test_activation_checkpointing_gives_the_same_gradients(mode: str) -> None:
     reference = build_model(TINY)
     model = build_model(TINY)
     model.load_state_dict(reference.state_dict())
-    parallelize_model(model, build_mesh(ParallelConfig(), 1, "cpu"), ParallelConfig(activation_checkpointing=mode), "cpu")
+    dims = build_mesh(ParallelConfig(), 1, "cpu")
+    parallelize_model(model, dims, ParallelConfig(activation_checkpointing=mode), "cpu")
     # Counted on entry: recomputation stops as soon as it has what backward needs, which can be
     # before the module returns.
     calls = {"reference": 0, "model": 0}

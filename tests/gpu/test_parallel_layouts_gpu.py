@@ -26,7 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
 from distributed_harness import run_distributed  # noqa: E402
-from distributed_workers import LR, SEQ_LENGTH, assert_matches_reference, model_config, reference_run, train_layout  # noqa: E402
+from distributed_workers import (  # noqa: E402
+    LR, SEQ_LENGTH, assert_matches_reference, model_config, reference_run, train_layout,
+)
 
 pytestmark = pytest.mark.gpu
 
