@@ -523,7 +523,8 @@ def build_pretrain_datasets(
         indexed = open_dataset(prefix)
         ranges = split_ranges(split, len(indexed.sequence_lengths))
         for i, (name, doc_range) in enumerate(zip(SPLIT_NAMES, ranges)):
-            if doc_range is None:
+            if doc_range is None or (name != "train" and doc_range[1] <= doc_range[0]):
+                # A small corpus can round a validation/test share down to no document: run without it.
                 members[i].append(None)
                 continue
             ids = np.arange(doc_range[0], doc_range[1], dtype=np.int32)

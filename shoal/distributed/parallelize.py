@@ -169,8 +169,11 @@ def _install_input_checks(model: nn.Module, parallel_dims: ParallelDims, sequenc
     model.register_forward_pre_hook(check, with_kwargs=True)
 
 
-def _checkpointed_forward(self: nn.Module, *args: Any, _shoal_context_fn: Any = noop_context_fn, **kwargs: Any) -> Any:
+def _checkpointed_forward(self: nn.Module, *args: Any, _shoal_context_fn: Any = None, **kwargs: Any) -> Any:
     # The class's forward, not a saved bound method: a deep copy of the layer then checkpoints itself.
+    if _shoal_context_fn is None:
+        # Full checkpointing passes no context_fn: torch.compile cannot trace one given explicitly.
+        return checkpoint(type(self).forward, self, *args, use_reentrant=False, **kwargs)
     return checkpoint(type(self).forward, self, *args, use_reentrant=False, context_fn=_shoal_context_fn, **kwargs)
 
 
@@ -179,7 +182,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     if mode == "none":
         return
     if mode == "full":
-        context_fn = noop_context_fn
+        context_fn = None
     elif mode == "selective":
         context_fn = functools.partial(create_selective_checkpoint_contexts, _SELECTIVE_SAVE_OPS)
     else:

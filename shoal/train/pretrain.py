@@ -55,6 +55,9 @@ def build_pretrain_data(recipe: Recipe, runtime: Runtime, tokenizer_dir: Path | 
     val_batches = t.limit_val_batches if t.limit_val_batches is not None else 1
     evals = max_steps // (t.val_check_interval or max_steps) + 1
     train, valid, _ = build((max_steps * t.global_batch_size, evals * val_batches * t.global_batch_size, 0))
+    if valid is None and runtime.is_main:
+        print(f"shoal: warning: the validation split ({data.split!r}) of {' '.join(data.dataset_path)} holds no "
+              "sample; training without validation (checkpoints are ranked by recency)", file=sys.stderr)
     return Datasets(train, valid, max_steps, description={"stage": "pretrain", "dataset_path": data.dataset_path})
 
 

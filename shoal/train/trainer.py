@@ -46,6 +46,7 @@ class Runtime:
     dims: ParallelDims
     compute_dtype: torch.dtype
     argv: list[str] = field(default_factory=list)  # the command as typed, for provenance
+    stage: str = "pretrain"
 
     @property
     def is_main(self) -> bool:
@@ -98,13 +99,17 @@ def prepare_run(recipe: Recipe, args, stage: str) -> Runtime | int:
         return rc
     runtime = setup_runtime(recipe)
     runtime.argv = list(args.argv)
-    if runtime.is_main:
-        import yaml
-
-        exp.mkdir(parents=True, exist_ok=True)
-        resolved = {"stage": stage, **to_dict(recipe)}  # secrets are not part of the recipe
-        (exp / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+    runtime.stage = stage
     return runtime
+
+
+def save_resolved_config(recipe: Recipe, exp: Path, stage: str) -> None:
+    """config.yaml: the recipe as this run resolved it (secrets are not part of the recipe)."""
+    import yaml
+
+    exp.mkdir(parents=True, exist_ok=True)
+    resolved = {"stage": stage, **to_dict(recipe)}
+    (exp / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
 
 
 def _is_number(text: str) -> bool:
@@ -288,8 +293,8 @@ def run_training(
             print(f"shoal: {exp} already reached step {step} of {max_steps}; nothing to do", file=sys.stderr)
         return resume_from.path if resume_from else None
 
-    if runtime.is_main:
-        exp.mkdir(parents=True, exist_ok=True)
+    if runtime.is_main:  # only once every check has passed, so a refused run changes nothing
+        save_resolved_config(recipe, exp, runtime.stage)
     wandb_cfg = None
     if recipe.logging.wandb:
         # wandb saves this process's command line in its run files: secrets typed as flags must not get there.
