@@ -28,6 +28,7 @@ from shoal.config.recipe import Recipe
 from shoal.distributed import ParallelDims, parallelize_model
 from shoal.distributed.grad_norm import clip_grad_norm_
 from shoal.distributed.parallelize import autocast_context
+from shoal.errors import ShoalError
 from shoal.models import ModelConfig
 from shoal.models.model import Transformer
 from shoal.train.step import build_optimizer, masked_cross_entropy_sum, model_inputs
@@ -69,27 +70,42 @@ class Engine:
         """Accumulate the gradient of Σ CE·mask / global_tokens; returns this rank's Σ CE·mask."""
         if self.pipeline is not None:
             return self._pipeline_run(mbs, global_tokens, backward=True)
-        model = self.parts[0]
         total = torch.zeros((), device=mbs[0]["tokens"].device)
         for mb in mbs:
-            with self.autocast():
-                logits = model(mb["tokens"], **model_inputs(mb, self.document_mask))
-            loss_sum = self.loss_fn(logits, mb["labels"], mb["loss_mask"])
-            # Gradients are summed (not averaged) across data-parallel ranks, see docs/parallelism.md.
-            (loss_sum / global_tokens).backward()
+            with self._sequence_shard(mb) as (tokens, labels, loss_mask, inputs):
+                with self.autocast():
+                    logits = self.parts[0](tokens, **inputs)
+                loss_sum = self.loss_fn(logits, labels, loss_mask)
+                # Gradients are summed (not averaged) across data-parallel ranks, see docs/parallelism.md.
+                (loss_sum / global_tokens).backward()
             total += loss_sum.detach()
         return total
+
+    @contextlib.contextmanager
+    def _sequence_shard(self, mb: dict[str, torch.Tensor]):
+        """This rank's share of a micro-batch: all of it, or its context-parallel slice of the sequence
+        (then attention runs context-parallel inside, backward included)."""
+        if not self.dims.cp_enabled:
+            yield mb["tokens"], mb["labels"], mb["loss_mask"], model_inputs(mb, self.document_mask)
+            return
+        from shoal.distributed import context_parallel_context
+
+        buffers = [mb["tokens"], mb["labels"], mb["loss_mask"], mb["position_ids"]]
+        documents = mb["document_ids"] if self.document_mask else None
+        with context_parallel_context(self.dims, buffers, [1, 1, 1, 1], document_ids=documents) as shards:
+            tokens, labels, loss_mask, positions = shards
+            yield tokens, labels, loss_mask, {"position_ids": positions}
 
     @torch.no_grad()
     def loss_sum(self, mbs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         if self.pipeline is not None:
             return self._pipeline_run(mbs, 1.0, backward=False)
-        model = self.parts[0]
         total = torch.zeros((), device=mbs[0]["tokens"].device)
         for mb in mbs:
-            with self.autocast():
-                logits = model(mb["tokens"], **model_inputs(mb, self.document_mask))
-            total += self.loss_fn(logits, mb["labels"], mb["loss_mask"])
+            with self._sequence_shard(mb) as (tokens, labels, loss_mask, inputs):
+                with self.autocast():
+                    logits = self.parts[0](tokens, **inputs)
+                total += self.loss_fn(logits, labels, loss_mask)
         return total
 
     def clip_and_step(self, max_norm: float, lr: float) -> torch.Tensor:
@@ -152,6 +168,8 @@ def build_engine(
         apply_lora(model, rank=recipe.peft.rank, alpha=recipe.peft.alpha, dropout=recipe.peft.dropout,
                    target_modules=recipe.peft.target_modules, use_dora=recipe.peft.method == "dora")
     pipeline = None
+    if dims.pp_enabled and dims.cp_enabled:
+        raise ShoalError("pipeline and context parallelism together are not supported yet; use one of them")
     if dims.pp_enabled:
         from shoal.distributed.pipeline import pipeline_model
 

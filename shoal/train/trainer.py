@@ -27,7 +27,7 @@ from shoal.checkpoint.training import latest_checkpoint, load_trainer_state, sav
 from shoal.config.loader import to_dict
 from shoal.config.recipe import Recipe
 from shoal.data.sampler import MicroBatchSampler
-from shoal.distributed import ParallelDims, build_mesh, init_distributed
+from shoal.distributed import ParallelDims, build_mesh, check_parallel_layout, init_distributed
 from shoal.errors import ShoalError
 from shoal.models import ModelConfig, build_model, get_preset
 from shoal.train.metrics import MetricsLogger, peak_flops
@@ -186,7 +186,7 @@ def validate(engine: Engine, dataset, recipe: Recipe, runtime: Runtime) -> float
     for _ in range(steps):
         mbs = micro_batches(batches, accum, runtime.device)
         totals[0] += engine.loss_sum(mbs).double()
-        totals[1] += sum(mb["loss_mask"].sum().double() for mb in mbs)
+        totals[1] += sum(mb["loss_mask"].sum().double() for mb in mbs) / runtime.dims.cp
     engine.train(True)
     runtime.dims.all_reduce_over_batch(totals)
     return (totals[0] / totals[1].clamp(min=1)).item()
@@ -266,13 +266,11 @@ def run_training(
         )
     tokenizer_dir = (start / "tokenizer") if start is not None and (start / "tokenizer").is_dir() else None
 
+    # The layout is checked before data or model are built: a refusal costs nothing.
+    check_parallel_layout(recipe.parallel, runtime.world_size, cfg, seq_length=recipe.data.seq_length,
+                          global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size)
     datasets = build_datasets(recipe, runtime, tokenizer_dir)
     dp = runtime.dims.dp_size
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ShoalError(
-            f"--global_batch_size {t.global_batch_size} is not divisible by --micro_batch_size "
-            f"{t.micro_batch_size} × data-parallel size {dp}"
-        )
     accum = t.global_batch_size // (t.micro_batch_size * dp)
     max_steps = datasets.max_steps
 
@@ -322,7 +320,8 @@ def run_training(
 
     while step < max_steps:
         mbs = micro_batches(loader_iter, accum, runtime.device)
-        local_tokens = torch.stack([mb["loss_mask"].sum() for mb in mbs]).sum().double()
+        # Context-parallel ranks hold the same batch: count its tokens once.
+        local_tokens = torch.stack([mb["loss_mask"].sum() for mb in mbs]).sum().double() / runtime.dims.cp
         global_tokens = runtime.dims.all_reduce_over_batch(local_tokens.clone()).item()
         lr = lr_at(step, t, max_steps)
         loss_sum = engine.forward_backward(mbs, max(global_tokens, 1.0))
