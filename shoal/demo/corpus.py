@@ -60,7 +60,7 @@ DAYS = [
 _SYLLABLES = ["ka", "mi", "ro", "lu", "ta", "ne", "bo", "si", "da", "ve", "ri", "pa", "zo", "fe",
               "gu", "ha", "jo", "li", "mo", "nu", "sa", "te", "wi", "yo"]
 _ENDINGS = ["", "", "n", "r", "s"]
-_SURNAMES = "王李陳林張黃吳劉蔡楊許鄭謝郭洪曾"
+_SURNAMES = "王李陳林張周吳劉蔡楊許鄭謝郭洪曾"
 _GIVEN = "美華志雅文宏欣婷俊安明玉家佳建怡偉芳淑慧"
 
 # The attributes the instruction task asks about: (attribute, English question, Chinese question).
