@@ -88,6 +88,9 @@ def main(args: argparse.Namespace) -> int | None:
     if args.pretrain_experiment:
         args.overrides = [*(args.overrides or []), f"model.pretrain_experiment={args.pretrain_experiment}"]
     recipe = recipe_from_args(args, "finetune")
+    if recipe.data.pack_sequences:
+        # Packed examples must not see each other: attention is kept within each example.
+        recipe.data.document_mask = True
     own = Path(recipe.checkpoint.results_dir) / recipe.checkpoint.experiment / "checkpoints"
     if recipe.model.checkpoint is None and latest_checkpoint(own) is None:
         # Fine-tuning starts from trained weights, never from a random preset.

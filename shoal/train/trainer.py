@@ -75,6 +75,11 @@ def setup_runtime(recipe: Recipe) -> Runtime:
     device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device("cpu")
     if device_type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        # Adam's second moments of tiny gradients fall into denormal floats, which x86 CPUs handle
+        # in microcode: a 1M-parameter model's step ran 6x slower. Flushing them to zero changes
+        # nothing measurable (they are below 1e-38).
+        torch.set_flush_denormal(True)
     precision = recipe.train.precision
     if precision == "auto":
         precision = "bf16" if device_type == "cuda" else "fp32"
