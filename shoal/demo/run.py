@@ -39,14 +39,21 @@ def _run(title: str, argv: list[str]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    run_demo(Path(args.workdir), args.pretrain_steps, args.finetune_steps, args.eval_examples, args.keep)
+    return 0
+
+
+def run_demo(workdir: Path, pretrain_steps: int | None = None, finetune_steps: int | None = None,
+             eval_examples: int = 100, keep: bool = False) -> dict[str, float]:
+    """The whole demo; returns the exact-match accuracy before and after fine-tuning."""
     import shutil
 
     from shoal.demo.corpus import write_instruction_set, write_pretraining_corpus
     from shoal.demo.evaluate import exact_match, read_rows
     from shoal.demo.tiny_model import write_tiny_hf_model
 
-    work = Path(args.workdir).resolve()
-    if work.exists() and not args.keep:
+    work = Path(workdir).resolve()
+    if work.exists() and not keep:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -78,12 +85,12 @@ def main(args: argparse.Namespace) -> int:
           "--output-prefix", str(paths["preprocessed"] / "demo"), "--append-eod", "--workers", "2", "--overwrite"])
     pretrain = ["pretrain", *common, "--experiment", "demo_pretraining", "--nemo_model", str(paths["imported"]),
                 "--dataset_path", str(paths["preprocessed"])]
-    if args.pretrain_steps:
-        pretrain += ["--max_steps", str(args.pretrain_steps)]
+    if pretrain_steps:
+        pretrain += ["--max_steps", str(pretrain_steps)]
     _run("2c. continual pretraining", pretrain)
     finetune = ["finetune", *common, "--experiment", "demo_finetuning", "--dataset_path", str(paths["sft"])]
-    if args.finetune_steps:
-        finetune += ["--max_steps", str(args.finetune_steps)]
+    if finetune_steps:
+        finetune += ["--max_steps", str(finetune_steps)]
     _run("3. instruction fine-tuning (starts from the latest pretraining checkpoint)", finetune)
     _run("4. export to Hugging Face",
          ["export", "--source", str(paths["results"] / "demo_finetuning"), "--output_path", str(paths["export"]),
@@ -93,7 +100,7 @@ def main(args: argparse.Namespace) -> int:
           "--overwrite"])
 
     print("\n== 5. load the exports with transformers and answer held-out questions", flush=True)
-    rows = read_rows(paths["sft"] / "test.jsonl", args.eval_examples)
+    rows = read_rows(paths["sft"] / "test.jsonl", eval_examples)
     base_acc, _ = exact_match(paths["export_base"], rows)
     tuned_acc, answers = exact_match(paths["export"], rows)
     for row, ans in list(zip(rows, answers))[:5]:
@@ -105,4 +112,4 @@ def main(args: argparse.Namespace) -> int:
     for name, path in paths.items():
         print(f"  {name:14s} {path}")
     print(f"  {'metrics':14s} {paths['results']}/<experiment>/metrics.jsonl and tensorboard/")
-    return 0
+    return {"before": base_acc, "after": tuned_acc}
