@@ -16,7 +16,7 @@ from shoal.checkpoint.training import latest_checkpoint
 from shoal.config.flags import add_training_arguments, recipe_from_args, secret
 from shoal.config.recipe import Recipe
 from shoal.errors import ShoalError
-from shoal.train.trainer import Datasets, Runtime, prepare_run, run_training
+from shoal.train.trainer import Datasets, Runtime, finish_distributed, prepare_run, run_training
 
 ACCEPTS_OVERRIDES = True
 
@@ -99,4 +99,5 @@ def main(args: argparse.Namespace) -> int | None:
     if not isinstance(runtime, Runtime):
         return runtime
     run_training(recipe, runtime, build_sft_data, wandb_token=secret(args.wandb_token, "WANDB_API_KEY"))
+    finish_distributed()
     return 0

@@ -14,7 +14,7 @@ from pathlib import Path
 from shoal.config.flags import add_training_arguments, recipe_from_args, secret
 from shoal.config.recipe import Recipe
 from shoal.errors import ShoalError
-from shoal.train.trainer import Datasets, Runtime, prepare_run, run_training
+from shoal.train.trainer import Datasets, Runtime, finish_distributed, prepare_run, run_training
 
 ACCEPTS_OVERRIDES = True
 
@@ -67,4 +67,5 @@ def main(args: argparse.Namespace) -> int | None:
     if not isinstance(runtime, Runtime):
         return runtime  # the launcher ran (or submitted) the job
     run_training(recipe, runtime, build_pretrain_data, wandb_token=secret(args.wandb_token, "WANDB_API_KEY"))
+    finish_distributed()
     return 0

@@ -27,7 +27,7 @@ from shoal.checkpoint.training import latest_checkpoint, load_trainer_state, sav
 from shoal.config.loader import to_dict
 from shoal.config.recipe import Recipe
 from shoal.data.sampler import MicroBatchSampler
-from shoal.distributed import ParallelDims, build_mesh, check_parallel_layout, init_distributed
+from shoal.distributed import ParallelDims, build_mesh, check_parallel_layout, destroy_distributed, init_distributed
 from shoal.errors import ShoalError
 from shoal.models import ModelConfig, build_model, get_preset
 from shoal.train.metrics import MetricsLogger, peak_flops
@@ -106,6 +106,14 @@ def prepare_run(recipe: Recipe, args, stage: str) -> Runtime | int:
     runtime.argv = list(args.argv)
     runtime.stage = stage
     return runtime
+
+
+def finish_distributed() -> None:
+    """Leave the process group together: a rank tearing gloo/NCCL down while a peer still talks to
+    it can abort the peer."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    destroy_distributed()
 
 
 def save_resolved_config(recipe: Recipe, exp: Path, stage: str) -> None:

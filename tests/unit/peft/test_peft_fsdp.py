@@ -73,6 +73,8 @@ def _worker(rank: int, port: int, dora: bool, out: str) -> None:
         if rank == 0:
             torch.save({"losses": [l / WORLD for l in losses], "adapters": adapters,
                         "base_unchanged": all(torch.equal(base_after[n], v) for n, v in base_before.items())}, out)
+        # Leave together: a rank tearing gloo down while its peer still talks to it aborts the peer.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
