@@ -142,7 +142,14 @@ class Engine:
 
         states = [get_optimizer_state_dict(p, o, options=_OPTIM_OPTIONS) for p, o in zip(self.parts, self.optimizers)]
         tensors = {k: v for s in states for k, v in s.items() if isinstance(v, torch.Tensor)}
-        dcp.load(tensors, storage_reader=SafeFileSystemReader(str(ckpt / "optim")))
+        import warnings
+
+        import torch.distributed as dist
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+            dcp.load(tensors, storage_reader=SafeFileSystemReader(str(ckpt / "optim")),
+                     no_dist=not (dist.is_available() and dist.is_initialized()))
         for part, optimizer, state in zip(self.parts, self.optimizers, states):
             state.update({k: tensors[k] for k in state if k in tensors})
             set_optimizer_state_dict(part, optimizer, state, options=_OPTIM_OPTIONS)
