@@ -27,6 +27,7 @@ with dropout, DoRA feeds the dropped input to the adapter path only:
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Iterator, Mapping
 
 import torch
@@ -110,10 +111,17 @@ class LoraLinear(nn.Module):
         return self.lora_magnitude_vector is not None
 
     @torch.no_grad()
-    def reset_lora_parameters(self) -> None:
+    def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
         """PEFT's default start: A like nn.Linear's own init, B zero, DoRA magnitude = ‖W‖ per row,
-        so the layer computes exactly the base layer until training moves it."""
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        so the layer computes exactly the base layer until training moves it.
+
+        A is drawn whole on the CPU (from `generator`, else the global stream) and then cut to this
+        rank's shard: drawn into a sharded DTensor, every rank would fill its shard with the start
+        of its own copy of the stream, and the adapters would depend on the parallel layout."""
+        a = self.lora_A.weight
+        whole_a = torch.empty(a.shape, dtype=a.dtype)
+        nn.init.kaiming_uniform_(whole_a, a=math.sqrt(5), generator=generator)
+        _copy_whole_into(a, whole_a)
         nn.init.zeros_(self.lora_B.weight)
         if self.lora_magnitude_vector is not None:
             norm = dora_weight_norm(self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling)
@@ -209,11 +217,27 @@ def _linear_leaf_names(model: nn.Module) -> set[str]:
     return {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def init_lora_weights(model: nn.Module) -> None:
+def init_lora_weights(model: nn.Module, seed: int | None = None) -> None:
     """(Re)initialise every adapter to its starting values; for a model built on the meta device,
-    call it after `to_empty()` and after the base weights are loaded."""
-    for _, module in lora_modules(model):
-        module.reset_lora_parameters()
+    call it after `to_empty()` and after the base weights are loaded.
+
+    With `seed`, each layer draws from a generator seeded by `seed` and the layer's name, so a
+    pipeline stage holding only some layers gives them the values one process would: the adapters
+    then start the same in every layout."""
+    for name, module in lora_modules(model):
+        generator = None if seed is None else torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+        module.reset_lora_parameters(generator)
+
+
+def _copy_whole_into(param: torch.Tensor, whole: torch.Tensor) -> None:
+    """Copy a full-size tensor into `param`, or into this rank's shard of it when it is a DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    whole = whole.to(param.device)
+    if isinstance(param, DTensor):
+        # Every rank holds the same whole tensor: each keeps its own piece, no communication.
+        whole = distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None)
+    param.copy_(whole)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

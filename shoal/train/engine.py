@@ -195,7 +195,9 @@ def build_engine(
         if peft:
             from shoal.peft import init_lora_weights
 
-            init_lora_weights(part)  # after the load: DoRA's magnitude starts from the loaded weights
+            # After the load (DoRA's magnitude starts from the loaded weights); seeded per layer name,
+            # so the adapters start the same in every layout.
+            init_lora_weights(part, seed=recipe.train.seed)
     t = recipe.train
     optimizers = [build_optimizer(p, t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps) for p in parts]
     autocast = lambda: autocast_context(dims, recipe.parallel, device.type, compute_dtype)  # noqa: E731
