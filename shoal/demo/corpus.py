@@ -246,6 +246,17 @@ def pretraining_documents(num_documents: int = 3000, seed: int = 0) -> list[str]
 # The instruction task.
 
 
+def _distinct_starts(rng: random.Random, names: list[str], count: int, prefix: int) -> list[str]:
+    """`count` names that differ in their first `prefix` characters (surname, or first syllable):
+    names sharing a start (張明, 張佳明) are the tiny model's most common confusion."""
+    chosen: list[str] = []
+    while len(chosen) < count:
+        name = rng.choice(names)
+        if all(name[:prefix] != other[:prefix] for other in chosen):
+            chosen.append(name)
+    return chosen
+
+
 def instruction_example(rng: random.Random, names: list[str], names_zh: list[str]) -> dict[str, str]:
     """Two or three people, one fact each (each of a different kind), and a question about one.
 
@@ -255,7 +266,7 @@ def instruction_example(rng: random.Random, names: list[str], names_zh: list[str
     name, which takes it several times longer to learn.
     """
     zh = rng.random() < 0.35
-    people = rng.sample(names_zh if zh else names, rng.choice((2, 3)))
+    people = _distinct_starts(rng, names_zh if zh else names, rng.choice((2, 3)), prefix=1 if zh else 2)
     kinds = rng.sample(QUESTION_KINDS, len(people))
     vocab = {"city": CITIES, "pet": PETS, "color": COLORS}
     stated = [(name, kind, rng.choice(vocab[kind])[1 if zh else 0]) for name, kind in zip(people, kinds)]
