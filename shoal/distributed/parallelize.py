@@ -34,6 +34,13 @@ from torch.distributed.tensor.parallel import (
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from shoal.config.parallel import ParallelConfig
+from shoal.distributed.lora_parallel import (
+    LoraColwiseParallel,
+    LoraRowwiseParallel,
+    check_lora_under_tp,
+    complete_adapter_grads,
+    lora_aware_plan,
+)
 from shoal.distributed.mesh import ParallelDims
 from shoal.errors import ShoalError
 
@@ -107,15 +114,17 @@ def tp_plan_for_layer(layer: nn.Module, sequence_parallel: bool) -> dict[str, Pa
 
 
 def _check_tp_targets(module: nn.Module, plan: dict[str, ParallelStyle], where: str) -> None:
-    """ColwiseParallel/RowwiseParallel shard nn.Linear/nn.Embedding weights; refuse anything else
-    (a LoRA-wrapped projection, say) with a message rather than a DTensor error deep inside."""
+    """ColwiseParallel/RowwiseParallel shard nn.Linear/nn.Embedding weights, their LoRA versions a
+    LoraLinear; refuse anything else with a message rather than a DTensor error deep inside."""
     for name, style in plan.items():
+        if isinstance(style, (LoraColwiseParallel, LoraRowwiseParallel)):
+            continue  # chosen by type in lora_aware_plan
         if isinstance(style, (ColwiseParallel, RowwiseParallel)):
             target = module.get_submodule(name)
             if not isinstance(target, (nn.Linear, nn.Embedding)):
                 raise ShoalError(
-                    f"tensor parallelism cannot split {where}{name}: it is a {type(target).__name__}, not a plain "
-                    "nn.Linear (LoRA/DoRA adapters are not supported with tensor_model_parallel_size > 1 yet)"
+                    f"tensor parallelism cannot split {where}{name}: it is a {type(target).__name__}, "
+                    "not an nn.Linear, nn.Embedding or LoRA/DoRA-adapted linear layer"
                 )
 
 
@@ -124,6 +133,9 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
     tied = model.lm_head is not None and model.model.embed_tokens is not None and (
         model.lm_head.weight is model.model.embed_tokens.weight
     )
+    # SequenceParallel makes new Parameters that require grad; frozen ones (LoRA/DoRA fine-tuning
+    # freezes everything but the adapters) must stay frozen.
+    frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
     top_plan = tp_plan_for_model(model, sequence_parallel)
     _check_tp_targets(model, top_plan, "")
     parallelize_module(model, tp_mesh, top_plan)
@@ -132,9 +144,12 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
         # agree and the output layer can share the embedding's parameter again.
         model.lm_head.weight = model.model.embed_tokens.weight
     for index, layer in model.model.layers.items():
-        layer_plan = tp_plan_for_layer(layer, sequence_parallel)
+        layer_plan = lora_aware_plan(layer, tp_plan_for_layer(layer, sequence_parallel))
         _check_tp_targets(layer, layer_plan, f"model.layers.{index}.")
         parallelize_module(layer, tp_mesh, layer_plan)
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
 
 
 def _install_input_checks(model: nn.Module, parallel_dims: ParallelDims, sequence_parallel: bool) -> None:
@@ -263,7 +278,10 @@ def parallelize_model(
                     f"({getattr(cfg, key)})"
                 )
     if parallel_dims.tp_enabled:
+        check_lora_under_tp(model, parallel_cfg.compile)
         apply_tp(model, parallel_dims.submesh("tp"), parallel_cfg.sequence_parallel)
+        if not parallel_dims.dp_enabled:  # FSDP2 completes partial gradients in its own reduction
+            complete_adapter_grads(model)
     if parallel_dims.tp_enabled or parallel_dims.cp_enabled:
         _install_input_checks(model, parallel_dims, parallel_cfg.sequence_parallel)
     apply_activation_checkpointing(model, parallel_cfg.activation_checkpointing)

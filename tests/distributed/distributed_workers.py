@@ -277,3 +277,90 @@ def assert_matches_reference(
     )
     print(f"largest mean |weight difference|: {worst[0]:.2e} ({worst[1]})")
     assert worst[0] <= weight_tolerance, f"{worst[1]}: mean |difference| {worst[0]:.2e} > {weight_tolerance:.0e}"
+
+
+class AdaptedMLP(torch.nn.Module):
+    """An MLP's up and down projections, both biased, both adapted: under tensor parallelism the
+    first is split column-wise and the second row-wise, as in a decoder layer."""
+
+    def __init__(self, dora: bool, hidden: int = 16, inner: int = 24):
+        super().__init__()
+        from shoal.peft import apply_lora
+
+        self.up_proj = torch.nn.Linear(hidden, inner)
+        self.down_proj = torch.nn.Linear(inner, hidden)
+        apply_lora(self, rank=4, alpha=8, target_modules=["up_proj", "down_proj"], use_dora=dora)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.up_proj(x)))
+
+
+ADAPTED_MLP_SEED = 7
+
+
+def adapted_mlp_inputs(dora: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """Base weights, trained-looking adapters (B non-zero, so every adapter tensor gets a gradient)
+    and a batch [4, 8, 16]: the same in every process."""
+    g = torch.Generator().manual_seed(ADAPTED_MLP_SEED)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in AdaptedMLP(dora).named_parameters()}
+    base = {k: torch.randn(s, generator=g) * 0.3 for k, s in shapes.items() if ".lora_" not in k}
+    adapters = {k: torch.randn(s, generator=g) * 0.3 + (1 if "magnitude" in k else 0)
+                for k, s in shapes.items() if ".lora_" in k}
+    return base, adapters, torch.randn(4, 8, 16, generator=g)
+
+
+def adapted_mlp_backward(model: torch.nn.Module, x: torch.Tensor, micro_batches: int = 2) -> torch.Tensor:
+    """Σ y·x over two micro-batches (gradients accumulate); returns the outputs."""
+    outs = []
+    for chunk in x.chunk(micro_batches):
+        y = model(chunk)
+        (y * chunk).sum().backward()
+        outs.append(y.detach())
+    return torch.cat(outs)
+
+
+def adapted_mlp_under_tp(dora: bool, sequence_parallel: bool) -> dict[str, Any]:
+    """AdaptedMLP split over the ranks with shoal's LoRA styles, built the way the training loop
+    builds a model (meta, split, materialise, load the base, initialise the adapters), then given
+    `adapted_mlp_inputs`' adapters and run forward/backward on this rank's part of the batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel, PrepareModuleInput, RowwiseParallel, parallelize_module,
+    )
+
+    from shoal.distributed.lora_parallel import complete_adapter_grads, lora_aware_plan
+    from shoal.peft import adapter_state_dict, init_lora_weights, load_adapter_state_dict
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
+    between = Shard(1) if sequence_parallel else Replicate()
+    with torch.device("meta"):
+        model = AdaptedMLP(dora)
+    plan = {
+        "": PrepareModuleInput(input_layouts=(between,), desired_input_layouts=(Replicate(),)),
+        "up_proj": ColwiseParallel(),
+        "down_proj": RowwiseParallel(output_layouts=between),
+    }
+    parallelize_module(model, mesh, lora_aware_plan(model, plan))
+    complete_adapter_grads(model)
+    model.to_empty(device="cpu")
+    base, adapters, x = adapted_mlp_inputs(dora)
+    set_model_state_dict(model, base, options=StateDictOptions(full_state_dict=True, strict=False))
+    init_lora_weights(model, seed=ADAPTED_MLP_SEED)
+    initial = {k: v.clone() for k, v in adapter_state_dict(model).items()}  # not views of the parameters
+    load_adapter_state_dict(model, adapters)
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = x.chunk(world, dim=1)[rank] if sequence_parallel else x
+    y = adapted_mlp_backward(model, mine)
+    out = {"initial": initial, "adapters": adapter_state_dict(model), "y": y, "grads": {}, "local_grads": {}}
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        grad = param.grad
+        out["grads"][name] = (str(param.placements), str(grad.placements), grad.full_tensor().clone())
+        if isinstance(grad, DTensor):
+            out["local_grads"][name] = grad.to_local().clone()
+    out["adapter_types"] = sorted({type(v).__name__ for v in out["adapters"].values()})
+    return out

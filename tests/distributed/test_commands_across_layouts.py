@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.unit.train.training_runs import (
-    TrainAssets, shoal, subprocess_env, train_args, train_records, val_records, write_small_hf_model,
+    TrainAssets, read_dcp, shoal, subprocess_env, train_args, train_records, val_records, write_small_hf_model,
 )
 
 # fp32 with the batch reduced in another order (across ranks, across sequence or weight shards):
@@ -37,6 +38,7 @@ STEPS = 4
 # validating changes no training number, so the one-process oracle does the same.
 SAVE_AT_2 = ["--checkpoint.save_interval=2", "--checkpoint.save_top_k=2"]
 LORA = ["--peft", "lora", "--peft.rank=4", "--peft.alpha=8", "--peft.dropout=0.0", "--train.lr=1e-2"]
+PEFT = {"lora": LORA, "dora": ["--peft", "dora", *LORA[2:]]}
 # Variables that would make a child believe it is already a rank of some launched job.
 RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SHOAL_LAUNCHED", "SHOAL_EXECUTOR")
 
@@ -84,9 +86,15 @@ class Runs:
         self.done: dict[str, Path] = {}
 
     def pretrain(self, name: str, *layout: str) -> Path:
+        return self._run("pretrain", name, layout)
+
+    def finetune(self, name: str, method: str, *layout: str) -> Path:
+        """A LoRA or DoRA fine-tuning run (see PEFT)."""
+        return self._run("finetune", name, (*PEFT[method], *layout))
+
+    def _run(self, stage: str, name: str, flags: tuple[str, ...]) -> Path:
         if name not in self.done:
-            args = train_args(self.assets, "pretrain", self.root, name, "--max_steps", STEPS, *SAVE_AT_2, *layout)
-            run_ok(args, self.root)
+            run_ok(train_args(self.assets, stage, self.root, name, "--max_steps", STEPS, *SAVE_AT_2, *flags), self.root)
             self.done[name] = self.root / name
         return self.done[name]
 
@@ -137,6 +145,17 @@ def test_pretrain_layout_matches_one_process(runs: Runs, name: str):
     assert_same_curve(got, one, list(range(1, STEPS + 1)))
 
 
+def rewound_to_step_2(experiment: Path, copy: Path) -> Path:
+    """A copy of `experiment` as it was at step 2: its step-4 checkpoint and later records removed."""
+    shutil.copytree(experiment, copy)
+    shutil.rmtree(copy / "logs", ignore_errors=True)
+    (step4,) = (copy / "checkpoints").glob("step=000004*")
+    shutil.rmtree(step4)
+    records = [line for line in (copy / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 2]
+    (copy / "metrics.jsonl").write_text("".join(line + "\n" for line in records))
+    return copy
+
+
 @pytest.mark.parametrize("layout", [pytest.param([], id="one_process"),
                                     pytest.param(["--num_gpus", "2", "-T", "2"], id="tp2")])
 def test_fsdp_checkpoint_resumes_in_another_layout(runs: Runs, layout: list[str], request: pytest.FixtureRequest):
@@ -144,15 +163,7 @@ def test_fsdp_checkpoint_resumes_in_another_layout(runs: Runs, layout: list[str]
     of 2: weights, optimizer moments and the position in the data must all carry over."""
     fsdp = runs.pretrain("fsdp2", *LAYOUTS["fsdp2"])
     one = runs.pretrain("one_process")
-    exp = runs.root / f"resume_{request.node.callspec.id}"
-    # The FSDP experiment as it was at step 2: its step-4 checkpoint and later records removed.
-    shutil.copytree(fsdp, exp)
-    shutil.rmtree(exp / "logs")
-    (step4,) = (exp / "checkpoints").glob("step=000004*")
-    shutil.rmtree(step4)
-    records = [line for line in (exp / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 2]
-    (exp / "metrics.jsonl").write_text("".join(line + "\n" for line in records))
-
+    exp = rewound_to_step_2(fsdp, runs.root / f"resume_{request.node.callspec.id}")
     args = train_args(runs.assets, "pretrain", runs.root, exp.name, "--max_steps", STEPS, *SAVE_AT_2, *layout)
     resumed = run_ok(args, runs.root)
     assert "from step=000002" in resumed.stdout + resumed.stderr  # rank 0's log is followed on stdout
@@ -168,11 +179,93 @@ def finetune_pair(assets: TrainAssets, root: Path, layout: list[str], *extra: st
     return root / "layout", root / "one_process"
 
 
-def test_lora_finetune_over_fsdp_matches_one_process(assets: TrainAssets, tmp_path: Path):
+def test_lora_finetune_over_fsdp_matches_one_process(runs: Runs):
     # The adapters start from random A matrices: they must be the same whatever the layout.
-    got, one = finetune_pair(assets, tmp_path, ["--num_gpus", "2"], *LORA)
+    one = runs.finetune("lora_one_process", "lora")
+    got = runs.finetune("lora_fsdp2", "lora", "--num_gpus", "2")
     assert ranks_that_ran(got) == {0, 1}
     assert_same_curve(got, one, list(range(1, STEPS + 1)))
+
+
+# LoRA/DoRA under tensor parallelism (sequence parallel is on by default): adapted projections are
+# split with the LoRA styles of shoal/distributed/lora_parallel.py. DoRA's row norms need the
+# whole row, which row-wise (o/down) projections hold only in pieces.
+PEFT_TP_LAYOUTS = {
+    "lora_tp2_sp": ("lora", ["--num_gpus", "2", "-T", "2"]),
+    "dora_tp2_sp_selective_ac": ("dora", ["--num_gpus", "2", "-T", "2",
+                                          "--parallel.activation_checkpointing=selective"]),
+    "lora_fsdp2_tp2_full_ac": ("lora", ["--num_gpus", "4", "-T", "2", "--parallel.activation_checkpointing=full"]),
+}
+
+
+def final_checkpoint(experiment: Path) -> Path:
+    (final,) = (experiment / "checkpoints").glob(f"step={STEPS:06d}*")
+    return final
+
+
+def exported(source: Path, out: Path, *flags: str) -> dict[str, object]:
+    """`shoal export` of a checkpoint: every tensor of the written safetensors files and every JSON file."""
+    from safetensors.torch import load_file
+
+    assert shoal("export", "--source", source, "--output_path", out, *flags) == 0
+    files: dict[str, object] = {}
+    for path in sorted(out.iterdir()):
+        if path.suffix == ".safetensors":
+            files.update({f"{path.name}:{k}": v for k, v in load_file(path).items()})
+        elif path.suffix == ".json":
+            files[path.name] = json.loads(path.read_text())
+    return files
+
+
+def assert_close_files(got: dict[str, object], expected: dict[str, object], atol: float) -> None:
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(got[key], value, rtol=0, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
+        else:
+            assert got[key] == value, key
+
+
+@pytest.mark.parametrize("name", PEFT_TP_LAYOUTS)
+def test_adapter_finetune_under_tensor_parallel_matches_one_process(runs: Runs, name: str, tmp_path: Path):
+    method, layout = PEFT_TP_LAYOUTS[name]
+    one = runs.finetune(f"{method}_one_process", method)
+    got = runs.finetune(name, method, *layout)
+    assert ranks_that_ran(got) == set(range(int(layout[1])))
+    # Same A at the start (step 1's gradient norm depends on it), same training.
+    assert_same_curve(got, one, list(range(1, STEPS + 1)))
+
+    # The trained adapters equal the one-process ones: AdamW at lr 1e-2 moves them by ~1e-2 a step,
+    # reordered fp32 sums by ~1e-6. The frozen base weights are saved unchanged, bit for bit.
+    mine = read_dcp(final_checkpoint(got) / "model", tmp_path / "mine.pt")
+    theirs = read_dcp(final_checkpoint(one) / "model", tmp_path / "theirs.pt")
+    start = read_dcp(runs.assets.checkpoint / "model", tmp_path / "start.pt")
+    assert sorted(mine) == sorted(theirs)
+    assert {k for k in mine if ".lora_" not in k} == set(start)
+    for key, value in theirs.items():
+        if ".lora_" in key:
+            torch.testing.assert_close(mine[key], value, rtol=0, atol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
+        else:
+            assert torch.equal(mine[key], start[key]), f"{key} changed, but only adapters train"
+
+    # What a user takes away is the same: the merged Hugging Face model and the PEFT adapter.
+    for flags in ([], ["--adapter_only"]):
+        kind = "adapter" if flags else "merged"
+        assert_close_files(exported(final_checkpoint(got), tmp_path / f"{kind}_mine", *flags),
+                           exported(final_checkpoint(one), tmp_path / f"{kind}_theirs", *flags), atol=1e-4)
+
+
+def test_lora_checkpoint_from_tensor_parallel_resumes_in_one_process(runs: Runs):
+    """Steps 3-4 resumed in one process from the TP2 LoRA run's step-2 checkpoint, whose adapters
+    and AdamW moments were saved as tensor-parallel shards and copies. (Loading into a
+    tensor-parallel layout is test_fsdp_checkpoint_resumes_in_another_layout[tp2].)"""
+    one = runs.finetune("lora_one_process", "lora")
+    tp2 = runs.finetune("lora_tp2_sp", "lora", *PEFT_TP_LAYOUTS["lora_tp2_sp"][1])
+    exp = rewound_to_step_2(tp2, runs.root / "lora_resume_one_process")
+    resumed = run_ok(train_args(runs.assets, "finetune", runs.root, exp.name, "--max_steps", STEPS, *SAVE_AT_2,
+                                *LORA), runs.root)
+    assert "from step=000002" in resumed.stdout + resumed.stderr
+    assert_same_curve(exp, one, [3, 4])
 
 
 def test_packed_finetune_under_context_parallel_matches_one_process(assets: TrainAssets, tmp_path: Path):
