@@ -101,7 +101,7 @@ def save_training_checkpoint(
     step: int,
     val_loss: float | None,
     model_state: dict[str, Any],
-    optim_state: dict[str, Any],
+    optim_state: dict[str, Any] | None,
     trainer_state: dict[str, Any],
     write_static: Callable[[Path], None],
     save_top_k: int,
@@ -109,6 +109,7 @@ def save_training_checkpoint(
     """Write a complete checkpoint and apply retention; every rank must call this.
 
     `write_static(dir)` writes the rank-0 files (`shoal.json`, `tokenizer/`, `peft.json`).
+    `optim_state` None writes no `optim/` folder (checkpoint.save_optimizer=false).
     """
     final = root / checkpoint_name(step, val_loss)
     tmp = root / f".{final.name}.tmp"  # the same name on every rank, so all shards meet
@@ -120,8 +121,9 @@ def save_training_checkpoint(
     try:
         save_model_state(model_state, tmp / "model")
         with _dcp_errors():  # DCP's wrapped errors unwrapped (a full disk is an OSError), its notices quiet
-            dcp.save(optim_state, storage_writer=dcp.FileSystemWriter(str(tmp / "optim")),
-                     no_dist=not (dist.is_available() and dist.is_initialized()))
+            if optim_state is not None:
+                dcp.save(optim_state, storage_writer=dcp.FileSystemWriter(str(tmp / "optim")),
+                         no_dist=not (dist.is_available() and dist.is_initialized()))
         trainer_state = {**trainer_state, "rng": gather_rng_states()}
         if rank == 0:
             (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))

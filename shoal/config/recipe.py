@@ -80,6 +80,9 @@ class CheckpointSection:
     save_interval: int | None = None  # steps between checkpoints; None: only at the end
     save_top_k: int = 1  # best k by validation loss are kept, plus the last
     resume: bool = True  # continue from the experiment's latest checkpoint when there is one
+    # False: checkpoints hold the model but not the optimizer (a third of the size for full
+    # training in bf16); resuming from one restarts AdamW's moments from zero, with a warning.
+    save_optimizer: bool = True
 
 
 @dataclass

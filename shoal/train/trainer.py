@@ -293,7 +293,11 @@ def run_training(
     if resume_from is not None:
         state = load_trainer_state(resume_from.path)
         engine.load_model(resume_from.path)
-        engine.load_optimizer(resume_from.path)
+        if (resume_from.path / "optim").is_dir():
+            engine.load_optimizer(resume_from.path)
+        elif runtime.is_main:
+            print(f"shoal: warning: {resume_from.path} holds no optimizer state (checkpoint.save_optimizer=false); "
+                  "AdamW's moments restart from zero", file=sys.stderr)
         step, consumed, consumed_tokens = state["step"], state["consumed_samples"], state["consumed_tokens"]
         rng = state["rng"]
         set_rng_state(rng[runtime.rank] if runtime.rank < len(rng) else rng[0])
@@ -368,7 +372,7 @@ def run_training(
             progress = {"step": step, "consumed_samples": consumed, "consumed_tokens": consumed_tokens}
             last_ckpt = save_training_checkpoint(
                 ckpt_root, step, last_val,
-                engine.model_state(), engine.optimizer_state(),
+                engine.model_state(), engine.optimizer_state() if recipe.checkpoint.save_optimizer else None,
                 {**progress, "max_steps": max_steps, "val_loss": last_val},
                 write_static_files(recipe, cfg, tokenizer_dir, progress, datasets, runtime.argv),
                 recipe.checkpoint.save_top_k,

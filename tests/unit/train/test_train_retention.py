@@ -7,12 +7,13 @@ best checkpoint is not the last and the expected survivors follow from the list 
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 
 import shoal.train.trainer as trainer
-from training_runs import TrainAssets, checkpoint_names, shoal, train_args, val_records
+from training_runs import TrainAssets, checkpoint_names, shoal, train_args, train_records, val_records
 
 
 def expected_names(val_losses: dict[int, float], top_k: int) -> list[str]:
@@ -68,3 +69,25 @@ def test_fine_tuning_starts_from_latest_pretraining_checkpoint(train_assets: Tra
     monkeypatch.setattr(trainer, "build_engine", lambda *a, **k: seen.append(a[-1]) or real_build(*a, **k))
     assert shoal(*args) == 0
     assert seen == [results / "pre" / "checkpoints" / "step=000004-val_loss=5.000-last"]
+
+
+def test_checkpoints_without_optimizer_state(train_assets: TrainAssets, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]):
+    """checkpoint.save_optimizer=false writes model/ but no optim/; a resume from such a checkpoint
+    restores the weights (the next step's loss equals an uninterrupted run's) and says that the
+    optimizer restarts."""
+    full = tmp_path / "full"
+    assert shoal(*train_args(train_assets, "pretrain", full, "run", "--max_steps", 3)) == 0
+    lean = tmp_path / "lean"
+    lean_args = train_args(train_assets, "pretrain", lean, "run", "--max_steps", 3, "--checkpoint.save_interval=2",
+                           "--checkpoint.save_top_k=2", "--checkpoint.save_optimizer=false")
+    assert shoal(*lean_args) == 0
+    step2, step3 = sorted((lean / "run" / "checkpoints").iterdir())
+    assert "optim" not in {p.name for p in step2.iterdir()} and (step2 / "model").is_dir()
+    shutil.rmtree(step3)  # as if killed after the step-2 checkpoint
+    capsys.readouterr()
+
+    assert shoal(*lean_args) == 0
+    assert "holds no optimizer state" in capsys.readouterr().err
+    uninterrupted, resumed = train_records(full / "run"), train_records(lean / "run")
+    assert resumed[3]["loss"] == uninterrupted[3]["loss"]  # the weights after step 2 were restored
