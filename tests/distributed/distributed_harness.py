@@ -8,6 +8,7 @@ call raise with its traceback; a hang ends at the collective timeout or the call
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import tempfile
@@ -48,11 +49,14 @@ def _entry(
     )
     # Many processes share few cores: one thread each avoids oversubscription.
     torch.set_num_threads(1)
+    faulthandler.enable()  # a crash in native code (gloo, say) prints where it happened
     from shoal.distributed import destroy_distributed, init_distributed
 
     init_distributed(device_type, timeout=COLLECTIVE_TIMEOUT)
     try:
         result = fn(*args)
+        # Leave together: a rank tearing gloo down while a peer still talks to it can crash the peer.
+        torch.distributed.barrier()
     finally:
         destroy_distributed()
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
