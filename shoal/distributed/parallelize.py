@@ -43,6 +43,7 @@ from shoal.distributed.lora_parallel import (
 )
 from shoal.distributed.mesh import ParallelDims
 from shoal.errors import ShoalError
+from shoal.models.document_attention import varlen_ops_to_save
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -60,6 +61,7 @@ _SELECTIVE_SAVE_OPS = [
     aten._scaled_dot_product_cudnn_attention.default,
     aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops._c10d_functional.reduce_scatter_tensor.default,
+    *varlen_ops_to_save(),
 ]
 
 

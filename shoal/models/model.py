@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from shoal.models.config import ModelConfig
+from shoal.models.document_attention import (  # noqa: F401  (attention_mask is part of this module's API)
+    DocumentSpans, attention_mask, document_attention_spec, varlen_causal_attention,
+)
 
 
 class RMSNorm(nn.Module):
@@ -87,7 +90,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | DocumentSpans | None
     ) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, -1, self.head_dim)  # [B, S, H, D]
@@ -97,6 +100,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, S, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if isinstance(mask, DocumentSpans):
+            return self.o_proj(varlen_causal_attention(q, k, v, mask).reshape(b, s, -1))
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
@@ -126,7 +131,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | DocumentSpans | None
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -140,14 +145,6 @@ class Backbone(nn.Module):
         self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in range(cfg.num_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-
-def attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """Causal mask that also keeps tokens of different documents apart: [B, 1, S, S], True = attend."""
-    s = document_ids.shape[-1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
-    same_doc = document_ids[:, :, None] == document_ids[:, None, :]
-    return (same_doc & causal)[:, None]
 
 
 class Transformer(nn.Module):
@@ -215,7 +212,9 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(s, device=h.device)[None].expand(b, s)
         cos, sin = self.rope(position_ids, h.dtype)
-        mask = attention_mask(document_ids) if document_ids is not None else None
+        mask = None
+        if document_ids is not None:
+            mask = document_attention_spec(document_ids, h, self.config.head_dim)
         for layer in self.model.layers.values():
             h = layer(h, cos, sin, mask)
         if self.model.norm is not None:

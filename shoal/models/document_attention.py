@@ -1,0 +1,105 @@
+"""Causal attention that keeps packed documents apart.
+
+Packed fine-tuning sequences and pretraining with `reset_attention_mask` put several documents in
+one row, each attending only to itself. Two ways to compute that:
+
+- a dense boolean mask [B, 1, S, S] given to `scaled_dot_product_attention`: works everywhere,
+  but an arbitrary mask rules out the flash kernel and computes every masked-out block;
+- flash attention's variable-length form (`torch.nn.attention.varlen`): the rows are laid end to
+  end and cut at document boundaries (`cu_seqlens`), so only the causal blocks inside each
+  document are computed. CUDA only, bf16/fp16 only.
+
+`document_attention_spec` picks the second where it can run and the first otherwise; both give
+the same result (tests/gpu/test_document_attention_gpu.py checks outputs and gradients).
+Documents are runs of equal `document_ids` in a row, as the GPT dataset and the SFT packer write them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import NamedTuple
+
+import torch
+
+_FLASH_MAX_HEAD_DIM = 256
+
+
+class DocumentSpans(NamedTuple):
+    """Packed documents in varlen form: tokens of all rows end to end, document k being tokens
+    cu_seqlens[k]:cu_seqlens[k+1]. A NamedTuple so `torch.compile`d layers take it as an input."""
+
+    cu_seqlens: torch.Tensor  # int32 [N + 1]
+    max_len: int  # an upper bound on a document's length (the row length: no device sync needed)
+
+
+def attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Causal mask that also keeps tokens of different documents apart: [B, 1, S, S], True = attend."""
+    s = document_ids.shape[-1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
+    same_doc = document_ids[:, :, None] == document_ids[:, None, :]
+    return (same_doc & causal)[:, None]
+
+
+def document_spans(document_ids: torch.Tensor) -> DocumentSpans:
+    """[B, S] document ids -> the cumulative start offsets of every document of every row."""
+    b, s = document_ids.shape
+    flat = document_ids.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::s] = True  # a row always starts a new document
+    offsets = starts.nonzero().flatten()
+    end = torch.tensor([flat.numel()], device=flat.device)
+    return DocumentSpans(torch.cat([offsets, end]).to(torch.int32), s)
+
+
+def varlen_available(hidden: torch.Tensor, head_dim: int) -> bool:
+    """Whether flash varlen attention can run on activations like `hidden`."""
+    return (hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16)
+            and head_dim <= _FLASH_MAX_HEAD_DIM and _VARLEN_API is not None)
+
+
+def document_attention_spec(document_ids: torch.Tensor, hidden: torch.Tensor,
+                            head_dim: int) -> torch.Tensor | DocumentSpans:
+    """What each attention layer needs to keep documents apart: spans for varlen, else a dense mask."""
+    if varlen_available(hidden, head_dim):
+        return document_spans(document_ids)
+    return attention_mask(document_ids)
+
+
+def _load_varlen_api() -> tuple | None:
+    """(varlen_attn, takes_window_and_gqa): torch 2.10 had `is_causal` and equal head counts; later
+    versions take `window_size` and `enable_gqa`. Resolved once at import, outside compiled code."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    return varlen_attn, "window_size" in params and "enable_gqa" in params
+
+
+_VARLEN_API = _load_varlen_api()
+
+
+def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            spans: DocumentSpans) -> torch.Tensor:
+    """q [B, H, S, D], k/v [B, K, S, D] -> [B, S, H, D], causal within each document."""
+    b, h, s, d = q.shape
+    varlen_attn, new_api = _VARLEN_API
+    q, k, v = (t.transpose(1, 2).reshape(b * s, -1, d) for t in (q, k, v))  # [B*S, heads, D]
+    if new_api:
+        out = varlen_attn(q, k, v, spans.cu_seqlens, spans.cu_seqlens, spans.max_len, spans.max_len,
+                          window_size=(-1, 0), enable_gqa=True)
+    else:
+        groups = h // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        out = varlen_attn(q, k, v, spans.cu_seqlens, spans.cu_seqlens, spans.max_len, spans.max_len,
+                          is_causal=True)
+    return out.view(b, s, h, d)
+
+
+def varlen_ops_to_save() -> list:
+    """The varlen forward op, for selective activation checkpointing to keep (none if unavailable)."""
+    if _VARLEN_API is None:
+        return []
+    op = getattr(getattr(torch.ops, "torch_attn", None), "_varlen_attn", None)
+    return [op.default] if op is not None else []
