@@ -67,14 +67,14 @@ def document_attention_spec(document_ids: torch.Tensor, hidden: torch.Tensor,
 
 
 def _load_varlen_api() -> tuple | None:
-    """(varlen_attn, takes_window_and_gqa): torch 2.10 had `is_causal` and equal head counts; later
-    versions take `window_size` and `enable_gqa`. Resolved once at import, outside compiled code."""
+    """(varlen_attn, takes window_size, takes enable_gqa). torch 2.10 had `is_causal`, 2.11 has
+    `window_size`, 2.13 adds `enable_gqa`. Resolved once at import, outside compiled code."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
     params = inspect.signature(varlen_attn).parameters
-    return varlen_attn, "window_size" in params and "enable_gqa" in params
+    return varlen_attn, "window_size" in params, "enable_gqa" in params
 
 
 _VARLEN_API = _load_varlen_api()
@@ -84,16 +84,15 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             spans: DocumentSpans) -> torch.Tensor:
     """q [B, H, S, D], k/v [B, K, S, D] -> [B, S, H, D], causal within each document."""
     b, h, s, d = q.shape
-    varlen_attn, new_api = _VARLEN_API
+    varlen_attn, takes_window, takes_gqa = _VARLEN_API
     q, k, v = (t.transpose(1, 2).reshape(b * s, -1, d) for t in (q, k, v))  # [B*S, heads, D]
-    if new_api:
-        out = varlen_attn(q, k, v, spans.cu_seqlens, spans.cu_seqlens, spans.max_len, spans.max_len,
-                          window_size=(-1, 0), enable_gqa=True)
-    else:
+    kwargs = {"window_size": (-1, 0)} if takes_window else {"is_causal": True}
+    if takes_gqa:
+        kwargs["enable_gqa"] = True
+    elif k.shape[1] != h:
         groups = h // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = varlen_attn(q, k, v, spans.cu_seqlens, spans.cu_seqlens, spans.max_len, spans.max_len,
-                          is_causal=True)
+    out = varlen_attn(q, k, v, spans.cu_seqlens, spans.cu_seqlens, spans.max_len, spans.max_len, **kwargs)
     return out.view(b, s, h, d)
 
 
