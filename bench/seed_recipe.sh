@@ -6,7 +6,9 @@
 #   bash bench/seed_recipe.sh lora       # shoal finetune --peft lora from the pretraining checkpoint, export, load
 #   bash bench/seed_recipe.sh full       # shoal finetune (full) from it, export, load
 # Throughput (tokens/s/GPU, MFU, memory) is what shoal's own metrics.jsonl records; results under $OUT.
-# GBS, steps and GPU count come from the environment (defaults sized for 2 GPUs and a 10-minute call).
+# GBS, steps and GPU count come from the environment (defaults sized for 2 GPUs and a 10-minute call);
+# FINETUNE_FROM (a checkpoint; default the pretraining run's last), TAG (experiment name suffix) and
+# SKIP_EXPORT=1 serve benchmark-only fine-tuning runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -83,15 +85,18 @@ PY
       summary "$OUT/pretrain_metrics.jsonl" pretrain ;;
     lora|full)
       peft=(); [ "$what" = lora ] && peft=(--peft lora)
-      shoal finetune $(seed_flags) --experiment "llama31_finetuning_$what" --results_dir "$W/results" \
-        --hf_model_id meta-llama/Llama-3.1-8B-Instruct --nemo_model "$(latest llama31_pretraining)" "${peft[@]}" \
-        --max_steps "$FINETUNE_STEPS" --global_batch_size "$FINETUNE_GBS" --dataset_path "$W/sft" \
+      exp="llama31_finetuning_$what${TAG:-}"; rm -rf "$W/results/$exp"
+      shoal finetune $(seed_flags) --experiment "$exp" --results_dir "$W/results" \
+        --hf_model_id meta-llama/Llama-3.1-8B-Instruct --nemo_model "${FINETUNE_FROM:-$(latest llama31_pretraining)}" \
+        "${peft[@]}" --max_steps "$FINETUNE_STEPS" --global_batch_size "$FINETUNE_GBS" --dataset_path "$W/sft" \
         --checkpoint.save_optimizer=false 2>&1 | grep -v -i warn | tail -40
-      cp "$W/results/llama31_finetuning_$what/metrics.jsonl" "$OUT/finetune_${what}_metrics.jsonl"
-      summary "$OUT/finetune_${what}_metrics.jsonl" "finetune_$what"
-      shoal export --source "$(latest "llama31_finetuning_$what")" --output_path "$W/hf_export_$what" --overwrite
-      load_check "$W/hf_export_$what"
-      rm -rf "$W/hf_export_$what" "$W/results/llama31_finetuning_$what/checkpoints" ;;
+      cp "$W/results/$exp/metrics.jsonl" "$OUT/finetune_${what}${TAG:-}_metrics.jsonl"
+      summary "$OUT/finetune_${what}${TAG:-}_metrics.jsonl" "finetune_$what${TAG:-}"
+      if [ -z "${SKIP_EXPORT:-}" ]; then
+        shoal export --source "$(latest "$exp")" --output_path "$W/hf_export_$what" --overwrite
+        load_check "$W/hf_export_$what"
+      fi
+      rm -rf "$W/hf_export_$what" "$W/results/$exp/checkpoints" ;;
   esac
   echo "$what: $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
 done

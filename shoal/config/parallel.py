@@ -43,6 +43,12 @@ class ParallelConfig:
     # backward). "default": yes, except under pipeline parallelism where each micro-batch would
     # gather them again.
     fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"
+    # When FSDP reduces gradients under gradient accumulation. "last_micro_batch": accumulate this
+    # rank's unsharded fp32 gradients over the step's micro-batches and reduce-scatter once (one
+    # reduction per step instead of one per micro-batch; costs 4 bytes per trainable parameter of
+    # this rank's tensor/pipeline shard). "every_micro_batch": reduce-scatter after each one (least
+    # memory). "auto": the first when those gradients take at most 1/8 of the device's memory.
+    fsdp_gradient_sync: Literal["auto", "last_micro_batch", "every_micro_batch"] = "auto"
     # Recompute activations in backward: "full" keeps only each layer's input; "selective" keeps
     # the matmul and attention outputs and recomputes the cheap element-wise ops between them.
     activation_checkpointing: Literal["none", "full", "selective"] = "none"

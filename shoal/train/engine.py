@@ -10,12 +10,14 @@ the optimizer state flattened per parameter name, so it reshards across any layo
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_optimizer_state_dict,
@@ -48,6 +50,8 @@ class Engine:
     # Σ CE·mask; compiled with the model so the fp32 upcast and softmax of the [tokens, vocab]
     # logits fuse into one pass instead of materialising fp32 copies (a tenth of a 1B step).
     loss_fn: Callable[..., torch.Tensor] = masked_cross_entropy_sum
+    # Reduce-scatter gradients only after the step's last micro-batch (parallel.fsdp_gradient_sync).
+    defer_gradient_sync: bool = False
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for part in self.parts for p in part.parameters() if p.requires_grad]
@@ -71,7 +75,9 @@ class Engine:
         if self.pipeline is not None:
             return self._pipeline_run(mbs, global_tokens, backward=True)
         total = torch.zeros((), device=mbs[0]["tokens"].device)
-        for mb in mbs:
+        for i, mb in enumerate(mbs):
+            if self.defer_gradient_sync:
+                self._gradient_sync(i == len(mbs) - 1)
             with self._sequence_shard(mb) as (tokens, labels, loss_mask, inputs):
                 with self.autocast():
                     logits = self.parts[0](tokens, **inputs)
@@ -80,6 +86,14 @@ class Engine:
                 (loss_sum / global_tokens).backward()
             total += loss_sum.detach()
         return total
+
+    def _gradient_sync(self, sync: bool) -> None:
+        """FSDP2: reduce-scatter (and free the gathered parameters) after this backward only if `sync`;
+        otherwise gradients accumulate unsharded in fp32 until the step's last micro-batch."""
+        for part in self.parts:
+            if isinstance(part, FSDPModule):
+                part.set_requires_gradient_sync(sync)
+                part.set_reshard_after_backward(sync)
 
     @contextlib.contextmanager
     def _sequence_shard(self, mb: dict[str, torch.Tensor]):
@@ -202,4 +216,21 @@ def build_engine(
     optimizers = [build_optimizer(p, t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps) for p in parts]
     autocast = lambda: autocast_context(dims, recipe.parallel, device.type, compute_dtype)  # noqa: E731
     loss_fn = torch.compile(masked_cross_entropy_sum) if recipe.parallel.compile else masked_cross_entropy_sum
-    return Engine(parts, optimizers, dims, recipe.data.document_mask, autocast, pipeline, loss_fn)
+    defer = pipeline is None and micro_batches_per_step > 1 and _defer_gradient_sync(
+        recipe.parallel.fsdp_gradient_sync, parts, dims, device)
+    return Engine(parts, optimizers, dims, recipe.data.document_mask, autocast, pipeline, loss_fn, defer)
+
+
+def _defer_gradient_sync(mode: str, parts: list[nn.Module], dims: ParallelDims, device: torch.device) -> bool:
+    """Resolve parallel.fsdp_gradient_sync: whether FSDP reduces gradients once per step."""
+    if mode != "auto":
+        return mode == "last_micro_batch"
+    if not any(isinstance(part, FSDPModule) for part in parts):
+        return False
+    # DTensor numel is global; this rank holds the tensor-parallel slice, unsharded over data parallel.
+    trainable = sum(p.numel() for part in parts for p in part.parameters() if p.requires_grad) / dims.tp
+    if device.type == "cuda":
+        capacity = torch.cuda.get_device_properties(device).total_memory
+    else:
+        capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return trainable * 4 <= capacity / 8

@@ -132,6 +132,11 @@ LAYOUTS = {
     "pp2_1f1b": ["--num_gpus", "2", "-P", "2"],  # the model's embeddings are untied
     "cp2": ["--num_gpus", "2", "-C", "2"],
     "fsdp2_tp2": ["--num_gpus", "4", "-T", "2"],
+    # Micro batches of 1: two per rank per step, gradients reduced once per step or after each.
+    "fsdp2_accumulate_sync_last": ["--num_gpus", "2", "--micro_batch_size", "1",
+                                   "--parallel.fsdp_gradient_sync=last_micro_batch"],
+    "fsdp2_accumulate_sync_every": ["--num_gpus", "2", "--micro_batch_size", "1",
+                                    "--parallel.fsdp_gradient_sync=every_micro_batch"],
 }
 
 
