@@ -367,27 +367,11 @@ def save_model_state(
     aliases = _aliases(state_dict)
     to_save = {k: v for k, v in state_dict.items() if k not in aliases}
     Path(model_dir).mkdir(parents=True, exist_ok=True)
-    # Streamed single-process saves (import) write with a few threads: reading the next tensor
-    # overlaps writing the last. Distributed saves keep one thread per rank.
-    threads = 2 if file_per_tensor and _no_dist() else 1
     with _dcp_errors():
-        writer = dcp.FileSystemWriter(str(model_dir), single_file_per_rank=not file_per_tensor,
-                                      thread_count=threads)
+        # One writer thread: torch's extra DCP writer threads drop their exceptions and keep
+        # writing after the main thread has failed, which would break the clean-up of a failed import.
+        writer = dcp.FileSystemWriter(str(model_dir), single_file_per_rank=not file_per_tensor)
         dcp.save(to_save, storage_writer=writer, planner=planner, no_dist=_no_dist())
-    if threads > 1:
-        _check_every_tensor_written(model_dir)
-
-
-def _check_every_tensor_written(model_dir: str | os.PathLike) -> None:
-    """DCP's extra writer threads die silently on an error (torch 2.11-2.13 joins them and never
-    looks), and `.metadata` is written anyway without the lost tensors' locations; refuse such a save."""
-    metadata = SafeFileSystemReader(str(model_dir)).read_metadata()
-    written = {index.fqn for index in metadata.storage_data}
-    missing = sorted(name for name, md in metadata.state_dict_metadata.items()
-                     if isinstance(md, TensorStorageMetadata) and name not in written)
-    if missing:
-        raise ShoalError(f"{model_dir}: writing the weights failed; not written: {', '.join(missing[:5])}"
-                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
 
 
 def model_state_info(model_dir: str | os.PathLike) -> dict[str, TensorInfo]:

@@ -29,17 +29,11 @@ class LazySavePlanner(DefaultSavePlanner):
     def __init__(self, read: Callable[[str], torch.Tensor]):
         super().__init__()
         self._read = read
-        self.error: BaseException | None = None  # the first read error, kept for the caller
 
     def lookup_object(self, index: MetadataIndex) -> Any:
         placeholder = super().lookup_object(index)
         if isinstance(placeholder, torch.Tensor) and placeholder.is_meta:
-            try:
-                tensor = self._read(index.fqn)
-            except BaseException as err:
-                # Raised in one of DCP's writer threads, this would otherwise be lost.
-                self.error = self.error or err
-                raise
+            tensor = self._read(index.fqn)
             if tuple(tensor.shape) != tuple(placeholder.shape) or tensor.dtype != placeholder.dtype:
                 raise RuntimeError(f"tensor {index.fqn} changed while being converted")
             return tensor
@@ -50,13 +44,7 @@ def stream_to_dcp(specs: dict[str, TensorInfo], read: Callable[[str], torch.Tens
                   model_dir: str | os.PathLike) -> None:
     """Write a DCP checkpoint of tensors described by `specs`, reading each with `read(name)` just in time."""
     placeholders = {name: torch.empty(info.shape, dtype=info.dtype, device="meta") for name, info in specs.items()}
-    planner = LazySavePlanner(read)
-    try:
-        save_model_state(placeholders, model_dir, planner=planner, file_per_tensor=True)
-    except Exception:
-        if planner.error is not None:
-            raise planner.error from None
-        raise
+    save_model_state(placeholders, model_dir, planner=LazySavePlanner(read), file_per_tensor=True)
 
 
 class WeightReader(Protocol):

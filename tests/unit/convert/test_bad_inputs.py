@@ -187,7 +187,7 @@ def test_failure_midway_leaves_nothing(tmp_path, hf_dir, capsys, monkeypatch):
     out = tmp_path / "results" / "ckpt"
     with pytest.raises(OSError, match="disk on fire"):
         importer.import_checkpoint(hf_dir, out)
-    assert len(calls) >= 5  # writer threads may have read a few more before the error surfaced
+    assert len(calls) == 5
     assert not out.exists() and not list(out.parent.iterdir())
 
 
