@@ -88,8 +88,11 @@ def test_a_failing_rank_ends_the_run_and_its_error_is_shown(tmp_path):
 
 def test_ctrl_c_stops_every_rank(tmp_path):
     exp = tmp_path / "exp"
+    # A shell ignores SIGINT in background jobs and children inherit that (CI run with `&`); a
+    # terminal's Ctrl-C reaches a launcher that has the default disposition, so give it that.
     proc = subprocess.Popen(selftest_command(exp, "--sleep", "300"), env=clean_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + TIMEOUT_S
         while len(rank_pids(exp)) < 2 and time.monotonic() < deadline and proc.poll() is None:
