@@ -7,7 +7,7 @@ answer token is predicted from the last prompt token and its last id (the end-of
 ever a label. Labels therefore never reach into the next example.
 
 Several examples share a row by first-fit decreasing bin packing; each keeps its own document id
-(so `shoal.models.model.attention_mask` keeps them apart) and its positions restart at 0, which makes
+(so `shoal.models.document_attention` keeps them apart) and its positions restart at 0, which makes
 every example's logits in a packed row equal its logits alone. Padding is one more document.
 """
 

@@ -23,9 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shoal.models.config import ModelConfig
-from shoal.models.document_attention import (  # noqa: F401  (attention_mask is part of this module's API)
-    DocumentSpans, attention_mask, document_attention_spec, varlen_causal_attention,
-)
+from shoal.models.document_attention import DocumentSpans, document_attention_spec, varlen_causal_attention
 
 
 class RMSNorm(nn.Module):

@@ -21,7 +21,8 @@ from shoal.data.sft import (
     PackedSFTDataset, SFTDataset, build_sft_dataset, load_sft_split, read_prompt_template, truncate_example,
 )
 from shoal.errors import ShoalError
-from shoal.models.model import attention_mask, build_model
+from shoal.models.document_attention import attention_mask
+from shoal.models.model import build_model
 from shoal.models.presets import get_preset
 
 torch.set_num_threads(1)
