@@ -27,7 +27,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shoal.config.recipe import Recipe  # noqa: E402
+from shoal.config.parallel import ParallelConfig  # noqa: E402
+from shoal.config.recipe import TrainSection  # noqa: E402
 from shoal.distributed import build_mesh, init_distributed  # noqa: E402
 from shoal.models import get_preset, to_hf_config  # noqa: E402
 from shoal.train.engine import build_engine  # noqa: E402
@@ -48,19 +49,13 @@ def random_batch(vocab: int, mbs: int, seq: int, device: torch.device, seed: int
 
 
 def shoal_step(args, world: int, device: torch.device):
-    recipe = Recipe()
-    recipe.model.preset = args.preset
-    recipe.data.seq_length = args.seq_length
-    recipe.train.micro_batch_size = args.micro_batch_size
-    p = recipe.parallel
-    p.num_gpus = world
-    p.tensor_model_parallel_size = args.tp
-    p.activation_checkpointing = args.activation_checkpointing
-    p.compile = args.compile
+    parallel = ParallelConfig(tensor_model_parallel_size=args.tp, activation_checkpointing=args.activation_checkpointing,
+                              compile=args.compile)
     cfg = get_preset(args.preset)
-    dims = build_mesh(p, world, "cuda")
-    recipe.train.global_batch_size = args.micro_batch_size * dims.dp_size
-    engine = build_engine(recipe, cfg, dims, device, torch.bfloat16, 1, None)
+    dims = build_mesh(parallel, world, "cuda")
+    train = TrainSection(micro_batch_size=args.micro_batch_size, global_batch_size=args.micro_batch_size * dims.dp_size)
+    engine = build_engine(cfg, train=train, parallel=parallel, peft=None, dims=dims, device=device,
+                          compute_dtype=torch.bfloat16)
     batch = random_batch(cfg.vocab_size, args.micro_batch_size, args.seq_length, device, seed=dims.dp_rank)
     tokens = float(args.micro_batch_size * args.seq_length * dims.dp_size)
 

@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shoal.config.recipe import Recipe  # noqa: E402
+from shoal.config.parallel import ParallelConfig  # noqa: E402
+from shoal.config.recipe import TrainSection  # noqa: E402
 from shoal.distributed import build_mesh  # noqa: E402
 from shoal.models import get_preset, to_hf_config  # noqa: E402
 from shoal.train.engine import build_engine  # noqa: E402
@@ -61,17 +62,13 @@ def time_steps(step, warmup: int, steps: int) -> tuple[float, float]:
 
 
 def bench_shoal(args, compile_: bool, device: torch.device) -> dict:
-    recipe = Recipe()
-    recipe.model.preset = args.preset
-    recipe.data.seq_length = args.seq_length
-    recipe.train.micro_batch_size = args.micro_batch_size
-    recipe.train.global_batch_size = args.micro_batch_size
-    recipe.train.weight_decay = 0.1
-    recipe.parallel.compile = compile_
-    recipe.parallel.activation_checkpointing = args.activation_checkpointing
+    train = TrainSection(micro_batch_size=args.micro_batch_size, global_batch_size=args.micro_batch_size,
+                         weight_decay=0.1)
+    parallel = ParallelConfig(compile=compile_, activation_checkpointing=args.activation_checkpointing)
     cfg = get_preset(args.preset)
-    dims = build_mesh(recipe.parallel, 1, "cuda")
-    engine = build_engine(recipe, cfg, dims, device, torch.bfloat16, 1, None)
+    dims = build_mesh(parallel, 1, "cuda")
+    engine = build_engine(cfg, train=train, parallel=parallel, peft=None, dims=dims, device=device,
+                          compute_dtype=torch.bfloat16)
     batch = random_batch(cfg.vocab_size, args.micro_batch_size, args.seq_length, device)
     tokens = float(batch["loss_mask"].sum())
 

@@ -6,8 +6,9 @@
       tokenizer/   the Hugging Face tokenizer files, copied as they came (chat template included)
       model/       torch.distributed.checkpoint (DCP) of the weights, keyed by HF parameter names
 
-Training checkpoints add `optim/`, `trainer.json` and maybe `peft.json`; those belong to the
-training code, which saves its weights through `save_model_state` like the importer does.
+Training checkpoints add `optim/` and `trainer.json` (shoal.checkpoint.training); a checkpoint
+whose model carries LoRA/DoRA adapters has `peft.json`. An experiment's checkpoints folder is
+shoal.checkpoint.catalog's. Every file of the folder is written and read by this package.
 
 DCP stores global shapes plus the chunks each rank wrote, so a state dict of DTensors (FSDP2,
 tensor parallel) saves and loads here as it is, and a checkpoint written by one layout loads into
@@ -23,12 +24,11 @@ import datetime
 import json
 import os
 import pickle
-import re
 import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -38,6 +38,9 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 
 from shoal.errors import ShoalError
 from shoal.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from shoal.peft.config import LoraConfig
 
 FORMAT_NAME = "shoal-checkpoint"
 FORMAT_VERSION = 1
@@ -53,8 +56,8 @@ TOKENIZER_FILES = (
 )
 TOKENIZER_DIRS = ("additional_chat_templates",)
 
-# Checkpoints of an experiment: RESULTS/EXPERIMENT/checkpoints/step=NNNNNN-val_loss=X.XXX[-last]/
-_STEP_NAME = re.compile(r"^step=(\d+)(?:-|$)")
+OPTIM_DIR = "optim"
+PEFT_FILE = "peft.json"
 
 _PROGRESS_KEYS = ("step", "consumed_samples", "consumed_tokens")
 
@@ -176,33 +179,6 @@ def read_model_config(ckpt_dir: str | os.PathLike) -> ModelConfig:
         raise ShoalError(f"{Path(ckpt_dir) / METADATA_FILE}: key 'model': {err}") from None
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory from a checkpoint, a `checkpoints/` folder or an experiment folder.
-
-    In the last two cases the latest complete checkpoint is picked: the highest `step=NNNNNN`,
-    preferring the one marked `-last` when two share a step. Hidden temporary folders of an
-    unfinished save are never candidates.
-    """
-    path = Path(path)
-    if is_checkpoint(path):
-        return path
-    if not path.is_dir():
-        raise ShoalError(f"checkpoint {path} does not exist")
-    for folder in (path / "checkpoints", path):
-        candidates = []
-        if folder.is_dir():
-            for child in folder.iterdir():
-                match = _STEP_NAME.match(child.name)
-                if match and is_checkpoint(child):
-                    candidates.append((int(match.group(1)), child.name.endswith("-last"), child))
-        if candidates:
-            return max(candidates, key=lambda c: (c[0], c[1], c[2].name))[2]
-    raise ShoalError(
-        f"{path} is not a shoal checkpoint ({METADATA_FILE} is missing) and holds no complete "
-        "checkpoints named step=NNNNNN-... (directly or under checkpoints/)"
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # tokenizer/
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +211,54 @@ def copy_tokenizer(src_dir: str | os.PathLike, ckpt_dir: str | os.PathLike) -> l
         else:
             shutil.copyfile(item, dest / item.name)
     return [item.name for item in found]
+
+
+def snapshot_tokenizer(src_dir: str | os.PathLike) -> dict[str, bytes]:
+    """The tokenizer files of an HF folder or a checkpoint, read into memory ({relative path: bytes}).
+
+    A training run takes this once at its start and writes it into every checkpoint it saves, so
+    its checkpoints keep their tokenizer even after retention deletes the one it started from.
+    """
+    src = Path(src_dir)
+    if is_checkpoint(src):
+        src = src / TOKENIZER_DIR
+    files: dict[str, bytes] = {}
+    for item in tokenizer_files(src):
+        paths = sorted(p for p in item.rglob("*") if p.is_file()) if item.is_dir() else [item]
+        for path in paths:
+            files[str(path.relative_to(src))] = path.read_bytes()
+    return files
+
+
+def write_tokenizer_snapshot(files: dict[str, bytes], ckpt_dir: str | os.PathLike) -> None:
+    dest = Path(ckpt_dir) / TOKENIZER_DIR
+    for name, data in files.items():
+        path = dest / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# peft.json
+# ---------------------------------------------------------------------------------------------
+
+
+def write_peft_config(ckpt_dir: str | os.PathLike, config: "LoraConfig") -> None:
+    (Path(ckpt_dir) / PEFT_FILE).write_text(json.dumps(config.to_dict(), indent=1))
+
+
+def read_peft_config(ckpt_dir: str | os.PathLike) -> "LoraConfig | None":
+    """The adapter settings of a checkpoint whose model carries LoRA/DoRA adapters; None without."""
+    from shoal.peft.config import LoraConfig
+
+    path = Path(ckpt_dir) / PEFT_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ShoalError(f"{path}: not valid JSON ({err})") from None
+    return LoraConfig.from_dict(data, where=str(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,6 +406,26 @@ def model_state_info(model_dir: str | os.PathLike) -> dict[str, TensorInfo]:
         for name, md in metadata.state_dict_metadata.items()
         if isinstance(md, TensorStorageMetadata)
     }
+
+
+def dcp_folder_complete(folder: str | os.PathLike) -> bool:
+    """Whether a DCP folder has its metadata and every data file the metadata names, at full length."""
+    folder = Path(folder)
+    if not (folder / ".metadata").is_file():
+        return False
+    try:
+        metadata = SafeFileSystemReader(str(folder)).read_metadata()
+    except ShoalError:
+        return False
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        name = str(getattr(info, "relative_path", ""))
+        needed[name] = max(needed.get(name, 0), int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0)))
+    for name, size in needed.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size < size:
+            return False
+    return True
 
 
 def model_state_keys(model_dir: str | os.PathLike) -> list[str]:

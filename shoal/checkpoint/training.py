@@ -1,76 +1,90 @@
-"""Training checkpoints: save, find, resume, and keep the best k by validation loss plus the last.
+"""Training checkpoints: one call to save (every file, then retention), one call to restore.
 
-A training checkpoint is a shoal checkpoint (`shoal.json`, `tokenizer/`, `model/`) plus `optim/`
-(DCP of the optimizer state) and `trainer.json` (step, data position, RNG states, validation
-history). All ranks write their shards of `model/` and `optim/` through DCP, so a checkpoint saved
-with one parallel layout loads into another. Names follow NeMo's spirit:
-`checkpoints/step=000100-val_loss=1.234-last/`. A checkpoint is written under a hidden temporary
-name and renamed only when complete, so a failed or killed save leaves the previous one intact.
+A training checkpoint is a shoal checkpoint (`shoal.json`, `tokenizer/`, `model/`, `peft.json`
+when the model carries adapters) plus `optim/` (DCP of the optimizer state; absent with
+checkpoint.save_optimizer=false) and `trainer.json` (step, data position, RNG states of every
+rank). All ranks write their shards of `model/` and `optim/` through DCP, so a checkpoint saved
+with one parallel layout loads into another. It is written under a hidden temporary name and
+renamed when complete, so a failed or killed save leaves the previous checkpoints as they were.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import math
-import re
 import shutil
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch import nn
 
-from shoal.checkpoint.format import _dcp_errors, save_model_state
+from shoal.checkpoint.catalog import (
+    apply_retention,
+    checkpoint_name,
+    list_checkpoints,
+    remove_checkpoint,
+)
+from shoal.checkpoint.format import (
+    MODEL_DIR,
+    OPTIM_DIR,
+    _dcp_errors,
+    save_model_state,
+    write_metadata,
+    write_peft_config,
+    write_tokenizer_snapshot,
+)
+from shoal.checkpoint.state import load_model_into, load_optimizers_into, parts_model_state, parts_optimizer_state
 from shoal.errors import ShoalError
+from shoal.models.config import ModelConfig
+from shoal.peft.config import LoraConfig
 
-_NAME = re.compile(r"^step=(\d+)(?:-val_loss=([0-9.]+|nan|inf))?(-last)?$")
+TRAINER_FILE = "trainer.json"
 
 
 @dataclass(frozen=True)
-class CheckpointInfo:
-    path: Path
-    step: int
-    val_loss: float | None
-    last: bool
+class Progress:
+    """Where a run is: optimizer steps taken and the global samples/tokens they consumed."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"step": self.step, "consumed_samples": self.consumed_samples, "consumed_tokens": self.consumed_tokens}
 
 
-def checkpoint_name(step: int, val_loss: float | None, last: bool = True) -> str:
-    name = f"step={step:06d}"
-    if val_loss is not None:
-        name += f"-val_loss={val_loss:.3f}" if math.isfinite(val_loss) else "-val_loss=nan"
-    return name + ("-last" if last else "")
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """What each checkpoint of a run records beside the live state; taken once at the run's start
+    (the tokenizer's bytes too), so nothing depends on a checkpoint retention may delete."""
+
+    model_config: ModelConfig
+    tokenizer: dict[str, bytes] | None = None
+    peft: LoraConfig | None = None
+    made_by: dict[str, Any] = field(default_factory=dict)
+    # Carried from the start checkpoint as it came (generation config, the source's dtype, ...).
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def list_checkpoints(root: Path) -> list[CheckpointInfo]:
-    """Complete checkpoints under `root`, oldest first (temporary folders are not listed)."""
-    found = []
-    if root.is_dir():
-        for child in root.iterdir():
-            m = _NAME.match(child.name)
-            if m and child.is_dir() and (child / "shoal.json").exists():
-                val = float(m.group(2)) if m.group(2) else None
-                found.append(CheckpointInfo(child, int(m.group(1)), val, bool(m.group(3))))
-    return sorted(found, key=lambda c: c.step)
-
-
-def latest_checkpoint(root: Path) -> CheckpointInfo | None:
-    found = list_checkpoints(root)
-    return found[-1] if found else None
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.barrier()
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if _distributed() else 0
 
 
-def rng_state() -> dict[str, str]:
+def _rng_state() -> dict[str, str]:
     """This rank's RNG states, base64 so they fit in JSON."""
     state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
     if torch.cuda.is_available():
@@ -78,7 +92,7 @@ def rng_state() -> dict[str, str]:
     return state
 
 
-def set_rng_state(state: dict[str, str]) -> None:
+def _set_rng_state(state: dict[str, str]) -> None:
     def decode(s: str) -> torch.Tensor:
         return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
 
@@ -87,9 +101,9 @@ def set_rng_state(state: dict[str, str]) -> None:
         torch.cuda.set_rng_state(decode(state["cuda"]))
 
 
-def gather_rng_states() -> list[dict[str, str]]:
-    mine = rng_state()
-    if not (dist.is_available() and dist.is_initialized()):
+def _gather_rng_states() -> list[dict[str, str]]:
+    mine = _rng_state()
+    if not _distributed():
         return [mine]
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
@@ -98,20 +112,18 @@ def gather_rng_states() -> list[dict[str, str]]:
 
 def save_training_checkpoint(
     root: Path,
-    step: int,
+    parts: Sequence[nn.Module],
+    optimizers: Sequence[torch.optim.Optimizer] | None,
+    progress: Progress,
+    record: CheckpointRecord,
+    *,
+    max_steps: int,
     val_loss: float | None,
-    model_state: dict[str, Any],
-    optim_state: dict[str, Any] | None,
-    trainer_state: dict[str, Any],
-    write_static: Callable[[Path], None],
     save_top_k: int,
 ) -> Path:
-    """Write a complete checkpoint and apply retention; every rank must call this.
-
-    `write_static(dir)` writes the rank-0 files (`shoal.json`, `tokenizer/`, `peft.json`).
-    `optim_state` None writes no `optim/` folder (checkpoint.save_optimizer=false).
-    """
-    final = root / checkpoint_name(step, val_loss)
+    """Write a complete checkpoint of the live model (and optimizers, unless None), then apply
+    retention (the best `save_top_k` by validation loss plus the newest); every rank calls this."""
+    final = root / checkpoint_name(progress.step, val_loss)
     tmp = root / f".{final.name}.tmp"  # the same name on every rank, so all shards meet
     rank = _rank()
     if rank == 0:
@@ -119,15 +131,16 @@ def save_training_checkpoint(
         tmp.mkdir(parents=True)
     _barrier()
     try:
-        save_model_state(model_state, tmp / "model")
-        with _dcp_errors():  # DCP's wrapped errors unwrapped (a full disk is an OSError), its notices quiet
-            if optim_state is not None:
-                dcp.save(optim_state, storage_writer=dcp.FileSystemWriter(str(tmp / "optim")),
-                         no_dist=not (dist.is_available() and dist.is_initialized()))
-        trainer_state = {**trainer_state, "rng": gather_rng_states()}
+        save_model_state(parts_model_state(parts), tmp / MODEL_DIR)
+        if optimizers is not None:
+            with _dcp_errors():  # DCP's wrapped errors unwrapped (a full disk is an OSError), its notices quiet
+                dcp.save(parts_optimizer_state(parts, optimizers),
+                         storage_writer=dcp.FileSystemWriter(str(tmp / OPTIM_DIR)), no_dist=not _distributed())
+        trainer_state = {**progress.as_dict(), "max_steps": max_steps, "val_loss": val_loss,
+                         "rng": _gather_rng_states()}
         if rank == 0:
-            (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
-            write_static(tmp)
+            (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=1))
+            _write_record(tmp, record, progress)
     except BaseException as err:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -140,29 +153,45 @@ def save_training_checkpoint(
             if old.last:  # only the newest carries `-last`
                 old.path.rename(root / checkpoint_name(old.step, old.val_loss, last=False))
         if final.exists():  # the same step saved again (e.g. a resumed run's last step)
-            shutil.rmtree(final)
+            remove_checkpoint(final)
         tmp.rename(final)
         apply_retention(root, save_top_k)
     _barrier()
     return final
 
 
-def apply_retention(root: Path, save_top_k: int) -> None:
-    """Keep the `save_top_k` checkpoints with the lowest validation loss, and the newest one."""
-    found = list_checkpoints(root)
-    if not found:
-        return
-    keep = {found[-1].path}
-    scored = [c for c in found if c.val_loss is not None and math.isfinite(c.val_loss)]
-    ranked = sorted(scored, key=lambda c: (c.val_loss, -c.step)) if scored else sorted(found, key=lambda c: -c.step)
-    keep.update(c.path for c in ranked[: max(0, save_top_k)])
-    for c in found:
-        if c.path not in keep:
-            shutil.rmtree(c.path, ignore_errors=True)
+def _write_record(ckpt: Path, record: CheckpointRecord, progress: Progress) -> None:
+    write_metadata(ckpt, record.model_config, dtype="float32", progress=progress.as_dict(),
+                   made_by=record.made_by, extra=record.extra)
+    if record.tokenizer:
+        write_tokenizer_snapshot(record.tokenizer, ckpt)
+    if record.peft is not None:
+        write_peft_config(ckpt, record.peft)
 
 
-def load_trainer_state(ckpt: Path) -> dict[str, Any]:
-    path = ckpt / "trainer.json"
+def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / TRAINER_FILE
     if not path.exists():
-        raise ShoalError(f"{ckpt} is not a training checkpoint (no trainer.json); pass it as the starting model instead")
-    return json.loads(path.read_text())
+        raise ShoalError(f"{ckpt} is not a training checkpoint (no {TRAINER_FILE}); pass it as the starting model instead")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ShoalError(f"{path}: not valid JSON ({err})") from None
+
+
+def restore_training_checkpoint(
+    ckpt: Path, parts: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer]
+) -> Progress:
+    """Load the model, the optimizers and this rank's RNG state; returns where the run was."""
+    state = read_trainer_state(ckpt)
+    for part in parts:
+        load_model_into(part, ckpt)
+    if (ckpt / OPTIM_DIR).is_dir():
+        load_optimizers_into(parts, optimizers, ckpt)
+    elif _rank() == 0:
+        print(f"shoal: warning: {ckpt} holds no optimizer state (checkpoint.save_optimizer=false); "
+              "AdamW's moments restart from zero", file=sys.stderr)
+    rng = state["rng"]
+    rank = _rank()
+    _set_rng_state(rng[rank] if rank < len(rng) else rng[0])
+    return Progress(state["step"], state["consumed_samples"], state["consumed_tokens"])

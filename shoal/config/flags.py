@@ -1,23 +1,19 @@
 """The training commands' flags: the seed's spellings, mapped onto recipe keys.
 
 A user who pastes the seed's `pretrain.py`/`finetune.py` command line with `shoal pretrain` in
-place of the script gets the run they meant. Precedence, lowest first: the recipe file, the
-recipe's stage section (`pretrain:` / `finetune:`), the seed flags, then dotted overrides
-(`--train.lr=1e-4` or `train.lr=1e-4`). Secrets (`--hf_token`, `--wandb_token`) never enter the
-recipe, so they are never written into the saved `config.yaml`.
+place of the script gets the run they meant; `shoal.config.resolve` turns the parsed flags into the
+recipe. Secrets (`--hf_token`, `--wandb_token`, see `shoal.config.secrets`) never enter the recipe,
+so they are never written into the saved `config.yaml`.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from shoal.config.launch import add_launch_arguments
-from shoal.config.loader import apply_overrides, from_dict, load_yaml, set_dotted
-from shoal.config.recipe import Recipe
 from shoal.errors import ShoalError
 from shoal.models.presets import MODEL_SIZE_ALIASES
 
@@ -75,49 +71,13 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add_launch_arguments(parser)
 
 
-def _default_recipe(args: argparse.Namespace) -> str:
-    preset = args.model or (MODEL_SIZE_ALIASES.get(args.model_size, args.model_size) if args.model_size else None)
+def default_recipe_name(model: str | None, model_size: str | None) -> str:
+    """The recipe of the --model (or --model_size) preset when one is shipped, else `default`."""
+    preset = model or (MODEL_SIZE_ALIASES.get(model_size, model_size) if model_size else None)
     if preset:
         try:
-            return str(recipe_path(preset))
+            recipe_path(preset)
+            return preset
         except ShoalError:
             pass
-    return str(recipe_path("default"))
-
-
-def recipe_from_args(args: argparse.Namespace, stage: str) -> Recipe:
-    """Resolve the recipe for `stage` ("pretrain" or "finetune") from file, flags and overrides."""
-    path = recipe_path(args.recipe) if args.recipe else Path(_default_recipe(args))
-    tree = load_yaml(path)
-    stages = {name: tree.pop(name, None) or {} for name in ("pretrain", "finetune")}
-    for key, value in _flatten(stages[stage]):
-        set_dotted(tree, key, value)
-    for flags, key, _ in SEED_FLAGS:
-        value = getattr(args, flags[0].lstrip("-"))
-        if key is None or value is None:
-            continue
-        if flags[0] == "--model_size":
-            value = MODEL_SIZE_ALIASES.get(value, value)
-        set_dotted(tree, key, value)
-    for key in ("num_nodes", "num_gpus"):
-        if getattr(args, key, None) is not None:
-            set_dotted(tree, f"parallel.{key}", getattr(args, key))
-    apply_overrides(tree, getattr(args, "overrides", None) or [])
-    recipe = from_dict(Recipe, tree, "")
-    recipe.validate()
-    return recipe
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out += _flatten(value, f"{prefix}{key}.")
-        else:
-            out.append((f"{prefix}{key}", value))
-    return out
-
-
-def secret(value: str | None, env: str) -> str | None:
-    """A secret from its flag or environment variable; the caller keeps it in memory only."""
-    return value or os.environ.get(env) or None
+    return "default"

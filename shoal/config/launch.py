@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from shoal.config.secrets import looks_like_secret_name
 from shoal.errors import ShoalError
 
 DEFAULT_TIME_LIMIT = "04:00:00"
@@ -28,11 +29,9 @@ EXECUTOR_ENV = "SHOAL_EXECUTOR"
 _TIME = re.compile(r"^(\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|UNLIMITED|INFINITE)$")
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# Secrets go through the submitting shell's environment, never a file: refuse them in --env.
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_KEY|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LaunchConfig:
     """Where and how many processes run. Fields mirror the flags of the same name (`time_limit` is
     `--time`); `experiment_dir` comes from the command's experiment. docs/launching.md has the guide."""
@@ -89,7 +88,7 @@ class LaunchConfig:
         for name, value in self.env.items():
             if not _ENV_NAME.match(name):
                 raise ShoalError(f"--env {name}=...: {name!r} is not a valid environment variable name")
-            if _SECRET_NAME.search(name):
+            if looks_like_secret_name(name):  # secrets travel in the environment, never a file
                 raise ShoalError(
                     f"--env {name}=...: secrets are not passed on the command line (they would be written "
                     f"into the job script); export {name} in your shell instead, it reaches every rank"
@@ -187,7 +186,7 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
                        help="print the torchrun command or the sbatch script and launch nothing")
 
 
-def launch_config_from_args(args: argparse.Namespace, experiment_dir: str | os.PathLike | None) -> LaunchConfig:
+def launch_config_from_args(args: argparse.Namespace, experiment_dir: str | os.PathLike | None = None) -> LaunchConfig:
     """Build and validate the launch config from parsed flags.
 
     In a rank the launcher started, `--executor slurm` and `--num_nodes` were removed from the

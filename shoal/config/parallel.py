@@ -1,7 +1,7 @@
 """How a run is laid out over devices: the `parallel:` section of a recipe.
 
-The seed's flags map onto it as they are (`--num_nodes`, `--num_gpus`,
-`--tensor_model_parallel_size`, `--pipeline_model_parallel_size`, `--context_parallel_size`).
+The seed's flags map onto it as they are (`--tensor_model_parallel_size`, `--pipeline_model_parallel_size`, `--context_parallel_size`).
+How many processes run is the launch section's (`--num_nodes`, `--num_gpus`).
 Data parallelism is not set directly: it is whatever remains of the world size after tensor,
 pipeline and context parallelism (DESIGN §5), split into a replicated and a sharded (FSDP2) part.
 `shoal.distributed.mesh` turns this into a device mesh and checks it against the model and batch;
@@ -16,12 +16,8 @@ from typing import Literal
 from shoal.errors import ShoalError
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
-    # Nodes and processes (GPUs) per node. The launcher starts num_nodes × num_gpus processes; inside
-    # the run the world size torchrun reports is what counts. num_nodes also sizes HSDP's replicas.
-    num_nodes: int = 1
-    num_gpus: int = 1
     # Megatron-style tensor parallelism: attention heads and MLP columns split over this many ranks.
     tensor_model_parallel_size: int = 1
     # With tensor parallelism, also split norms, residuals and activations along the sequence.
@@ -37,7 +33,8 @@ class ParallelConfig:
     # Replicas of the data-parallel group (HSDP: replicate across groups, FSDP-shard within one).
     # 1: FSDP over all data-parallel ranks. Equal to the data-parallel size: plain replication (DDP).
     data_parallel_replicate_size: int = 1
-    # Shorthand for HSDP with one replica per node (data_parallel_replicate_size = num_nodes).
+    # Shorthand for HSDP with one replica per node: resolve_recipe sets data_parallel_replicate_size
+    # to the launch's node count.
     hsdp: bool = False
     # Free a layer's gathered parameters after its forward pass (less memory, one more all-gather in
     # backward). "default": yes, except under pipeline parallelism where each micro-batch would
@@ -62,8 +59,6 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         sizes = {
-            "num_nodes": self.num_nodes,
-            "num_gpus": self.num_gpus,
             "tensor_model_parallel_size": self.tensor_model_parallel_size,
             "pipeline_model_parallel_size": self.pipeline_model_parallel_size,
             "context_parallel_size": self.context_parallel_size,
@@ -80,11 +75,6 @@ class ParallelConfig:
                 f"parallel.virtual_pipeline_model_parallel_size={v} needs "
                 "parallel.pipeline_schedule=interleaved_1f1b (1f1b runs one stage per rank)"
             )
-        if self.hsdp and self.data_parallel_replicate_size not in (1, self.num_nodes):
-            raise ShoalError(
-                f"parallel.hsdp replicates across the {self.num_nodes} nodes, but "
-                f"parallel.data_parallel_replicate_size is {self.data_parallel_replicate_size}; set one of them"
-            )
 
     @property
     def stages_per_rank(self) -> int:
@@ -94,5 +84,5 @@ class ParallelConfig:
 
     @property
     def replicate_size(self) -> int:
-        """Data-parallel replicas: the explicit size, or one per node under `hsdp`."""
-        return self.num_nodes if self.hsdp else self.data_parallel_replicate_size
+        """Data-parallel replicas (under `hsdp`, resolve_recipe has made it the node count)."""
+        return self.data_parallel_replicate_size

@@ -2,7 +2,9 @@
 
 A recipe is a YAML file under `shoal/recipes/` (one per seed model plus the tiny demo) with
 dotted overrides on top (`--train.lr=1e-4`, or the seed's own flags, see `shoal.config.flags`).
-Every field is documented here; functions receive only the section they use.
+`shoal.config.resolve.resolve_recipe` makes every derived decision once and returns a frozen
+`Recipe`: it is what `config.yaml` records, and nothing changes it afterwards. Every field is
+documented here; functions receive only the section they use.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from typing import Literal
 from shoal.config.launch import LaunchConfig
 from shoal.config.parallel import ParallelConfig
 from shoal.errors import ShoalError
+from shoal.peft.config import LoraConfig
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelSection:
     # Named architecture preset (`llama31_8b`, `llama32_1b`, ...; see shoal.models.presets). Used only
     # when no checkpoint is given (training from random weights, e.g. for benchmarks).
@@ -30,7 +33,7 @@ class ModelSection:
     pretrain_experiment: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataSection:
     # Pretraining: a directory of `*_document.bin/.idx`, a prefix, or a weighted list `[w1, p1, w2, p2]`.
     # Fine-tuning: a directory with training.jsonl / validation.jsonl / test.jsonl.
@@ -49,7 +52,7 @@ class DataSection:
     num_workers: int = 1  # DataLoader worker processes
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainSection:
     max_steps: int | None = None  # None: one epoch over the training data
     global_batch_size: int = 32
@@ -73,7 +76,7 @@ class TrainSection:
     fp8: str | None = None  # the seed's --fp8; refused with a clear message (not implemented)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointSection:
     results_dir: str = "results"
     experiment: str = "default"
@@ -85,16 +88,7 @@ class CheckpointSection:
     save_optimizer: bool = True
 
 
-@dataclass
-class PeftSection:
-    method: Literal["none", "lora", "dora"] = "none"
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-
-
-@dataclass
+@dataclass(frozen=True)
 class LoggingSection:
     tensorboard: bool = True
     wandb: bool = False
@@ -102,19 +96,22 @@ class LoggingSection:
     wandb_name: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recipe:
+    # Which command the recipe was resolved for; "pretrain" or "finetune".
+    stage: Literal["pretrain", "finetune"] = "pretrain"
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    peft: PeftSection = field(default_factory=PeftSection)
+    # LoRA/DoRA adapters (fine-tuning with --peft lora|dora); None trains every weight.
+    peft: LoraConfig | None = None
     logging: LoggingSection = field(default_factory=LoggingSection)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def validate(self) -> None:
-        """Checks that need several sections; layout checks live in shoal.distributed.mesh."""
+        """Checks that need several sections; layout checks live in shoal.distributed."""
         t = self.train
         if t.global_batch_size <= 0 or t.micro_batch_size <= 0:
             raise ShoalError("train.global_batch_size and train.micro_batch_size must be positive")

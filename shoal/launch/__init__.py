@@ -6,6 +6,7 @@ should train, and otherwise the exit status of the launch it did (or printed, wi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from shoal.config.launch import LaunchConfig, add_launch_arguments, inside_launched_process, launch_config_from_args
@@ -27,7 +28,7 @@ def maybe_launch(cfg: LaunchConfig, argv: list[str], experiment_dir: str | os.Pa
     if inside_launched_process():
         return None
     if experiment_dir is not None:
-        cfg.experiment_dir = str(os.path.abspath(experiment_dir))
+        cfg = dataclasses.replace(cfg, experiment_dir=str(os.path.abspath(experiment_dir)))
     cfg.validate()
     if cfg.executor == "local" and cfg.world_size == 1:
         return None

@@ -13,14 +13,10 @@ from __future__ import annotations
 
 import os
 
-# flag -> environment variable that carries its value to the ranks
-SECRET_FLAGS: dict[str, str] = {
-    "--hf_token": "HF_TOKEN",
-    "--hf-token": "HF_TOKEN",
-    "--wandb_token": "WANDB_API_KEY",
-    "--wandb-token": "WANDB_API_KEY",
-}
-SECRET_ENV_NAMES = tuple(sorted(set(SECRET_FLAGS.values())))
+from shoal.config.secrets import SECRET_ENV_NAMES, secret_flag_spellings
+
+# flag spelling -> environment variable that carries its value to the ranks
+SECRET_FLAGS: dict[str, str] = secret_flag_spellings()
 LAUNCHER_ONLY_FLAGS = ("--executor", "--num_nodes", "--num-nodes", "-N")
 LAUNCHER_ONLY_SWITCHES = ("--dryrun", "--dry-run")
 

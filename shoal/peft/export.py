@@ -8,21 +8,23 @@ to load with `PeftModel.from_pretrained` on top of the base model.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from shoal.checkpoint.format import MODEL_DIR, TensorInfo
+from shoal.checkpoint.format import MODEL_DIR, PEFT_FILE, TensorInfo
+from shoal.checkpoint.format import read_peft_config as _read_optional_peft_config
 from shoal.convert.streaming import DCPWeightReader
+from shoal.errors import ShoalError
 from shoal.peft.config import LoraConfig
 from shoal.peft.lora import is_adapter_key, merge_adapter_state_dict
 
-PEFT_FILE = "peft.json"
-
 
 def read_peft_config(ckpt: Path) -> LoraConfig:
-    return LoraConfig.from_dict(json.loads((ckpt / PEFT_FILE).read_text()), where=str(ckpt / PEFT_FILE))
+    config = _read_optional_peft_config(ckpt)
+    if config is None:
+        raise ShoalError(f"{ckpt} carries no LoRA/DoRA adapters (no {PEFT_FILE})")
+    return config
 
 
 class MergedWeightReader:

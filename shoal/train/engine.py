@@ -3,8 +3,7 @@
 `build_engine` builds the model on the meta device, swaps in LoRA/DoRA adapters, applies the
 parallel layout from outside (`shoal.distributed`), materialises it, and loads or initialises the
 weights. `Engine.forward_backward` and `Engine.loss_sum` then hide whether a pipeline schedule
-runs underneath. Checkpoint state is the union of every part's canonical (HF-named) state, with
-the optimizer state flattened per parameter name, so it reshards across any layout.
+runs underneath. Saving and restoring `parts` and `optimizers` is shoal.checkpoint's.
 """
 
 from __future__ import annotations
@@ -18,26 +17,18 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
 
-from shoal.checkpoint.format import SafeFileSystemReader
-from shoal.checkpoint.state import load_model_into, model_state
-from shoal.config.recipe import Recipe
+from shoal.checkpoint.state import load_model_into
+from shoal.config.parallel import ParallelConfig
+from shoal.config.recipe import TrainSection
 from shoal.distributed import ParallelDims, parallelize_model
 from shoal.distributed.grad_norm import clip_grad_norm_
 from shoal.distributed.parallelize import autocast_context
 from shoal.errors import ShoalError
 from shoal.models import ModelConfig
 from shoal.models.model import Transformer
+from shoal.peft.config import LoraConfig
 from shoal.train.step import build_optimizer, masked_cross_entropy_sum, model_inputs
-
-# Optimizer state keyed by parameter name, not by position: loads into any layout.
-_OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
-
 
 @dataclass
 class Engine:
@@ -131,63 +122,30 @@ class Engine:
             optimizer.zero_grad(set_to_none=True)
         return norm
 
-    # -- checkpoint state ------------------------------------------------------------------------
-    def model_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {}
-        for part in self.parts:
-            state.update(model_state(part))
-        return state
-
-    def optimizer_state(self) -> dict[str, Any]:
-        """Only the tensors (moments, step counts): DCP would pickle anything else, and a pickle
-        must never be loaded from a checkpoint. Hyperparameters come from the recipe on resume."""
-        state: dict[str, Any] = {}
-        for part, optimizer in zip(self.parts, self.optimizers):
-            flat = get_optimizer_state_dict(part, optimizer, options=_OPTIM_OPTIONS)
-            state.update({k: v for k, v in flat.items() if isinstance(v, torch.Tensor)})
-        return state
-
-    def load_model(self, ckpt: Path) -> None:
-        for part in self.parts:
-            load_model_into(part, ckpt)
-
-    def load_optimizer(self, ckpt: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-
-        states = [get_optimizer_state_dict(p, o, options=_OPTIM_OPTIONS) for p, o in zip(self.parts, self.optimizers)]
-        tensors = {k: v for s in states for k, v in s.items() if isinstance(v, torch.Tensor)}
-        import warnings
-
-        import torch.distributed as dist
-
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
-            dcp.load(tensors, storage_reader=SafeFileSystemReader(str(ckpt / "optim")),
-                     no_dist=not (dist.is_available() and dist.is_initialized()))
-        for part, optimizer, state in zip(self.parts, self.optimizers, states):
-            state.update({k: tensors[k] for k in state if k in tensors})
-            set_optimizer_state_dict(part, optimizer, state, options=_OPTIM_OPTIONS)
-
 
 def build_engine(
-    recipe: Recipe,
     cfg: ModelConfig,
+    *,
+    train: TrainSection,
+    parallel: ParallelConfig,
+    peft: LoraConfig | None,
     dims: ParallelDims,
     device: torch.device,
     compute_dtype: torch.dtype,
-    micro_batches_per_step: int,
-    start: Path | None,
+    micro_batches_per_step: int = 1,
+    document_mask: bool = False,
+    start: Path | None = None,
 ) -> Engine:
-    """Build on meta, add adapters, apply the layout, materialise, then load or initialise weights."""
-    torch.manual_seed(recipe.train.seed)  # the same initial weights whatever the layout
+    """Build on meta, add adapters, apply the layout, materialise, then load `start`'s weights
+    (or initialise them); the optimizer is AdamW with `train`'s settings."""
+    torch.manual_seed(train.seed)  # the same initial weights whatever the layout
     with torch.device("meta"):
         model = Transformer(cfg)
-    peft = recipe.peft.method != "none"
-    if peft:
+    if peft is not None:
         from shoal.peft import apply_lora
 
-        apply_lora(model, rank=recipe.peft.rank, alpha=recipe.peft.alpha, dropout=recipe.peft.dropout,
-                   target_modules=recipe.peft.target_modules, use_dora=recipe.peft.method == "dora")
+        apply_lora(model, rank=peft.rank, alpha=peft.alpha, dropout=peft.dropout,
+                   target_modules=peft.target_modules, use_dora=peft.use_dora)
     pipeline = None
     if dims.pp_enabled and dims.cp_enabled:
         raise ShoalError("pipeline and context parallelism together are not supported yet; use one of them")
@@ -195,30 +153,30 @@ def build_engine(
         from shoal.distributed.pipeline import pipeline_model
 
         pipeline, parts, _, _ = pipeline_model(
-            model, dims, recipe.parallel, masked_cross_entropy_sum, recipe.train.micro_batch_size,
+            model, dims, parallel, masked_cross_entropy_sum, train.micro_batch_size,
             micro_batches_per_step, device.type, compute_dtype,
         )
     else:
-        parts = [parallelize_model(model, dims, recipe.parallel, device.type, compute_dtype)]
+        parts = [parallelize_model(model, dims, parallel, device.type, compute_dtype)]
     for part in parts:
         part.to_empty(device=device)
         with torch.no_grad():
             part.init_weights()
         if start is not None:
             load_model_into(part, start)
-        if peft:
+        if peft is not None:
             from shoal.peft import init_lora_weights
 
             # After the load (DoRA's magnitude starts from the loaded weights); seeded per layer name,
             # so the adapters start the same in every layout.
-            init_lora_weights(part, seed=recipe.train.seed)
-    t = recipe.train
+            init_lora_weights(part, seed=train.seed)
+    t = train
     optimizers = [build_optimizer(p, t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps) for p in parts]
-    autocast = lambda: autocast_context(dims, recipe.parallel, device.type, compute_dtype)  # noqa: E731
-    loss_fn = torch.compile(masked_cross_entropy_sum) if recipe.parallel.compile else masked_cross_entropy_sum
+    autocast = lambda: autocast_context(dims, parallel, device.type, compute_dtype)  # noqa: E731
+    loss_fn = torch.compile(masked_cross_entropy_sum) if parallel.compile else masked_cross_entropy_sum
     defer = pipeline is None and micro_batches_per_step > 1 and _defer_gradient_sync(
-        recipe.parallel.fsdp_gradient_sync, parts, dims, device)
-    return Engine(parts, optimizers, dims, recipe.data.document_mask, autocast, pipeline, loss_fn, defer)
+        parallel.fsdp_gradient_sync, parts, dims, device)
+    return Engine(parts, optimizers, dims, document_mask, autocast, pipeline, loss_fn, defer)
 
 
 def _defer_gradient_sync(mode: str, parts: list[nn.Module], dims: ParallelDims, device: torch.device) -> bool:

@@ -8,13 +8,16 @@ Megatron builds them (so a NeMo user's data and splits mean the same thing here)
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from shoal.config.flags import add_training_arguments, recipe_from_args, secret
+from shoal.config.flags import add_training_arguments
 from shoal.config.recipe import Recipe
+from shoal.config.resolve import resolve_recipe
 from shoal.errors import ShoalError
-from shoal.train.trainer import Datasets, Runtime, finish_distributed, prepare_run, run_training
+from shoal.train.stage import run_stage
+from shoal.train.trainer import Datasets
 
 ACCEPTS_OVERRIDES = True
 
@@ -23,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_training_arguments(parser)
 
 
-def build_pretrain_data(recipe: Recipe, runtime: Runtime, tokenizer_dir: Path | None) -> Datasets:
+def build_pretrain_data(recipe: Recipe, tokenizer_dir: Path | None, verbose: bool) -> Datasets:
     """Train/validation GPT datasets sized for max_steps (one epoch when max_steps is unset)."""
     from shoal.data.gpt_dataset import build_pretrain_datasets
     from shoal.data.tokenizer import load_tokenizer
@@ -55,17 +58,18 @@ def build_pretrain_data(recipe: Recipe, runtime: Runtime, tokenizer_dir: Path | 
     val_batches = t.limit_val_batches if t.limit_val_batches is not None else 1
     evals = max_steps // (t.val_check_interval or max_steps) + 1
     train, valid, _ = build((max_steps * t.global_batch_size, evals * val_batches * t.global_batch_size, 0))
-    if valid is None and runtime.is_main:
+    if valid is None and verbose:
         print(f"shoal: warning: the validation split ({data.split!r}) of {' '.join(data.dataset_path)} holds no "
               "sample; training without validation (checkpoints are ranked by recency)", file=sys.stderr)
-    return Datasets(train, valid, max_steps, description={"stage": "pretrain", "dataset_path": data.dataset_path})
+    return Datasets(train, valid, max_steps)
 
 
-def main(args: argparse.Namespace) -> int | None:
-    recipe = recipe_from_args(args, "pretrain")
-    runtime = prepare_run(recipe, args, stage="pretrain")
-    if not isinstance(runtime, Runtime):
-        return runtime  # the launcher ran (or submitted) the job
-    run_training(recipe, runtime, build_pretrain_data, wandb_token=secret(args.wandb_token, "WANDB_API_KEY"))
-    finish_distributed()
-    return 0
+def run(recipe: Recipe, argv: list[str] | None = None) -> int:
+    """Pretrain as `recipe` says (from Python: `run(build_recipe("pretrain", "tiny", {...}))`)."""
+    return run_stage(recipe, build_pretrain_data, argv)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.wandb_token:  # this process only; the launcher hands it to the ranks the same way
+        os.environ["WANDB_API_KEY"] = args.wandb_token
+    return run(resolve_recipe(args, "pretrain"), args.argv)

@@ -15,11 +15,23 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shoal.config.flags import recipe_from_args
+from shoal.checkpoint.format import save_model_state, write_metadata
 from shoal.config.loader import to_dict
 from shoal.config.recipe import Recipe
+from shoal.config.resolve import resolve_recipe
 from shoal.models.presets import get_preset
 from training_runs import shoal
+
+@pytest.fixture(autouse=True)
+def pretraining_experiment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A complete pretraining checkpoint under ./results, where fine-tuning without --nemo_model looks."""
+    monkeypatch.chdir(tmp_path)
+    ckpt = Path("results/pre/checkpoints/step=000002-last")
+    save_model_state({"w": __import__("torch").zeros(2)}, ckpt / "model")
+    write_metadata(ckpt, get_preset("llama_tiny"), "float32")
+    (ckpt.parents[1] / "config.yaml").write_text("stage: pretrain\n")
+    return ckpt
+
 
 RECIPES = sorted(p.name[:-5] for p in (resources.files("shoal") / "recipes").iterdir() if p.name.endswith(".yaml"))
 
@@ -102,7 +114,7 @@ def resolve(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> Recipe:
 
     monkeypatch.setattr(module, "main", capture)
     assert shoal(*argv) == 0
-    return recipe_from_args(captured["args"], stage)
+    return resolve_recipe(captured["args"], stage)
 
 
 def leaves(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -118,10 +130,13 @@ def leaves(tree: dict, prefix: str = "") -> dict[str, object]:
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_shipped_recipe_resolves(monkeypatch: pytest.MonkeyPatch, name: str, stage: str):
-    recipe = resolve(monkeypatch, [stage, "--recipe", name])
+    # With --peft the recipe's adapter settings apply (without it, recipe.peft is None).
+    recipe = resolve(monkeypatch, [stage, "--recipe", name, *(["--peft", "lora"] if stage == "finetune" else [])])
     tree = yaml.safe_load((resources.files("shoal") / "recipes" / f"{name}.yaml").read_text())
     expected = leaves({k: v for k, v in tree.items() if k not in ("pretrain", "finetune")})
     expected.update(leaves(tree.get(stage) or {}))  # the stage's section wins
+    if stage == "pretrain":
+        expected = {k: v for k, v in expected.items() if not k.startswith("peft.")}
     resolved = leaves(to_dict(recipe))
     for key, value in expected.items():
         assert resolved[key] == value, f"{name}.yaml, {stage}: {key} = {resolved[key]!r}, file says {value!r}"
@@ -137,25 +152,25 @@ def test_seed_pretrain_command(monkeypatch: pytest.MonkeyPatch):
     assert recipe.model.hf_model_id == "meta-llama/Llama-3.1-8B-Instruct"
     assert recipe.checkpoint.experiment == "llama31_pretraining"
     assert recipe.train.max_steps == 100 and recipe.train.global_batch_size == 2048
+    assert (recipe.launch.num_nodes, recipe.launch.num_gpus) == (1, 8)
     p = recipe.parallel
-    assert (p.num_nodes, p.num_gpus) == (1, 8)
     assert (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size) == (2, 1, 1)
     assert recipe.data.dataset_path == ["data/custom_dataset/preprocessed/"]
     assert recipe.data.split == "998,1,0"  # the seed's validation split for pretraining
-    assert recipe.peft.method == "none"
+    assert recipe.peft is None
     assert "hf_seed_SECRET_token" not in yaml.safe_dump(to_dict(recipe))
 
 
-def test_seed_finetune_command_with_empty_nemo_model(monkeypatch: pytest.MonkeyPatch):
+def test_seed_finetune_command_with_empty_nemo_model(monkeypatch: pytest.MonkeyPatch, pretraining_experiment: Path):
     argv = bash_argv(SEED_FINETUNE)
     assert argv[argv.index("--nemo_model") + 1] == "--max_steps"  # what the empty variable leaves
     recipe = resolve(monkeypatch, argv)
-    assert recipe.model.checkpoint is None  # finetune will take the latest pretraining checkpoint
+    assert recipe.model.checkpoint == str(pretraining_experiment)  # the latest pretraining checkpoint
     assert recipe.model.preset == "llama31_8b"
     assert recipe.model.hf_model_id == "meta-llama/Llama-3.1-8B-Instruct"
     assert recipe.checkpoint.experiment == "llama31_finetuning"
     assert recipe.train.max_steps == 100 and recipe.train.global_batch_size == 128
-    assert recipe.parallel.tensor_model_parallel_size == 2 and recipe.parallel.num_gpus == 8
+    assert recipe.parallel.tensor_model_parallel_size == 2 and recipe.launch.num_gpus == 8
     assert recipe.data.dataset_path == ["data/alpaca"]
     assert "hf_seed_SECRET_token" not in yaml.safe_dump(to_dict(recipe))
 
@@ -169,10 +184,10 @@ def test_precedence_recipe_then_stage_then_flags_then_overrides(monkeypatch: pyt
                                    "--train.global_batch_size=64"])
     assert recipe.train.lr == 0.25 and recipe.train.global_batch_size == 64
     # NeMo's key=value spelling, and exponents without a dot (a string to YAML 1.1) as numbers.
-    recipe = resolve(monkeypatch, ["pretrain", "--recipe", "tiny", "train.lr=1e-4", "--train.min_lr=1e-5",
-                                   "--peft.target_modules=q_proj,v_proj", "--checkpoint.save_interval=null"])
+    recipe = resolve(monkeypatch, ["finetune", "--recipe", "tiny", "train.lr=1e-4", "--train.min_lr=1e-5", "--peft",
+                                   "lora", "--peft.target_modules=q_proj,v_proj", "--checkpoint.save_interval=null"])
     assert recipe.train.lr == 1e-4 and recipe.train.min_lr == 1e-5
-    assert recipe.peft.target_modules == ["q_proj", "v_proj"]
+    assert recipe.peft.target_modules == ("q_proj", "v_proj")
     assert recipe.checkpoint.save_interval is None
 
 

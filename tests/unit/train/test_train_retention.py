@@ -66,7 +66,7 @@ def test_fine_tuning_starts_from_latest_pretraining_checkpoint(train_assets: Tra
     del args[args.index("--nemo_model"):args.index("--nemo_model") + 2]
     seen = []
     real_build = trainer.build_engine
-    monkeypatch.setattr(trainer, "build_engine", lambda *a, **k: seen.append(a[-1]) or real_build(*a, **k))
+    monkeypatch.setattr(trainer, "build_engine", lambda *a, **k: seen.append(k["start"]) or real_build(*a, **k))
     assert shoal(*args) == 0
     assert seen == [results / "pre" / "checkpoints" / "step=000004-val_loss=5.000-last"]
 

@@ -1,0 +1,92 @@
+"""Where a run starts: resume the experiment's latest checkpoint, or start from given weights.
+
+Everything a run needs to know about its start is read here once, before data or model are built:
+the model's shape (checked against `--model` and `--seq_length`), the tokenizer (its bytes, which
+every checkpoint of the run will carry), and what the start checkpoint recorded that the run's
+checkpoints must keep (generation config, the source model's dtype).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shoal.checkpoint import format as ckpt_format
+from shoal.checkpoint.catalog import CheckpointInfo, latest_checkpoint, resolve_checkpoint
+from shoal.config.recipe import CheckpointSection, ModelSection
+from shoal.errors import ShoalError
+from shoal.models import ModelConfig, get_preset
+
+_SHAPE = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size")
+
+
+@dataclass(frozen=True)
+class StartPoint:
+    model_config: ModelConfig
+    resume: CheckpointInfo | None = None  # the experiment's own checkpoint to continue from
+    weights: Path | None = None  # the checkpoint whose weights a new run loads (None: random init)
+    tokenizer_dir: Path | None = None  # for building the data, read before any checkpoint is saved
+    tokenizer: dict[str, bytes] | None = None  # copied into every checkpoint of the run
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def checkpoint(self) -> Path | None:
+        return self.resume.path if self.resume else self.weights
+
+
+def _shape(cfg: ModelConfig) -> str:
+    return (f"hidden {cfg.hidden_size}, layers {cfg.num_layers}, heads {cfg.num_heads}/{cfg.num_kv_heads} kv, "
+            f"vocab {cfg.vocab_size}")
+
+
+def _given_weights(model: ModelSection) -> Path | None:
+    if model.checkpoint is None:
+        return None
+    try:
+        return resolve_checkpoint(model.checkpoint)
+    except ShoalError as err:
+        raise ShoalError(f"--nemo_model: {err}") from None
+
+
+def find_start(model: ModelSection, checkpoint: CheckpointSection, experiment_dir: Path) -> StartPoint:
+    resume = latest_checkpoint(experiment_dir / "checkpoints") if checkpoint.resume else None
+    weights = _given_weights(model)
+    ckpt = resume.path if resume else weights
+    if ckpt is not None:
+        cfg = ckpt_format.read_model_config(ckpt)
+        if resume is not None and weights is not None:
+            # Resuming ignores --nemo_model; one of another shape means the user meant another run.
+            given = ckpt_format.read_model_config(weights)
+            if any(getattr(given, k) != getattr(cfg, k) for k in _SHAPE):
+                raise ShoalError(
+                    f"experiment {experiment_dir} has checkpoints of another model than --nemo_model "
+                    f"{model.checkpoint} (hidden {cfg.hidden_size} vs {given.hidden_size}, layers {cfg.num_layers} "
+                    f"vs {given.num_layers}, vocab {cfg.vocab_size} vs {given.vocab_size}); use a new --experiment "
+                    "to start from it"
+                )
+        if model.preset:
+            preset = get_preset(model.preset)
+            if any(getattr(preset, k) != getattr(cfg, k) for k in _SHAPE):
+                raise ShoalError(
+                    f"checkpoint {ckpt} holds a model of another shape ({_shape(cfg)}) than the preset "
+                    f"{model.preset} ({_shape(preset)}); drop --model/--model_size or pass the matching checkpoint"
+                )
+        meta = ckpt_format.read_metadata(ckpt)
+        extra = dict(meta.get("extra") or {})
+        extra.setdefault("source_dtype", meta["dtype"])
+        tok_dir = ckpt / ckpt_format.TOKENIZER_DIR
+        has_tokenizer = tok_dir.is_dir() and bool(ckpt_format.tokenizer_files(tok_dir))
+        return StartPoint(cfg, resume, None if resume else weights, tok_dir if has_tokenizer else None,
+                          ckpt_format.snapshot_tokenizer(ckpt) if has_tokenizer else None, extra)
+    if model.preset:
+        return StartPoint(get_preset(model.preset))
+    raise ShoalError("no model to train: pass --nemo_model CKPT (an imported checkpoint) or --model PRESET")
+
+
+def check_start(start: StartPoint, seq_length: int) -> None:
+    if seq_length > start.model_config.max_position_embeddings:
+        raise ShoalError(
+            f"--seq_length {seq_length} exceeds what the model supports "
+            f"(max_position_embeddings {start.model_config.max_position_embeddings})"
+        )
