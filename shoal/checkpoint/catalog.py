@@ -103,7 +103,7 @@ def resolve_checkpoint(path: str | os.PathLike, which: str = "latest") -> Path:
         if found is not None:
             return found.path
     if (path / "config.json").is_file():
-        raise ShoalError(f"{path} is a Hugging Face model folder, not a shoal checkpoint; "
+        raise ShoalError(f"{path} is not a shoal checkpoint but a Hugging Face model folder; "
                          f"convert it first: shoal import --source {path} --output_path CKPT")
     raise ShoalError(
         f"{path} is not a shoal checkpoint ({METADATA_FILE} is missing) and holds no complete "

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from shoal.checkpoint.format import (
     FORMAT_VERSION, copy_tokenizer, load_model_state, model_state_info, model_state_keys, read_metadata,
-    read_model_config, resolve_checkpoint, save_model_state, write_metadata,
+    read_model_config, save_model_state, write_metadata,
 )
 from shoal.errors import ShoalError
 from shoal.models import build_model, get_preset
@@ -140,10 +140,12 @@ def test_malicious_dcp_metadata_is_not_unpickled(tmp_path):
 
 
 def test_resolve_checkpoint(tmp_path):
+    from shoal.checkpoint.catalog import resolve_checkpoint
+
     cfg = get_preset("llama_tiny")
     root = tmp_path / "exp" / "checkpoints"
     for name in ("step=000100-val_loss=1.000", "step=000100-val_loss=1.100-last", "step=000099-val_loss=0.500"):
-        (root / name).mkdir(parents=True)
+        save_model_state({"w": torch.zeros(2)}, root / name / "model")
         write_metadata(root / name, cfg, "float32")
     (root / "step=000500-val_loss=0.100").mkdir()  # incomplete: no shoal.json
     assert resolve_checkpoint(tmp_path / "exp").name == "step=000100-val_loss=1.100-last"
