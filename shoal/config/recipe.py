@@ -60,6 +60,7 @@ class TrainSection:
     lr: float = 3e-4
     min_lr: float | None = None  # None: lr / 10
     lr_schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    # Linear warmup; one that would not end before the run does is cut to a tenth of the run (logged).
     warmup_steps: int = 0
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
@@ -70,7 +71,9 @@ class TrainSection:
     # "bf16": bf16 compute with fp32 master weights, optimizer state and gradient reduction;
     # "fp32": everything in fp32 (the default on CPU, where bf16 is slow).
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    val_check_interval: int | None = None  # steps between validations; None: only at the end
+    # Steps between validations; None: only at the end; "seed": the seed's rule, every fifth of the run
+    # when it is longer than 1,000 steps (pretraining) or 100 (fine-tuning), else at the end.
+    val_check_interval: int | Literal["seed"] | None = None
     limit_val_batches: int | None = 8  # global batches per validation; None: the whole split
     log_interval: int = 1
     fp8: str | None = None  # the seed's --fp8; refused with a clear message (not implemented)

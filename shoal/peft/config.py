@@ -72,8 +72,9 @@ class LoraConfig:
     """An adapter's settings. `target_modules` accepts any names `resolve_target_modules` does and
     holds the resolved HF names afterwards. `apply_lora(model, **dataclasses.asdict(cfg))` applies it."""
 
-    rank: int = 8
-    alpha: float = 16.0
+    # NeMo's LoRA defaults (the seed's): every linear layer of each block, dim 32, alpha 32, no dropout.
+    rank: int = 32
+    alpha: float = 32.0
     dropout: float = 0.0
     target_modules: tuple[str, ...] = field(default=ALL_LINEAR)
     use_dora: bool = False

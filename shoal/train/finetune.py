@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from shoal.config.flags import add_training_arguments
@@ -35,6 +36,11 @@ def build_sft_data(recipe: Recipe, tokenizer_dir: Path | None, verbose: bool) ->
     if not data.dataset_path:
         raise ShoalError("no fine-tuning data: pass --dataset_path DIR (with training.jsonl and validation.jsonl)")
     folder = Path(data.dataset_path[0])
+    if folder.is_file():  # the user named a split file: its folder holds the splits
+        if verbose:
+            print(f"shoal: --dataset_path {folder} is a file; reading the splits of its folder {folder.parent}",
+                  file=sys.stderr)
+        folder = folder.parent
     train_file = folder / "training.jsonl"
     if not train_file.is_file():
         raise ShoalError(f"--dataset_path {folder}: {train_file.name} not found (run `shoal download sft` first)")
@@ -58,7 +64,10 @@ def build_sft_data(recipe: Recipe, tokenizer_dir: Path | None, verbose: bool) ->
         max_steps = len(train) // t.global_batch_size
         if max_steps == 0:
             raise ShoalError(f"{train_file}: {len(train)} sequences, fewer than one global batch ({t.global_batch_size})")
-    return Datasets(train, valid, max_steps, shuffle=True)
+    summary = {"training rows": train.num_rows, "training sequences": len(train),
+               "validation sequences": len(valid) if valid is not None else 0,
+               "sequences per step": t.global_batch_size, "packed": data.pack_sequences}
+    return Datasets(train, valid, max_steps, shuffle=True, summary=summary)
 
 
 def run(recipe: Recipe, argv: list[str] | None = None) -> int:

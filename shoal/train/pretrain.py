@@ -16,6 +16,7 @@ from shoal.config.flags import add_training_arguments
 from shoal.config.recipe import Recipe
 from shoal.config.resolve import resolve_recipe
 from shoal.errors import ShoalError
+from shoal.train.run_plan import validation_interval
 from shoal.train.stage import run_stage
 from shoal.train.trainer import Datasets
 
@@ -56,12 +57,27 @@ def build_pretrain_data(recipe: Recipe, tokenizer_dir: Path | None, verbose: boo
                 f"fewer than one global batch ({t.global_batch_size}); lower --global_batch_size or --seq_length"
             )
     val_batches = t.limit_val_batches if t.limit_val_batches is not None else 1
-    evals = max_steps // (t.val_check_interval or max_steps) + 1
+    evals = max_steps // (validation_interval(t, "pretrain", max_steps) or max_steps) + 1
     train, valid, _ = build((max_steps * t.global_batch_size, evals * val_batches * t.global_batch_size, 0))
     if valid is None and verbose:
         print(f"shoal: warning: the validation split ({data.split!r}) of {' '.join(data.dataset_path)} holds no "
               "sample; training without validation (checkpoints are ranked by recency)", file=sys.stderr)
-    return Datasets(train, valid, max_steps)
+    return Datasets(train, valid, max_steps, summary=_summary(data.dataset_path, train, valid, t.global_batch_size))
+
+
+def _summary(paths: list[str], train, valid, global_batch_size: int) -> dict:
+    """Documents and tokens of the corpus, and the samples this run reads."""
+    import numpy as np
+
+    from shoal.data.gpt_dataset import parse_blend
+    from shoal.data.indexed import IndexedDataset
+
+    prefixes, _ = parse_blend(paths)
+    lengths = [IndexedDataset(prefix).sequence_lengths for prefix in prefixes]
+    return {"prefixes": len(prefixes), "documents": sum(len(x) for x in lengths),
+            "tokens": int(sum(np.sum(x, dtype=np.int64) for x in lengths)),
+            "training samples": len(train), "validation samples": len(valid) if valid is not None else 0,
+            "samples per step": global_batch_size}
 
 
 def run(recipe: Recipe, argv: list[str] | None = None) -> int:

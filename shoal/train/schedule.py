@@ -9,18 +9,20 @@ from __future__ import annotations
 import math
 
 from shoal.config.recipe import TrainSection
+from shoal.train.run_plan import warmup_steps
 
 
 def lr_at(step: int, cfg: TrainSection, total_steps: int) -> float:
     """The learning rate for optimizer step `step` (0-based) of `total_steps`."""
     peak = cfg.lr
     floor = cfg.min_lr if cfg.min_lr is not None else peak / 10
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return peak * (step + 1) / cfg.warmup_steps
+    warmup = warmup_steps(cfg, total_steps)
+    if warmup and step < warmup:
+        return peak * (step + 1) / warmup
     if cfg.lr_schedule == "constant":
         return peak
-    decay_steps = max(1, total_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    decay_steps = max(1, total_steps - warmup)
+    progress = min(1.0, (step - warmup) / decay_steps)
     if cfg.lr_schedule == "linear":
         return peak + (floor - peak) * progress
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))

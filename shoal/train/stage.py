@@ -23,6 +23,10 @@ def run_stage(recipe: Recipe, make_datasets, argv: list[str] | None = None) -> i
     for path in recipe.data.dataset_path:  # fail before any process starts, not inside every rank
         if not _is_number(path) and not Path(path).exists() and not Path(path + ".idx").exists():
             raise ShoalError(f"--dataset_path {path} does not exist")
+    if recipe.launch.dryrun:
+        from shoal.train.dry_run import dry_run
+
+        return dry_run(recipe, make_datasets, argv)
     if recipe.launch.world_size > 1 or recipe.launch.executor != "local":
         if argv is None:
             raise ShoalError("a run over several processes is started from the command line (`shoal pretrain ...`)")

@@ -27,6 +27,7 @@ from shoal.data.sampler import MicroBatchSampler
 from shoal.distributed import check_parallel_layout
 from shoal.train.engine import Engine, build_engine
 from shoal.train.metrics import MetricsLogger, peak_flops
+from shoal.train.run_plan import RunPlan, plan_run
 from shoal.train.runtime import Runtime
 from shoal.train.schedule import lr_at
 from shoal.train.start import StartPoint, check_start, find_start
@@ -40,8 +41,8 @@ class Datasets:
     max_steps: int
     # Reshuffle each pass (fine-tuning); pretraining samples come already shuffled, as in Megatron.
     shuffle: bool = False
-    # Recorded in shoal.json so a checkpoint says what it was trained on.
-    description: dict[str, Any] = field(default_factory=dict)
+    # What the data holds, for --dryrun: {"documents": 120, "tokens": ..., ...}.
+    summary: dict[str, Any] = field(default_factory=dict)
 
 
 # Builds a stage's datasets given the tokenizer folder of the start checkpoint (None without one).
@@ -75,14 +76,42 @@ def train(recipe: Recipe, runtime: Runtime, build_datasets: DatasetBuilder, argv
             print(f"shoal: {exp} already reached step {progress.step} of {datasets.max_steps}; nothing to do",
                   file=sys.stderr)
         return start.resume.path if start.resume else None
+    plan = plan_run(t, recipe.stage, datasets.max_steps, recipe.data.seq_length, runtime.dims.dp_size,
+                    len(datasets.train))
     if runtime.is_main:  # only once every check has passed, so a refused run changes nothing
         save_resolved_config(recipe, exp)
+        _announce(recipe, start, datasets, plan, runtime)
     record = _checkpoint_record(recipe, start, datasets, argv or [])
     logger = _metrics_logger(recipe, exp, runtime, datasets.max_steps, progress.step)
     try:
-        return _loop(engine, datasets, recipe, runtime, progress, record, logger)
+        return _loop(engine, datasets, recipe, runtime, progress, record, logger, plan)
     finally:
         logger.close()
+
+
+def _announce(recipe: Recipe, start: StartPoint, datasets: Datasets, plan: RunPlan, runtime: Runtime) -> None:
+    """Say what the run starts from and what it will do, before the first (possibly long) step."""
+    if start.resume is not None:
+        origin = f"resuming {start.resume.path} (step {start.resume.step})"
+    elif start.weights is not None:
+        origin = f"weights of {start.weights}"
+    else:
+        origin = f"random weights of preset {recipe.model.preset}"
+    print(f"shoal: {recipe.stage} from {origin}", file=sys.stderr)
+    print(f"shoal: plan: {plan.summary()}", file=sys.stderr)
+    for note in plan.notes:
+        print(f"shoal: note: {note}", file=sys.stderr)
+    valid = datasets.valid
+    if valid is not None and len(valid):
+        used = validation_samples(len(valid), recipe.train, runtime.dims.dp_size, runtime.dims.pp_enabled)
+        if used == 0:
+            print(f"shoal: warning: the validation split holds {len(valid)} sequences, too few for one round of "
+                  f"micro-batches over the data-parallel ranks; training without validation", file=sys.stderr)
+        elif used < recipe.train.global_batch_size:
+            print(f"shoal: note: the validation split holds {len(valid)} sequences, fewer than one global batch "
+                  f"({recipe.train.global_batch_size}); validating on {used} of them", file=sys.stderr)
+    elif valid is None:
+        print("shoal: warning: no validation data; checkpoints are ranked by recency", file=sys.stderr)
 
 
 def save_resolved_config(recipe: Recipe, exp: Path) -> None:
@@ -122,24 +151,39 @@ def data_generator(data: DataSection) -> torch.Generator:
     return torch.Generator().manual_seed(data.seed)
 
 
+def validation_samples(dataset_size: int, train: TrainSection, dp_size: int, pipeline: bool) -> int:
+    """How many validation sequences one validation reads: whole global batches (at most
+    `limit_val_batches`); a split smaller than one global batch is read in whole micro-batches of
+    every data-parallel rank (a pipeline schedule needs whole global batches: then none)."""
+    if dataset_size >= train.global_batch_size:
+        batches = dataset_size // train.global_batch_size
+        if train.limit_val_batches is not None:
+            batches = min(batches, train.limit_val_batches)
+        return batches * train.global_batch_size
+    if pipeline:
+        return 0
+    per_round = train.micro_batch_size * dp_size
+    return dataset_size // per_round * per_round
+
+
 @torch.no_grad()
 def validate(engine: Engine, dataset, train: TrainSection, data: DataSection, runtime: Runtime) -> float | None:
-    """Mean loss per loss token over `limit_val_batches` global batches of the validation split."""
+    """Mean loss per loss token over the validation sequences `validation_samples` picks."""
     if dataset is None or len(dataset) == 0:
         return None
     dp = runtime.dims.dp_size
     accum = train.global_batch_size // (train.micro_batch_size * dp)
-    steps = len(dataset) // train.global_batch_size
-    if train.limit_val_batches is not None:
-        steps = min(steps, train.limit_val_batches)
-    if steps == 0:
+    samples = validation_samples(len(dataset), train, dp, engine.pipeline is not None)
+    if samples == 0:
         return None
-    sampler = MicroBatchSampler(steps * train.global_batch_size, train.micro_batch_size, runtime.dims.dp_rank, dp)
+    sampler = MicroBatchSampler(samples, train.micro_batch_size, runtime.dims.dp_rank, dp)
     batches = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=0, generator=data_generator(data)))
     engine.train(False)
     totals = torch.zeros(2, device=runtime.device, dtype=torch.float64)
-    for _ in range(steps):
-        mbs = micro_batches(batches, accum, runtime.device)
+    remaining = len(sampler)
+    while remaining:
+        mbs = micro_batches(batches, min(accum, remaining), runtime.device)
+        remaining -= len(mbs)
         totals[0] += engine.loss_sum(mbs).double()
         totals[1] += sum(mb["loss_mask"].sum().double() for mb in mbs) / runtime.dims.cp
     engine.train(True)
@@ -155,6 +199,7 @@ def _loop(
     progress: Progress,
     record: CheckpointRecord,
     logger: MetricsLogger,
+    plan: RunPlan,
 ) -> Path | None:
     t, data, dims = recipe.train, recipe.data, runtime.dims
     max_steps = datasets.max_steps
@@ -204,7 +249,7 @@ def _loop(
             window_start, window_tokens = time.perf_counter(), 0
 
         is_last = step == max_steps
-        val_due = t.val_check_interval and step % t.val_check_interval == 0
+        val_due = plan.val_interval and step % plan.val_interval == 0
         save_due = recipe.checkpoint.save_interval and step % recipe.checkpoint.save_interval == 0
         if val_due or save_due or is_last:
             last_val = validate(engine, datasets.valid, t, data, runtime)
