@@ -189,8 +189,6 @@ def build_engine(
         apply_lora(model, rank=recipe.peft.rank, alpha=recipe.peft.alpha, dropout=recipe.peft.dropout,
                    target_modules=recipe.peft.target_modules, use_dora=recipe.peft.method == "dora")
     pipeline = None
-    if dims.pp_enabled and dims.cp_enabled:
-        raise ShoalError("pipeline and context parallelism together are not supported yet; use one of them")
     if dims.pp_enabled:
         from shoal.distributed.pipeline import pipeline_model
 
