@@ -131,10 +131,11 @@ def _check_micro_batches(parallel: ParallelConfig, dp: int, global_batch_size: i
             f"{global_batch_size} / (micro_batch_size {micro_batch_size} × data-parallel {dp}) = {micro_batches} "
             f"< {pp} stages; raise global_batch_size to at least {pp * micro_batch_size * dp}"
         )
-    # torch's interleaved schedule runs the micro-batches in rounds of about pp and needs equal rounds.
+    # torch's interleaved schedule cuts the step into micro_batches // pp rounds of equal size.
     rounds = max(1, micro_batches // pp)
     if parallel.pipeline_schedule == "interleaved_1f1b" and micro_batches % rounds:
         raise ShoalError(
-            f"the interleaved pipeline runs micro-batches in rounds of {pp}: {micro_batches} micro-batches per "
-            f"step must be a multiple of {rounds} (use a multiple of {pp})"
+            f"the interleaved pipeline splits the step's {micro_batches} micro-batches into {rounds} equal rounds "
+            f"({micro_batches} // {pp} stages), and {micro_batches} is not a multiple of {rounds}; use a multiple "
+            f"of {pp} micro-batches per step (global_batch_size / (micro_batch_size × data-parallel {dp}))"
         )
