@@ -30,7 +30,6 @@ from shoal.config.recipe import Recipe
 from shoal.distributed import ParallelDims, parallelize_model
 from shoal.distributed.grad_norm import clip_grad_norm_
 from shoal.distributed.parallelize import autocast_context
-from shoal.errors import ShoalError
 from shoal.models import ModelConfig
 from shoal.models.model import Transformer
 from shoal.train.step import build_optimizer, masked_cross_entropy_sum, model_inputs
