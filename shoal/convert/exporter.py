@@ -16,7 +16,6 @@ from DCP a bounded group at a time and written straight to their shard, so memor
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import shutil
@@ -36,27 +35,13 @@ from shoal.convert.safetensors_io import SafetensorsWriter, plan_shards, shard_f
 from shoal.convert.streaming import DCPWeightReader, WeightReader
 from shoal.errors import ShoalError
 from shoal.models.config import to_hf_config
+from shoal.peft.export import merged_weight_reader, write_peft_adapter
 
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000  # Hugging Face's default, decimal bytes
 DEFAULT_LOAD_BUDGET = 256 << 20  # bytes of weights read from DCP per load (plus one tensor in flight)
 
-# Where the PEFT code plugs in for checkpoints that carry adapters (peft.json): a module exposing
-# `merged_weight_reader(ckpt_dir: Path) -> WeightReader`, returning base weights with adapters merged.
-PEFT_EXPORT_MODULE = "shoal.peft.export"
-
 WeightReaderFactory = Callable[[Path], WeightReader]
 Finalizer = Callable[[Path, Path], None]
-
-
-def _peft_weight_reader(ckpt: Path) -> WeightReaderFactory:
-    try:
-        module = importlib.import_module(PEFT_EXPORT_MODULE)
-        return module.merged_weight_reader
-    except (ImportError, AttributeError):
-        raise ShoalError(
-            f"{ckpt} carries LoRA/DoRA adapters (peft.json), and this shoal has no adapter merge for export "
-            f"({PEFT_EXPORT_MODULE}.merged_weight_reader is missing)"
-        ) from None
 
 
 def generation_config(meta: dict) -> dict:
@@ -87,7 +72,7 @@ def export_checkpoint(
     dtype: convert floating weights to it; None keeps each tensor's saved dtype (lossless).
     weight_reader: hook for checkpoints whose weights need work before export (LoRA/DoRA merge):
         called with the checkpoint folder, it returns a `WeightReader` giving full-model weights by
-        shoal name. Default: plain DCP reads of `model/` (or `shoal.peft.export` when peft.json exists).
+        shoal name. Default: plain DCP reads of `model/` (adapters merged on read when peft.json exists).
     finalize: hook called as finalize(ckpt_dir, out_dir) before the output is published, to add
         files (e.g. a PEFT adapter folder); whatever it writes appears atomically with the rest.
     """
@@ -98,7 +83,7 @@ def export_checkpoint(
     max_bytes = parse_size(max_shard_size)
     out = check_output(output_path, overwrite, sources=(ckpt,))
     if weight_reader is None and (ckpt / "peft.json").is_file():
-        weight_reader = _peft_weight_reader(ckpt)
+        weight_reader = merged_weight_reader
     if weight_reader is None and not (ckpt / MODEL_DIR).is_dir():
         raise ShoalError(f"{ckpt}: {MODEL_DIR}/ is missing (an incomplete checkpoint?)")
     reader = weight_reader(ckpt) if weight_reader else DCPWeightReader(ckpt / MODEL_DIR)
@@ -184,8 +169,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def export_adapter(source: str | os.PathLike, output_path: str | os.PathLike, overwrite: bool = False) -> Path:
     """The checkpoint's LoRA/DoRA adapters alone, as a PEFT folder (`PeftModel.from_pretrained` loads it)."""
-    from shoal.peft.export import write_peft_adapter
-
     ckpt = resolve_checkpoint(source)
     if not (ckpt / "peft.json").is_file():
         raise ShoalError(f"{ckpt} carries no LoRA/DoRA adapters (no peft.json); export the full model instead")

@@ -1,4 +1,4 @@
-"""One device mesh with named axes, and the checks that a layout fits the model and the batch.
+"""One device mesh with named axes (the checks that a layout fits are in `layout_checks`).
 
 The mesh has five axes, outermost first: "pp" (pipeline stages), "dp_replicate" (HSDP replicas),
 "dp_shard" (FSDP shards), "cp" (context parallel), "tp" (tensor parallel). Tensor parallelism is
@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from shoal.config.parallel import ParallelConfig
+from shoal.distributed.layout_checks import data_parallel_sizes
 from shoal.errors import ShoalError
-from shoal.models.config import ModelConfig
 
 MESH_AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 # Flattened axes: name -> the mesh axes they merge.
@@ -71,12 +71,6 @@ class ParallelDims:
         """Whether gradients must be reduced across ranks that hold the same weights (FSDP2 does it)."""
         return self.dp_size * self.cp > 1
 
-    @property
-    def grads_averaged(self) -> bool:
-        """False: shoal's FSDP sums gradients across ranks instead of averaging them, so a loss
-        normalised by the global token count gives the one-process gradient as it is."""
-        return False
-
     def submesh(self, name: str) -> DeviceMesh | None:
         """A mesh axis ("pp", "tp", ...) or flattened axis ("dp", "dp_shard_cp", "dp_cp")."""
         if name not in MESH_AXES and name not in FLAT_AXES:
@@ -101,14 +95,6 @@ class ParallelDims:
     @property
     def pp_rank(self) -> int:
         return self.rank_in("pp")
-
-    @property
-    def is_pp_first(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_pp_last(self) -> bool:
-        return self.pp_rank == self.pp - 1
 
     @property
     def fsdp_mesh(self) -> DeviceMesh | None:
@@ -139,94 +125,10 @@ class ParallelDims:
         return tensor
 
 
-def _layout_sizes(cfg: ParallelConfig, world_size: int) -> tuple[int, int]:
-    """(dp_replicate, dp_shard) after tensor, pipeline and context parallelism take their share."""
-    tp, pp, cp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.context_parallel_size
-    model_parallel = tp * pp * cp
-    if world_size % model_parallel:
-        raise ShoalError(
-            f"world size {world_size} is not divisible by tensor ({tp}) × pipeline ({pp}) × context ({cp}) "
-            f"parallel sizes = {model_parallel}; data parallelism takes what remains, so the product must divide "
-            "the number of processes (num_nodes × num_gpus)"
-        )
-    dp = world_size // model_parallel
-    replicate = cfg.replicate_size
-    if dp % replicate:
-        raise ShoalError(
-            f"data-parallel size {dp} (world {world_size} / tp·pp·cp {model_parallel}) is not divisible by "
-            f"the {replicate} data-parallel replicas (parallel.data_parallel_replicate_size or hsdp)"
-        )
-    return replicate, dp // replicate
-
-
-def check_parallel_layout(
-    cfg: ParallelConfig,
-    world_size: int,
-    model_cfg: ModelConfig | None = None,
-    *,
-    seq_length: int | None = None,
-    global_batch_size: int | None = None,
-    micro_batch_size: int | None = None,
-) -> None:
-    """Refuse a layout that cannot run, before anything is built. Checks what it is given."""
-    replicate, shard = _layout_sizes(cfg, world_size)
-    dp = replicate * shard
-    tp, pp, cp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.context_parallel_size
-    if model_cfg is not None:
-        for key in ("num_heads", "num_kv_heads", "intermediate_size", "vocab_size"):
-            value = getattr(model_cfg, key)
-            if value % tp:
-                raise ShoalError(
-                    f"tensor_model_parallel_size {tp} does not divide the model's {key} ({value}); "
-                    f"each tensor-parallel rank must hold whole {'heads' if 'heads' in key else 'columns'}"
-                )
-        stages = pp * cfg.stages_per_rank
-        if model_cfg.num_layers % stages:
-            raise ShoalError(
-                f"the model's {model_cfg.num_layers} layers cannot be split evenly over {stages} pipeline stages "
-                f"(pipeline_model_parallel_size {pp} × {cfg.stages_per_rank} stages per rank)"
-            )
-        if pp > 1 and model_cfg.tie_word_embeddings:
-            raise ShoalError(
-                "pipeline parallelism with tied input/output embeddings (tie_word_embeddings, e.g. Llama 3.2 1B/3B, "
-                "Qwen2.5 1.5B) is not supported: the embedding and the output layer live on different stages; "
-                "use tensor/data parallelism for this model"
-            )
-    if seq_length is not None:
-        if cp > 1 and seq_length % (2 * cp):
-            raise ShoalError(
-                f"seq_length {seq_length} is not divisible by 2 × context_parallel_size = {2 * cp}: context "
-                "parallelism splits each sequence into 2·cp chunks to balance causal attention across ranks"
-            )
-        if tp > 1 and cfg.sequence_parallel and (seq_length // cp) % tp:
-            raise ShoalError(
-                f"seq_length {seq_length} / context_parallel_size {cp} is not divisible by "
-                f"tensor_model_parallel_size {tp}, which sequence parallelism splits each sequence over"
-            )
-    if global_batch_size is not None and micro_batch_size is not None:
-        if global_batch_size % (micro_batch_size * dp):
-            raise ShoalError(
-                f"global_batch_size {global_batch_size} is not divisible by micro_batch_size {micro_batch_size} × "
-                f"data-parallel size {dp}"
-            )
-        micro_batches = global_batch_size // (micro_batch_size * dp)
-        if pp > 1 and cfg.pipeline_schedule == "1f1b" and micro_batches < pp:
-            raise ShoalError(
-                f"the 1F1B pipeline needs at least as many micro-batches per step as stages: global_batch_size "
-                f"{global_batch_size} / (micro_batch_size {micro_batch_size} × data-parallel {dp}) = {micro_batches} "
-                f"< {pp} stages"
-            )
-        rounds = max(1, micro_batches // pp)
-        if pp > 1 and cfg.pipeline_schedule == "interleaved_1f1b" and micro_batches % rounds:
-            raise ShoalError(
-                f"the interleaved pipeline runs micro-batches in rounds of {pp}: {micro_batches} micro-batches per "
-                f"step must be a multiple of {rounds} (use a multiple of {pp})"
-            )
-
-
 def build_mesh(cfg: ParallelConfig, world_size: int, device_type: str) -> ParallelDims:
-    """The layout's sizes and, with more than one process, its device mesh (needs the process group)."""
-    replicate, shard = _layout_sizes(cfg, world_size)
+    """The layout's sizes and, with more than one process, its device mesh (needs the process group).
+    The layout itself is checked beforehand by `check_parallel_layout`."""
+    replicate, shard = data_parallel_sizes(cfg, world_size)
     dims = ParallelDims(
         world_size=world_size,
         pp=cfg.pipeline_model_parallel_size,

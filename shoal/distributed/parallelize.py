@@ -5,6 +5,9 @@ on the "tp" axis), then activation checkpointing and compile on each decoder lay
 which shards whatever it finds (plain tensors or tp DTensors) over the data-parallel axes and adds
 its all-gather/reduce-scatter hooks outside the checkpointed, compiled layer.
 
+Nothing here names a model's modules: a `ParallelPlan` (shoal.distributed.plan) does, for shoal's
+decoder `shoal.models.parallel_plan.DECODER_PLAN`.
+
 Nothing here changes a parameter's name: checkpointing and compile replace a layer's `forward`
 instead of wrapping the layer in another module, so `named_parameters()` and DCP's
 `get_model_state_dict` give Hugging Face's names on every layout. The model may be on the meta
@@ -22,30 +25,19 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    ParallelStyle,
-    PrepareModuleInput,
-    RowwiseParallel,
-    SequenceParallel,
-    parallelize_module,
-)
-from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts, noop_context_fn
+from torch.distributed.tensor import DTensor, Partial
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from shoal.config.parallel import ParallelConfig
-from shoal.distributed.lora_parallel import (
-    LoraColwiseParallel,
-    LoraRowwiseParallel,
-    check_lora_under_tp,
-    complete_adapter_grads,
-    lora_aware_plan,
-)
 from shoal.distributed.mesh import ParallelDims
+from shoal.distributed.plan import ParallelPlan, SplitsItself
 from shoal.errors import ShoalError
 from shoal.models.document_attention import varlen_ops_to_save
+from shoal.models.parallel_plan import DECODER_PLAN
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+SPLIT_BY_PLAIN_STYLES = (nn.Linear, nn.Embedding)  # what ColwiseParallel/RowwiseParallel can shard
 
 aten = torch.ops.aten
 # Selective checkpointing keeps these ops' outputs and recomputes everything between them (norms,
@@ -65,93 +57,96 @@ _SELECTIVE_SAVE_OPS = [
 ]
 
 
-def tp_plan_for_model(model: nn.Module, sequence_parallel: bool) -> dict[str, ParallelStyle]:
-    """Plan for the embedding, final norm and output layer that this model (or stage) holds.
+def _styles_for_targets(
+    model: nn.Module, plan: dict[str, ParallelStyle], compiled: bool
+) -> tuple[dict[str, ParallelStyle], list[nn.Module]]:
+    """The plan with each module that splits itself given its own style, and those modules.
 
-    With sequence parallelism, activations between layers are split along the sequence (Shard(1));
-    without it they are whole on every rank (Replicate). Logits come back whole on every rank, so
-    the loss is computed as in one process.
-    """
-    between = Shard(1) if sequence_parallel else Replicate()
-    plan: dict[str, ParallelStyle] = {}
-    if model.model.embed_tokens is not None:
-        plan["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=between)
-    if model.model.norm is not None and sequence_parallel:
-        plan["model.norm"] = SequenceParallel()
-    if model.lm_head is not None:
-        plan["lm_head"] = ColwiseParallel(input_layouts=between, output_layouts=Replicate())
-    return plan
-
-
-def tp_plan_for_layer(layer: nn.Module, sequence_parallel: bool) -> dict[str, ParallelStyle]:
-    """Megatron's split of one decoder layer: q/k/v and gate/up by output column (heads), o and
-    down by input row, so each half of a block needs one collective at its end."""
-    between = Shard(1) if sequence_parallel else Replicate()
-    plan: dict[str, ParallelStyle] = {
-        # Attention(x, cos, sin, mask): only x is laid out over ranks; RoPE tables and the mask are
-        # the same full-sequence tensors on every rank.
-        "self_attn": PrepareModuleInput(
-            input_layouts=(between, None, None, None),
-            desired_input_layouts=(Replicate(), None, None, None),
-        ),
-        "self_attn.q_proj": ColwiseParallel(),
-        "self_attn.k_proj": ColwiseParallel(),
-        "self_attn.v_proj": ColwiseParallel(),
-        "self_attn.o_proj": RowwiseParallel(output_layouts=between),
-        "mlp": PrepareModuleInput(input_layouts=(between,), desired_input_layouts=(Replicate(),)),
-        "mlp.gate_proj": ColwiseParallel(),
-        "mlp.up_proj": ColwiseParallel(),
-        "mlp.down_proj": RowwiseParallel(output_layouts=between),
-    }
-    if sequence_parallel:
-        plan["input_layernorm"] = SequenceParallel()
-        plan["post_attention_layernorm"] = SequenceParallel()
-    if layer.self_attn.q_norm is not None:
-        # Qwen3's per-head q/k norms see [B, S, local heads, D]: the weight is shared by all heads,
-        # so it is replicated and its gradient summed over ranks, which is what treating the head
-        # axis (dim 2) as the sharded one gives.
-        plan["self_attn.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
-        plan["self_attn.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
-    return plan
-
-
-def _check_tp_targets(module: nn.Module, plan: dict[str, ParallelStyle], where: str) -> None:
-    """ColwiseParallel/RowwiseParallel shard nn.Linear/nn.Embedding weights, their LoRA versions a
-    LoraLinear; refuse anything else with a message rather than a DTensor error deep inside."""
+    ColwiseParallel/RowwiseParallel shard nn.Linear/nn.Embedding weights; anything else they
+    would meet is refused here with a message rather than a DTensor error deep inside."""
+    styles, self_split = {}, []
     for name, style in plan.items():
-        if isinstance(style, (LoraColwiseParallel, LoraRowwiseParallel)):
-            continue  # chosen by type in lora_aware_plan
-        if isinstance(style, (ColwiseParallel, RowwiseParallel)):
-            target = module.get_submodule(name)
-            if not isinstance(target, (nn.Linear, nn.Embedding)):
-                raise ShoalError(
-                    f"tensor parallelism cannot split {where}{name}: it is a {type(target).__name__}, "
-                    "not an nn.Linear, nn.Embedding or LoRA/DoRA-adapted linear layer"
-                )
+        target = model.get_submodule(name)
+        if isinstance(target, SplitsItself):
+            style = target.tensor_parallel_style(style, compiled)
+            self_split.append(target)
+        elif isinstance(style, (ColwiseParallel, RowwiseParallel)) and not isinstance(target, SPLIT_BY_PLAIN_STYLES):
+            raise ShoalError(
+                f"tensor parallelism cannot split {name}: it is a {type(target).__name__}, "
+                "not an nn.Linear, nn.Embedding or a module with its own tensor_parallel_style"
+            )
+        styles[name] = style
+    return styles, self_split
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
-    """Split the model's weights over the tensor-parallel ranks (in place)."""
-    tied = model.lm_head is not None and model.model.embed_tokens is not None and (
-        model.lm_head.weight is model.model.embed_tokens.weight
-    )
+def _shared_parameters(model: nn.Module) -> list[list[str]]:
+    """Names of parameters that several modules share (tied embeddings), grouped by parameter."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _retie(model: nn.Module, groups: list[list[str]]) -> None:
+    """Share each group's parameter again after the styles made one DTensor per module. Only sound
+    when the styles agree on the placement (the decoder shards a tied [V, E] weight by vocabulary
+    row, Shard(0), on both sides)."""
+    for first, *others in groups:
+        param = model.get_parameter(first)
+        for name in others:
+            owner, _, leaf = name.rpartition(".")
+            if getattr(model.get_parameter(name), "placements", None) != getattr(param, "placements", None):
+                raise ShoalError(f"tensor parallelism split the tied weights {first} and {name} differently")
+            setattr(model.get_submodule(owner), leaf, param)
+
+
+def apply_tp(
+    model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, ParallelStyle], compiled: bool = False
+) -> list[nn.Module]:
+    """Split the model's weights over the tensor-parallel ranks (in place) by `plan` (styles by
+    module name). Returns the modules that split themselves (`SplitsItself`), whose replicated
+    tensors may get partial-sum gradients (see `complete_partial_grads`)."""
+    styles, self_split = _styles_for_targets(model, plan, compiled)
+    tied = _shared_parameters(model)
     # SequenceParallel makes new Parameters that require grad; frozen ones (LoRA/DoRA fine-tuning
     # freezes everything but the adapters) must stay frozen.
     frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
-    top_plan = tp_plan_for_model(model, sequence_parallel)
-    _check_tp_targets(model, top_plan, "")
-    parallelize_module(model, tp_mesh, top_plan)
-    if tied:
-        # Both styles shard the [V, E] weight by vocabulary row (Shard(0)), so the two DTensors
-        # agree and the output layer can share the embedding's parameter again.
-        model.lm_head.weight = model.model.embed_tokens.weight
-    for index, layer in model.model.layers.items():
-        layer_plan = lora_aware_plan(layer, tp_plan_for_layer(layer, sequence_parallel))
-        _check_tp_targets(layer, layer_plan, f"model.layers.{index}.")
-        parallelize_module(layer, tp_mesh, layer_plan)
+    parallelize_module(model, tp_mesh, styles)
+    _retie(model, tied)
     for name, param in model.named_parameters():
         if name in frozen:
             param.requires_grad_(False)
+    return self_split
+
+
+def _complete_grad(param: torch.Tensor) -> None:
+    # A replicated tensor's gradient can arrive as a partial sum over the tensor-parallel ranks:
+    # add it up once, here, so every rank holds the whole gradient.
+    grad = param.grad
+    if isinstance(grad, DTensor) and any(isinstance(p, Partial) for p in grad.placements):
+        param.grad = grad.redistribute(placements=param.placements)
+
+
+def complete_partial_grads(model: nn.Module, modules: list[nn.Module]) -> None:
+    """Make the partial-sum gradients of `modules`' parameters whole (the same on every rank) as
+    soon as they are accumulated: for tensor parallelism without FSDP, whose reduction does it
+    otherwise.
+
+    The hooks are attached before each forward to whatever parameter objects the modules hold
+    then: materialising a meta model (`to_empty`) replaces a DTensor parameter's contents and
+    drops its hooks, so hooks attached when the layout is applied would be lost.
+    """
+    if not modules:
+        return
+
+    def attach(module: nn.Module, args: tuple) -> None:
+        for owner in modules:
+            for param in owner.parameters():
+                if param.requires_grad and not getattr(param, "_shoal_grad_hook", False):
+                    param.register_post_accumulate_grad_hook(_complete_grad)
+                    param._shoal_grad_hook = True  # travels with the hook if the contents are swapped
+
+    model.register_forward_pre_hook(attach)
 
 
 def _install_input_checks(model: nn.Module, parallel_dims: ParallelDims, sequence_parallel: bool) -> None:
@@ -194,8 +189,8 @@ def _checkpointed_forward(self: nn.Module, *args: Any, _shoal_context_fn: Any = 
     return checkpoint(type(self).forward, self, *args, use_reentrant=False, context_fn=_shoal_context_fn, **kwargs)
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
-    """Recompute each decoder layer's activations in backward ("full" or "selective")."""
+def apply_activation_checkpointing(blocks: list[nn.Module], mode: str) -> None:
+    """Recompute each block's activations in backward ("full" or "selective")."""
     if mode == "none":
         return
     if mode == "full":
@@ -204,39 +199,34 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
         context_fn = functools.partial(create_selective_checkpoint_contexts, _SELECTIVE_SAVE_OPS)
     else:
         raise ShoalError(f"parallel.activation_checkpointing {mode!r}: expected none, full or selective")
-    for layer in model.model.layers.values():
+    for block in blocks:
         forward = functools.partial(_checkpointed_forward, _shoal_context_fn=context_fn)
-        layer.forward = types.MethodType(forward, layer)
+        block.forward = types.MethodType(forward, block)
 
 
-def apply_compile(model: nn.Module) -> None:
-    """torch.compile each decoder layer's forward (layers are identical, so one graph serves all).
+def apply_compile(blocks: list[nn.Module]) -> None:
+    """torch.compile each block's forward (blocks are identical, so one graph serves all).
 
     Graph breaks are allowed: context parallelism's attention communicates inside the layer.
     """
-    for layer in model.model.layers.values():
-        layer.forward = torch.compile(layer.forward)
+    for block in blocks:
+        block.forward = torch.compile(block.forward)
 
 
 def apply_fsdp(
     model: nn.Module,
     mesh: DeviceMesh,
+    units: list[tuple[nn.Module, bool]],
     param_dtype: torch.dtype | None,
     reduce_dtype: torch.dtype,
     reshard_after_forward: bool,
 ) -> None:
-    """FSDP2: each decoder layer is one unit (gathered just before it runs), plus the embedding and
-    the output layer when they are not tied, plus the root for whatever remains (final norm)."""
+    """FSDP2: each unit (module, keep gathered after forward) is gathered just before it runs, and
+    the root takes whatever remains (for the decoder: the final norm, a tied embedding)."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    embed, lm_head = model.model.embed_tokens, model.lm_head
-    tied = embed is not None and lm_head is not None and lm_head.weight is embed.weight
-    if embed is not None and not tied:
-        fully_shard(embed, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    for layer in model.model.layers.values():
-        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    if lm_head is not None and not tied:
-        # Its backward runs right after its forward: keeping it gathered saves an all-gather.
-        fully_shard(lm_head, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    for module, keep_gathered in units:
+        reshard = False if keep_gathered else reshard_after_forward
+        fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     for module in model.modules():
         if isinstance(module, FSDPModule):
@@ -262,39 +252,33 @@ def parallelize_model(
     parallel_cfg: ParallelConfig,
     device_type: str,
     compute_dtype: torch.dtype | None = None,
+    plan: ParallelPlan = DECODER_PLAN,
 ) -> nn.Module:
     """Apply the layout to a model (or one pipeline stage of it), in place; returns the model.
+    `plan` names the model's modules; the layout was checked by `check_parallel_layout`.
 
     compute_dtype is the training precision (bf16 on GPU): FSDP2 runs forward/backward in it while
     the sharded fp32 weights, the optimizer and the gradient reduction stay in fp32. Without FSDP
     (one process, or tensor parallelism alone) use `autocast_context` for the same effect.
     """
-    if not hasattr(model, "model") or not hasattr(model.model, "layers"):
-        raise ShoalError(f"parallelize_model expects a shoal Transformer, got {type(model).__name__}")
-    cfg = getattr(model, "config", None)
-    if cfg is not None and parallel_dims.tp_enabled:
-        for key in ("num_heads", "num_kv_heads", "intermediate_size", "vocab_size"):
-            if getattr(cfg, key) % parallel_dims.tp:
-                raise ShoalError(
-                    f"tensor_model_parallel_size {parallel_dims.tp} does not divide the model's {key} "
-                    f"({getattr(cfg, key)})"
-                )
+    blocks = plan.blocks(model)
     if parallel_dims.tp_enabled:
-        check_lora_under_tp(model, parallel_cfg.compile)
-        apply_tp(model, parallel_dims.submesh("tp"), parallel_cfg.sequence_parallel)
+        tp_plan = plan.tensor_parallel(model, parallel_cfg.sequence_parallel)
+        self_split = apply_tp(model, parallel_dims.submesh("tp"), tp_plan, compiled=parallel_cfg.compile)
         if not parallel_dims.dp_enabled:  # FSDP2 completes partial gradients in its own reduction
-            complete_adapter_grads(model)
+            complete_partial_grads(model, self_split)
     if parallel_dims.tp_enabled or parallel_dims.cp_enabled:
         _install_input_checks(model, parallel_dims, parallel_cfg.sequence_parallel)
-    apply_activation_checkpointing(model, parallel_cfg.activation_checkpointing)
+    apply_activation_checkpointing(blocks, parallel_cfg.activation_checkpointing)
     if parallel_cfg.compile:
-        apply_compile(model)
+        apply_compile(blocks)
     if parallel_dims.dp_enabled:
         reshard = parallel_cfg.fsdp_reshard_after_forward
         reshard_after_forward = reshard == "always" or (reshard == "default" and not parallel_dims.pp_enabled)
         apply_fsdp(
             model,
             parallel_dims.fsdp_mesh,
+            plan.fsdp_units(model),
             param_dtype=resolve_param_dtype(parallel_cfg, compute_dtype),
             reduce_dtype=DTYPES[parallel_cfg.reduce_dtype],
             reshard_after_forward=reshard_after_forward,

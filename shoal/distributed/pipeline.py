@@ -1,9 +1,9 @@
 """Pipeline parallelism: split the model into stages and run them with a 1F1B or interleaved schedule.
 
-A stage is a copy of the model that keeps only its run of layers: the first stage keeps the
-embedding, the last the final norm and output layer, the others neither (the model then passes
-hidden states through, see `docs/model-contract.md`). Layers keep their index as their name, so a
-stage's parameter names are the full model's, and checkpoints move freely between layouts.
+A stage is a copy of the model that keeps only its run of layers, made by the model's plan
+(`ParallelPlan.pipeline_stage`; for the decoder the first stage keeps the embedding, the last the
+final norm and output layer, see `docs/model-contract.md`). Layers keep their index as their name,
+so a stage's parameter names are the full model's, and checkpoints move freely between layouts.
 Each stage is then parallelized like a whole model (tensor parallel, checkpointing, compile, FSDP).
 
 With several stages per rank (interleaved 1F1B), rank r holds stages r, r + pp, r + 2·pp, ...
@@ -16,7 +16,6 @@ so the gradient is the one-process gradient of `Σ CE · mask / N_global`, as wi
 
 from __future__ import annotations
 
-import copy
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -29,7 +28,9 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleIn
 from shoal.config.parallel import ParallelConfig
 from shoal.distributed.mesh import ParallelDims
 from shoal.distributed.parallelize import parallelize_model
+from shoal.distributed.plan import ParallelPlan
 from shoal.errors import ShoalError
+from shoal.models.parallel_plan import DECODER_PLAN
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -70,34 +71,6 @@ class Pipeline:
         return any(stage.is_last for stage in self.stages)
 
 
-def stage_layer_ids(num_layers: int, stage_index: int, num_stages: int) -> list[int]:
-    """The layers of one stage: an even, contiguous share."""
-    if num_layers % num_stages:
-        raise ShoalError(f"{num_layers} layers cannot be split evenly over {num_stages} pipeline stages")
-    per_stage = num_layers // num_stages
-    return list(range(stage_index * per_stage, (stage_index + 1) * per_stage))
-
-
-def split_stage(model: nn.Module, stage_index: int, num_stages: int) -> nn.Module:
-    """A copy of `model` holding only stage `stage_index`'s modules.
-
-    The modules the stage drops are entered in deepcopy's memo as None, so their weights are never
-    copied: splitting a model with real weights costs one stage's memory, and on meta nothing.
-    """
-    layers = model.model.layers
-    keep = {str(i) for i in stage_layer_ids(len(layers), stage_index, num_stages)}
-    dropped = [layer for name, layer in layers.items() if name not in keep]
-    if stage_index != 0:
-        dropped.append(model.model.embed_tokens)
-    if stage_index != num_stages - 1:
-        dropped += [model.model.norm, model.lm_head]
-    memo = {id(module): None for module in dropped if module is not None}
-    stage = copy.deepcopy(model, memo)
-    for name in [name for name in stage.model.layers.keys() if name not in keep]:
-        del stage.model.layers[name]
-    return stage
-
-
 def pipeline_model(
     model: nn.Module,
     parallel_dims: ParallelDims,
@@ -107,8 +80,11 @@ def pipeline_model(
     n_microbatches: int,
     device_type: str,
     compute_dtype: torch.dtype | None = None,
+    plan: ParallelPlan = DECODER_PLAN,
 ) -> tuple[Pipeline, list[nn.Module], bool, bool]:
-    """Split `model` into this rank's stages, parallelize each, and build the schedule.
+    """Split `model` into this rank's stages (`plan.pipeline_stage`), parallelize each, and build
+    the schedule. The layout (layer split, tied embeddings, micro-batch count) was checked by
+    `check_parallel_layout`.
 
     Returns (pipeline, model_parts, has_first, has_last); `model_parts` hold the parameters (give
     them all to the optimizer, the checkpoint and `clip_grad_norm_`). Build `model` on the meta
@@ -117,30 +93,14 @@ def pipeline_model(
     pp = parallel_dims.pp
     per_rank = parallel_cfg.stages_per_rank
     num_stages = pp * per_rank
-    cfg = getattr(model, "config", None)
-    if model.lm_head is not None and model.model.embed_tokens is not None and (
-        model.lm_head.weight is model.model.embed_tokens.weight
-    ):
-        raise ShoalError(
-            "pipeline parallelism with tied input/output embeddings is not supported: the embedding and "
-            "the output layer live on different stages"
-        )
-    num_layers = len(model.model.layers) if cfg is None else cfg.num_layers
-    if num_layers % num_stages:
-        raise ShoalError(
-            f"the model's {num_layers} layers cannot be split evenly over {num_stages} pipeline stages "
-            f"(pipeline_model_parallel_size {pp} × {per_rank} stages per rank)"
-        )
-    if parallel_cfg.pipeline_schedule == "1f1b" and n_microbatches < pp:
-        raise ShoalError(f"the 1F1B pipeline needs at least {pp} micro-batches per step, got {n_microbatches}")
 
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     pp_group = parallel_dims.group("pp")
     stage_ids = [parallel_dims.pp_rank + i * pp for i in range(per_rank)]
     parts, stages = [], []
     for stage_index in stage_ids:
-        part = split_stage(model, stage_index, num_stages)
-        part = parallelize_model(part, parallel_dims, parallel_cfg, device_type, compute_dtype)
+        part = plan.pipeline_stage(model, stage_index, num_stages)
+        part = parallelize_model(part, parallel_dims, parallel_cfg, device_type, compute_dtype, plan)
         parts.append(part)
         stages.append(PipelineStage(part, stage_index, num_stages, device, group=pp_group))
 

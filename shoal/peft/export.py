@@ -16,6 +16,7 @@ from shoal.checkpoint.format import MODEL_DIR, PEFT_FILE, TensorInfo
 from shoal.checkpoint.format import read_peft_config as _read_optional_peft_config
 from shoal.convert.streaming import DCPWeightReader
 from shoal.errors import ShoalError
+from shoal.peft.adapter import save_peft_adapter
 from shoal.peft.config import LoraConfig
 from shoal.peft.lora import is_adapter_key, merge_adapter_state_dict
 
@@ -57,8 +58,6 @@ def merged_weight_reader(ckpt: Path) -> MergedWeightReader:
 
 def write_peft_adapter(ckpt: Path, out_dir: Path, base_model_name_or_path: str | None = None) -> None:
     """The checkpoint's adapters alone, as a Hugging Face PEFT adapter folder in `out_dir`."""
-    from shoal.peft.adapter import save_peft_adapter
-
     raw = DCPWeightReader(ckpt / MODEL_DIR)
     adapters = raw.load([k for k in raw.tensor_info() if is_adapter_key(k)])
     save_peft_adapter(adapters, read_peft_config(ckpt), out_dir, base_model_name_or_path=base_model_name_or_path,

@@ -33,9 +33,11 @@ from typing import Iterator, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor.parallel import ParallelStyle
 
 from shoal.errors import ShoalError
 from shoal.peft.config import ALL_LINEAR, LoraConfig
+from shoal.peft.tensor_parallel import lora_style
 
 # Name endings of adapter tensors, in shoal's and (after the prefix) PEFT's naming.
 ADAPTER_SUFFIXES: tuple[str, ...] = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
@@ -153,6 +155,11 @@ class LoraLinear(nn.Module):
         if self.bias is not None:
             linear.bias = self.bias
         return linear
+
+    def tensor_parallel_style(self, style: ParallelStyle, compiled: bool) -> ParallelStyle:
+        """How tensor parallelism splits this layer where the model's plan says `style` (the
+        `SplitsItself` protocol of shoal.distributed.plan): the LoRA version of that style."""
+        return lora_style(style, self.dropout_p, compiled)
 
     def extra_repr(self) -> str:
         kind = "dora" if self.use_dora else "lora"

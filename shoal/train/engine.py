@@ -24,7 +24,6 @@ from shoal.config.recipe import TrainSection
 from shoal.distributed import ParallelDims, parallelize_model
 from shoal.distributed.grad_norm import clip_grad_norm_
 from shoal.distributed.parallelize import autocast_context
-from shoal.errors import ShoalError
 from shoal.models import ModelConfig
 from shoal.models.model import Transformer
 from shoal.peft.config import LoraConfig
@@ -147,8 +146,6 @@ def build_engine(
         apply_lora(model, rank=peft.rank, alpha=peft.alpha, dropout=peft.dropout,
                    target_modules=peft.target_modules, use_dora=peft.use_dora)
     pipeline = None
-    if dims.pp_enabled and dims.cp_enabled:
-        raise ShoalError("pipeline and context parallelism together are not supported yet; use one of them")
     if dims.pp_enabled:
         from shoal.distributed.pipeline import pipeline_model
 

@@ -327,10 +327,10 @@ def adapted_mlp_under_tp(dora: bool, sequence_parallel: bool) -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor.parallel import (
-        ColwiseParallel, PrepareModuleInput, RowwiseParallel, parallelize_module,
+        ColwiseParallel, PrepareModuleInput, RowwiseParallel,
     )
 
-    from shoal.distributed.lora_parallel import complete_adapter_grads, lora_aware_plan
+    from shoal.distributed.parallelize import apply_tp, complete_partial_grads
     from shoal.peft import adapter_state_dict, init_lora_weights, load_adapter_state_dict
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
@@ -342,8 +342,7 @@ def adapted_mlp_under_tp(dora: bool, sequence_parallel: bool) -> dict[str, Any]:
         "up_proj": ColwiseParallel(),
         "down_proj": RowwiseParallel(output_layouts=between),
     }
-    parallelize_module(model, mesh, lora_aware_plan(model, plan))
-    complete_adapter_grads(model)
+    complete_partial_grads(model, apply_tp(model, mesh, plan))
     model.to_empty(device="cpu")
     base, adapters, x = adapted_mlp_inputs(dora)
     set_model_state_dict(model, base, options=StateDictOptions(full_state_dict=True, strict=False))

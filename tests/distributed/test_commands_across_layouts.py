@@ -193,7 +193,7 @@ def test_lora_finetune_over_fsdp_matches_one_process(runs: Runs):
 
 
 # LoRA/DoRA under tensor parallelism (sequence parallel is on by default): adapted projections are
-# split with the LoRA styles of shoal/distributed/lora_parallel.py. DoRA's row norms need the
+# split with the LoRA styles of shoal/peft/tensor_parallel.py. DoRA's row norms need the
 # whole row, which row-wise (o/down) projections hold only in pieces.
 PEFT_TP_LAYOUTS = {
     "lora_tp2_sp": ("lora", ["--num_gpus", "2", "-T", "2"]),

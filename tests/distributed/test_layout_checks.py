@@ -20,9 +20,9 @@ from shoal.distributed import (
     parallelize_model,
 )
 from shoal.distributed.context_parallel import load_balanced_indices, shard_sequence
-from shoal.distributed.pipeline import split_stage
 from shoal.errors import ShoalError
 from shoal.models import build_model, get_preset
+from shoal.models.parallel_plan import DECODER_PLAN
 
 TINY = get_preset("llama_tiny")  # 4 heads, 2 kv heads, 2 layers, vocab 512, intermediate 128
 
@@ -57,13 +57,14 @@ def test_impossible_layouts_are_refused_with_the_reason(kwargs, world, model_kw,
 
 
 def test_a_layout_that_fits_passes_and_gives_data_parallel_what_remains() -> None:
-    cfg = _layout(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, context_parallel_size=2,
-                  data_parallel_replicate_size=2)
+    cfg = _layout(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, data_parallel_replicate_size=2)
+    check_parallel_layout(cfg, 32, TINY, seq_length=64, global_batch_size=64, micro_batch_size=2)
+    cfg = dataclasses.replace(cfg, pipeline_model_parallel_size=1, context_parallel_size=2)
     check_parallel_layout(cfg, 32, TINY, seq_length=64, global_batch_size=64, micro_batch_size=2)
     dims = build_mesh(dataclasses.replace(cfg, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                                           context_parallel_size=1, data_parallel_replicate_size=1), 1, "cpu")
     assert (dims.dp_size, dims.dp_rank, dims.mesh) == (1, 0, None)
-    assert not dims.dp_enabled and dims.is_pp_first and dims.is_pp_last
+    assert not dims.dp_enabled and dims.pp_rank == 0
 
 
 def test_config_refuses_bad_values_and_loads_from_a_recipe_mapping() -> None:
@@ -119,7 +120,7 @@ def test_pipeline_stages_keep_their_layers_under_the_full_models_names(stages: i
     full = model.state_dict()
     seen: dict[str, torch.Tensor] = {}
     for index in range(stages):
-        stage = split_stage(model, index, stages)
+        stage = DECODER_PLAN.pipeline_stage(model, index, stages)
         sd = stage.state_dict()
         assert not set(sd) & set(seen), "a parameter on two stages"
         assert (stage.model.embed_tokens is not None) == (index == 0)

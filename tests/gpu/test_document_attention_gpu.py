@@ -90,12 +90,13 @@ def test_varlen_gradients_match_dense_mask(models, monkeypatch):
 
 def test_compiled_layer_with_selective_checkpointing_runs_varlen(models):
     from shoal.distributed.parallelize import apply_activation_checkpointing, apply_compile
+    from shoal.models.parallel_plan import DECODER_PLAN
 
     _, bf16 = models
     tokens, positions, documents = packed_batch("cuda")
     eager = bf16(tokens, position_ids=positions, document_ids=documents).float()
-    apply_activation_checkpointing(bf16, "selective")
-    apply_compile(bf16)
+    apply_activation_checkpointing(DECODER_PLAN.blocks(bf16), "selective")
+    apply_compile(DECODER_PLAN.blocks(bf16))
     compiled = bf16(tokens, position_ids=positions, document_ids=documents).float()
     compiled.sum().backward()
     assert (compiled - eager).abs().max().item() < 0.1

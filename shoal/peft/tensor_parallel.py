@@ -1,5 +1,9 @@
 """Tensor-parallel styles for LoRA/DoRA-adapted projections (`shoal.peft.LoraLinear`).
 
+`LoraLinear.tensor_parallel_style` hands them to `shoal.distributed` (its `SplitsItself`
+protocol), in place of the plain style the model's plan names, so the distributed code never
+imports peft and this module never imports the layer it splits.
+
 `ColwiseParallel` and `RowwiseParallel` only split `nn.Linear`. An adapted projection holds the
 frozen base weight W [O, I] (and bias), lora_A [r, I], lora_B [O, r] and, for DoRA, the magnitude
 m [O]. These styles make each of them a DTensor on the tensor-parallel mesh and leave the maths to
@@ -17,21 +21,20 @@ DTensor, running `LoraLinear.forward` unchanged:
 
 Gradients of the replicated tensors (A column-wise; B and m row-wise) come out of DTensor as
 partial sums; FSDP2's reduction completes them, and without FSDP a hook does
-(`complete_adapter_grads`), so every rank holds the one-process gradient.
+(`shoal.distributed.parallelize.complete_partial_grads`), so every rank holds the one-process
+gradient.
 """
 
 from __future__ import annotations
 
 from functools import partial
 
-import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import Placement, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 from shoal.errors import ShoalError
-from shoal.peft.lora import LoraLinear, lora_modules
 
 # Where each tensor of a LoraLinear lives, by its name inside the module.
 COLWISE_PLACEMENTS: dict[str, Placement] = {
@@ -68,8 +71,6 @@ class LoraColwiseParallel(ColwiseParallel):
     in COLWISE_PLACEMENTS."""
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        if not isinstance(module, LoraLinear):
-            raise NotImplementedError(f"LoraColwiseParallel splits a LoraLinear, not a {type(module).__name__}")
         return distribute_module(
             module,
             device_mesh,
@@ -84,8 +85,6 @@ class LoraRowwiseParallel(RowwiseParallel):
     partial sums of base and adapter together; adapter tensors split as in ROWWISE_PLACEMENTS."""
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        if not isinstance(module, LoraLinear):
-            raise NotImplementedError(f"LoraRowwiseParallel splits a LoraLinear, not a {type(module).__name__}")
         self.desired_input_layouts = (Shard(-1),)
         return distribute_module(
             module,
@@ -96,61 +95,24 @@ class LoraRowwiseParallel(RowwiseParallel):
         )
 
 
-def lora_aware_plan(module: nn.Module, plan: dict[str, ParallelStyle]) -> dict[str, ParallelStyle]:
-    """The plan with each column-/row-wise style whose target is a LoraLinear replaced by its LoRA
-    version (same input and output layouts); other entries unchanged."""
-    adapted = {}
-    for name, style in plan.items():
-        target = module.get_submodule(name)
-        if isinstance(target, LoraLinear) and isinstance(style, (ColwiseParallel, RowwiseParallel)):
-            lora_style = LoraColwiseParallel if isinstance(style, ColwiseParallel) else LoraRowwiseParallel
-            style = lora_style(
-                input_layouts=style.input_layouts[0],
-                output_layouts=style.output_layouts[0],
-                use_local_output=style.use_local_output,
-            )
-        adapted[name] = style
-    return adapted
+def lora_style(style: ParallelStyle, dropout_p: float, compiled: bool) -> ParallelStyle:
+    """The LoRA version of a column-/row-wise style (same input and output layouts); any other
+    style unchanged.
 
-
-def check_lora_under_tp(model: nn.Module, compile_layers: bool) -> None:
-    """Refuse what the LoRA styles cannot run: adapter dropout in compiled layers. Dropout on the
-    adapter's (DTensor) input draws through DTensor's random-number tracker, which torch.compile
-    fails to trace (seen with torch 2.11 on CUDA); uncompiled it runs, and the tracker gives every
-    tensor-parallel rank the same mask for a replicated input."""
-    rates = sorted({layer.dropout_p for _, layer in lora_modules(model) if layer.dropout_p > 0})
-    if compile_layers and rates:
+    Refuses adapter dropout in compiled layers: dropout on the adapter's (DTensor) input draws
+    through DTensor's random-number tracker, which torch.compile fails to trace (seen with torch
+    2.11 on CUDA); uncompiled it runs, and the tracker gives every tensor-parallel rank the same
+    mask for a replicated input."""
+    if not isinstance(style, (ColwiseParallel, RowwiseParallel)):
+        return style
+    if compiled and dropout_p > 0:
         raise ShoalError(
-            f"LoRA/DoRA dropout ({rates[0]:g}) with tensor parallelism cannot be compiled: torch.compile fails "
+            f"LoRA/DoRA dropout ({dropout_p:g}) with tensor parallelism cannot be compiled: torch.compile fails "
             "to trace dropout on tensor-parallel inputs; set peft.dropout=0 or parallel.compile=false"
         )
-
-
-def _complete_grad(param: torch.Tensor) -> None:
-    # A replicated adapter tensor's gradient arrives as a partial sum over the tensor-parallel
-    # ranks: add it up once, here, so every rank holds the whole gradient.
-    grad = param.grad
-    if isinstance(grad, DTensor) and any(isinstance(p, Partial) for p in grad.placements):
-        param.grad = grad.redistribute(placements=param.placements)
-
-
-def complete_adapter_grads(model: nn.Module) -> None:
-    """Make the gradients of replicated adapter tensors whole (the same on every rank) as soon as
-    they are accumulated; for tensor parallelism without FSDP, whose reduction does it otherwise.
-
-    The hooks are attached before each forward to whatever parameter objects the layer holds then:
-    materialising a meta model (`to_empty`) replaces a DTensor parameter's contents and drops its
-    hooks, so hooks attached when the layout is applied would be lost.
-    """
-    layers = [layer for _, layer in lora_modules(model)]
-    if not layers:
-        return
-
-    def attach(module: nn.Module, args: tuple) -> None:
-        for layer in layers:
-            for param in layer.parameters():
-                if param.requires_grad and not getattr(param, "_shoal_grad_hook", False):
-                    param.register_post_accumulate_grad_hook(_complete_grad)
-                    param._shoal_grad_hook = True  # travels with the hook if the contents are swapped
-
-    model.register_forward_pre_hook(attach)
+    lora_class = LoraColwiseParallel if isinstance(style, ColwiseParallel) else LoraRowwiseParallel
+    return lora_class(
+        input_layouts=style.input_layouts[0],
+        output_layouts=style.output_layouts[0],
+        use_local_output=style.use_local_output,
+    )
