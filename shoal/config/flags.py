@@ -31,8 +31,12 @@ SEED_FLAGS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
     (("--nemo_model", "-n"), "model.checkpoint",
      {"nargs": "?", "help": "shoal checkpoint to start from (an import, or a pretraining checkpoint)"}),
     (("--seq_length", "-s"), "data.seq_length", {"type": int}),
-    (("--fp8",), "train.fp8", {"nargs": "?", "const": "hybrid", "help": "not supported yet (refused)"}),
-    (("--fp8_recipe",), None, {"help": "accepted for compatibility; FP8 is not supported yet"}),
+    (("--fp8",), "train.fp8", {"nargs": "?", "const": "hybrid",
+                               "help": "FP8 matmuls through torchao (GPU of compute capability >= 8.9): "
+                                       "hybrid (the default) or e4m3"}),
+    (("--fp8_recipe",), "train.fp8_recipe",
+     {"help": "tensorwise (default), rowwise, rowwise_with_gw_hp, or the seed's delayed_scaling, "
+              "current_scaling, subchannel_scaling (mapped to the nearest, see docs/training.md)"}),
     (("--peft",), "peft.method", {"choices": ["none", "lora", "dora"]}),
     (("--max_steps",), "train.max_steps", {"type": int, "help": "default: one epoch over the data"}),
     (("--global_batch_size", "-g"), "train.global_batch_size", {"type": int}),

@@ -30,7 +30,7 @@ from shoal.data.sampler import MicroBatchSampler
 from shoal.distributed import ParallelDims, build_mesh, check_parallel_layout, destroy_distributed, init_distributed
 from shoal.errors import ShoalError
 from shoal.models import ModelConfig, build_model, get_preset
-from shoal.train.metrics import MetricsLogger, peak_flops
+from shoal.train.metrics import MetricsLogger, mfu_fields
 from shoal.train.schedule import lr_at
 from shoal.train.engine import Engine, build_engine
 from shoal.train.step import to_device
@@ -327,7 +327,6 @@ def run_training(
                         pin_memory=runtime.device.type == "cuda", persistent_workers=recipe.data.num_workers > 0)
     loader_iter = iter(loader)
     flops_per_token = cfg.flops_per_token(recipe.data.seq_length)
-    peak = peak_flops(runtime.device)
     last_val: float | None = None
     last_ckpt: Path | None = None
     engine.train(True)
@@ -353,7 +352,8 @@ def run_training(
             elapsed = time.perf_counter() - window_start
             tps = window_tokens / elapsed / runtime.world_size
             record = {"loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s_per_gpu": tps,
-                      "consumed_samples": consumed, "mfu": (tps * flops_per_token / peak) if peak else None}
+                      "consumed_samples": consumed,
+                      **mfu_fields(tps, flops_per_token, runtime.device, fp8=engine.float8 is not None)}
             if runtime.device.type == "cuda":
                 record["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             logger.log(step, record)
