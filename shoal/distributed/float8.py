@@ -201,7 +201,7 @@ class Float8Conversion:
     def summary(self, plan: Float8Plan) -> str:
         text = f"{plan.describe()}; {len(self.converted)} linear layers in FP8"
         if self.skipped:
-            text += f", {len(self.skipped)} kept in bf16 (output head, too small to gain: {_fold(self.skipped)})"
+            text += f", {len(self.skipped)} not (the output head, and those too small to gain: {_fold(self.skipped)})"
         if not self.converted:
             text += "; warning: no layer of this model is large enough, so it trains as without --fp8"
         return text
