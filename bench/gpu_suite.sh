@@ -17,7 +17,7 @@ for what in "$@"; do
     fp8_1b|fp8_3b)  # one GPU, full training: BF16 and FP8 recipes against transformers
       preset=llama32_${what#fp8_}
       CUDA_VISIBLE_DEVICES=0 run python3 bench/train.py --preset "$preset" --seq_length 4096 --micro_batch_size 4 \
-        --variants hf_compile,shoal_compile,shoal_compile_fp8_tensorwise,shoal_compile_fp8_rowwise \
+        --variants hf_compile,shoal_compile,shoal_compile_fp8_tensorwise,shoal_compile_fp8_rowwise,shoal,shoal_fp8_tensorwise \
         --warmup 4 --steps 10 --output "$OUT/train_${what}.json" ;;
     fp8_8b_lora)  # one GPU, LoRA on the 8B shape
       CUDA_VISIBLE_DEVICES=0 run python3 bench/train.py --preset llama31_8b --peft lora --seq_length 4096 \

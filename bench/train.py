@@ -114,7 +114,8 @@ def bench_hf(args, compile_: bool, device: torch.device, fp8_recipe: str | None 
     cfg = get_preset(args.preset)
     hf_cfg = LlamaConfig(**{k: v for k, v in to_hf_config(cfg).items() if k not in ("architectures", "model_type")})
     hf_cfg._attn_implementation = "sdpa"
-    model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa").to(device)
+    with torch.device(device):  # initialised on the GPU: an 8B model takes minutes on the CPU
+        model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
     if args.activation_checkpointing == "full":
         model.gradient_checkpointing_enable()
     if args.peft != "none":
