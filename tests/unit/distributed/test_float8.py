@@ -200,3 +200,15 @@ def test_frozen_base_matches_torchaos_float8_linear_in_emulation():
         out.backward(grad)
         out_ref.backward(grad)
         assert torch.equal(out, out_ref) and torch.equal(x.grad, x_ref.grad), name
+
+
+def test_frozen_base_compiles_without_a_graph_break():
+    """Where torchao is installed: torch.compile traces the LoRA base's FP8 matmul in one graph (a
+    break there once left every cast uncompiled, and FP8 LoRA ran 2.6x slower than BF16)."""
+    pytest.importorskip("torchao")
+    from shoal.distributed.float8 import FrozenFloat8Linear, float8_config
+
+    config = dataclasses.replace(float8_config(float8_plan("hybrid", "tensorwise")), emulate=True)
+    base, weight = FrozenFloat8Linear(config), torch.randn(48, 64)
+    explained = torch._dynamo.explain(lambda x: base(x, weight).relu())(torch.randn(4, 64, requires_grad=True))
+    assert explained.graph_break_count == 0, explained.break_reasons
