@@ -212,3 +212,27 @@ def test_frozen_base_compiles_without_a_graph_break():
     base, weight = FrozenFloat8Linear(config), torch.randn(48, 64)
     explained = torch._dynamo.explain(lambda x: base(x, weight).relu())(torch.randn(4, 64, requires_grad=True))
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_fp8_runs_report_mfu_against_both_peaks(monkeypatch):
+    """Hand-worked: 10,000 tokens/s x 1e9 FLOPs/token = 1e13 FLOP/s, 1.01% of 989 and 0.505% of 1979 TFLOP/s."""
+    from shoal.train.metrics import mfu_fields
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    gpu = torch.device("cuda", 0)
+    fields = mfu_fields(10_000, 1e9, gpu, fp8=True)
+    assert fields["mfu"] == pytest.approx(1e13 / 989e12) and fields["mfu_fp8_peak"] == pytest.approx(1e13 / 1979e12)
+    assert "mfu_fp8_peak" not in mfu_fields(10_000, 1e9, gpu, fp8=False)
+    assert mfu_fields(10_000, 1e9, torch.device("cpu"), fp8=True) == {"mfu": None, "mfu_fp8_peak": None}
+
+
+def test_progress_line_labels_both_mfus(tmp_path, capsys):
+    from shoal.train.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, True, False, None, total_steps=2, start_step=0)
+    logger.progress(1, {"loss": 1.0, "mfu": 0.6, "mfu_fp8_peak": 0.3})
+    logger.progress(2, {"loss": 1.0, "mfu": 0.5})
+    logger.close()
+    fp8_line, bf16_line = capsys.readouterr().err.splitlines()
+    assert "MFU 60.0% of bf16 peak, 30.0% of fp8 peak" in fp8_line
+    assert "MFU 50.0%" in bf16_line and "fp8" not in bf16_line
