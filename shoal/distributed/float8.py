@@ -99,20 +99,20 @@ def float8_plan(fp8: str | None, fp8_recipe: str | None, fsdp_shard_size: int = 
                       fsdp_float8_all_gather=recipe == "tensorwise" and fsdp_shard_size > 1)
 
 
-def check_float8_layout(plan: Float8Plan | None, tensor_parallel: int, peft_method: str) -> None:
-    """Refuse, before anything starts, the combinations that cannot work (yet)."""
+def check_float8_layout(plan: Float8Plan | None, tensor_parallel: int) -> None:
+    """Refuse, before anything starts, the combinations that cannot work (yet). LoRA and DoRA do:
+    their frozen base matmul runs in FP8."""
     if plan is None:
         return
     if tensor_parallel > 1:
-        # torchao's Float8ColwiseParallel/RowwiseParallel exist, but shoal's TP plan (and its LoRA
-        # styles) are not wired to them: a plain ColwiseParallel over a Float8Linear would cast a
-        # DTensor shard per rank with the wrong (local) scale.
+        # torchao has Float8ColwiseParallel/RowwiseParallel (FP8 all-gathers under sequence
+        # parallelism), but shoal's TP plan and its LoRA styles use the plain ones, and FP8 under
+        # them has never been run here: refused rather than left to chance.
         raise ShoalError(
             f"--fp8 with --tensor_model_parallel_size {tensor_parallel} is not supported yet; use FSDP "
             "(data parallelism, with FP8 all-gather for tensorwise), pipeline or context parallelism, "
             "or drop --fp8"
         )
-    del peft_method  # LoRA and DoRA both work: their frozen base matmul runs in FP8
 
 
 def torchao_version() -> tuple[int, ...] | None:

@@ -80,9 +80,9 @@ def test_fp8_all_gather_only_for_tensorwise_under_fsdp():
 
 def test_tensor_parallel_is_refused_before_anything_starts():
     with pytest.raises(ShoalError, match="tensor_model_parallel_size 2"):
-        check_float8_layout(float8_plan("hybrid", "tensorwise"), 2, "none")
-    check_float8_layout(float8_plan("hybrid", "tensorwise"), 1, "lora")  # LoRA is fine
-    check_float8_layout(None, 2, "none")  # nothing to check without --fp8
+        check_float8_layout(float8_plan("hybrid", "tensorwise"), 2)
+    check_float8_layout(float8_plan("hybrid", "tensorwise"), 1)
+    check_float8_layout(None, 2)  # nothing to check without --fp8
 
 
 def test_cpu_device_is_refused():
