@@ -236,3 +236,25 @@ def test_progress_line_labels_both_mfus(tmp_path, capsys):
     fp8_line, bf16_line = capsys.readouterr().err.splitlines()
     assert "MFU 60.0% of bf16 peak, 30.0% of fp8 peak" in fp8_line
     assert "MFU 50.0%" in bf16_line and "fp8" not in bf16_line
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+@pytest.mark.parametrize("recipe, shards", [("tensorwise", 1), ("tensorwise", 8), ("rowwise", 1)])
+def test_conversion_keeps_every_state_dict_key_shape_and_dtype(peft, recipe, shards):
+    """Where torchao is installed: what a checkpoint stores is the same with and without FP8 (also
+    with the FSDP FP8 all-gather weight wrapper), so checkpoints move between FP8 and BF16 runs."""
+    pytest.importorskip("torchao")
+    from shoal.distributed.float8 import apply_float8
+
+    with torch.device("meta"):
+        model = Transformer(dataclasses.replace(get_preset("llama32_1b"), num_layers=2))
+    if peft != "none":
+        apply_lora(model, rank=16, target_modules="all-linear")
+    def stored(m: nn.Module) -> dict:
+        return {k: (v.shape, v.dtype) for k, v in m.state_dict().items()}
+
+    before, trainable = stored(model), {k for k, v in model.named_parameters() if v.requires_grad}
+    conversion = apply_float8(model, float8_plan("hybrid", recipe, fsdp_shard_size=shards))
+    assert conversion.converted and "lm_head" in conversion.skipped
+    assert stored(model) == before
+    assert {k for k, v in model.named_parameters() if v.requires_grad} == trainable
