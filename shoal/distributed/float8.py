@@ -6,7 +6,7 @@ torchao's `Float8Linear`, a subclass that keeps the same `weight`/`bias` Paramet
 dict keeps its names, shapes and dtypes and a checkpoint moves freely between FP8 and BF16 runs.
 The output head is never converted (its logits feed the loss and are the most sensitive matmul);
 nor are linears too small for FP8 to pay for its casts. LoRA/DoRA layers keep their adapters in
-the training dtype and compute only the frozen base matmul in FP8 (`_FrozenWeightFloat8Matmul`).
+the training dtype and compute only the frozen base matmul in FP8 (`FrozenFloat8Linear`).
 
 torchao is an optional extra (`pip install 'shoal[fp8]'`), imported only inside the functions
 that need it; everything above `apply_float8` works without it, which is what CI tests.

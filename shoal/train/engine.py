@@ -227,7 +227,6 @@ def build_engine(
     return Engine(parts, optimizers, dims, recipe.data.document_mask, autocast, pipeline, loss_fn, defer, float8)
 
 
-
 def _apply_float8(model: nn.Module, plan: Float8Plan, device: torch.device) -> None:
     """FP8 compute for the linears worth it, before the layout is applied (torchao's order)."""
     import sys
@@ -240,6 +239,7 @@ def _apply_float8(model: nn.Module, plan: Float8Plan, device: torch.device) -> N
     conversion = apply_float8(model, plan)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         print(f"shoal: {conversion.summary(plan)}", file=sys.stderr)
+
 
 def _defer_gradient_sync(mode: str, parts: list[nn.Module], dims: ParallelDims, device: torch.device) -> bool:
     """Resolve parallel.fsdp_gradient_sync: whether FSDP reduces gradients once per step."""
