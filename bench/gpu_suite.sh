@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
 # The GPU machine's share of the work, in one call: GPU tests, then scaling benchmarks.
-#   bash bench/gpu_suite.sh tests|scale1b|scale8b|train1   (results under $OUT, or ./bench_out)
+#   bash bench/gpu_suite.sh tests|scale1b|scale8b|train1|fp8tests|fp8_1b|fp8_3b|fp8_8b_lora
+#   (results under $OUT, or ./bench_out; the fp8 ones need torchao on the path)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 GPUS=$(nvidia-smi -L | wc -l)
 run() { echo "+ $*"; "$@" 2>&1 | grep -v -E "Warning|warnings.warn|^ *$" ; }
 for what in "$@"; do
   case $what in
     tests)
       run python3 -m pytest -q -m gpu tests/gpu -x -p no:cacheprovider | tee -a "$OUT/gpu_tests.log" ;;
+    fp8tests)  # FP8 loss curves against BF16, LoRA/DoRA, checkpoints across precisions
+      run python3 -m pytest -q -s -m gpu tests/gpu/test_float8_gpu.py -p no:cacheprovider | tee -a "$OUT/fp8_tests.log" ;;
+    fp8_1b|fp8_3b)  # one GPU, full training: BF16 and FP8 recipes against transformers
+      preset=llama32_${what#fp8_}
+      CUDA_VISIBLE_DEVICES=0 run python3 bench/train.py --preset "$preset" --seq_length 4096 --micro_batch_size 4 \
+        --variants hf_compile,shoal_compile,shoal_compile_fp8_tensorwise,shoal_compile_fp8_rowwise,shoal,shoal_fp8_tensorwise \
+        --warmup 4 --steps 10 --output "$OUT/train_${what}.json" ;;
+    fp8_8b_lora)  # one GPU, LoRA on the 8B shape
+      CUDA_VISIBLE_DEVICES=0 run python3 bench/train.py --preset llama31_8b --peft lora --seq_length 4096 \
+        --micro_batch_size 2 --activation_checkpointing full \
+        --variants hf_compile,shoal_compile,shoal_compile_fp8_tensorwise,shoal_compile_fp8_rowwise \
+        --warmup 3 --steps 8 --output "$OUT/train_${what}.json" ;;
     train1)  # one GPU: shoal against transformers (bench/train.py)
       CUDA_VISIBLE_DEVICES=0 run python3 bench/train.py --variants hf_compile,shoal_compile --warmup 4 --steps 12 \
         --output "$OUT/train_1b.json" ;;

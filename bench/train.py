@@ -8,6 +8,14 @@ fp32 master weights (shoal: its own training engine, as `shoal pretrain` builds 
 `torch.compile`). Each variant runs `--warmup` steps, then `--steps` timed steps; the table gives
 tokens/s/GPU, MFU (DESIGN §7) and peak memory, and every shoal figure's ratio to the best peer.
 Results go to stdout and, as JSON, to `--output`.
+
+FP8 variants (torchao, a GPU of compute capability >= 8.9) are named `shoal[_compile]_fp8_RECIPE`
+(RECIPE: tensorwise, rowwise, rowwise_with_gw_hp) and also get MFU against the FP8 peak and their
+ratio to shoal's BF16 variant of the same compile setting. `--peft lora` fine-tunes LoRA adapters
+on q/k/v/o (the peer through `peft`); its FLOPs per token are then 4N + attention (no weight
+gradients for the frozen base), not 6N.
+
+    python bench/train.py --preset llama32_3b --variants hf_compile,shoal_compile,shoal_compile_fp8_tensorwise
 """
 
 from __future__ import annotations
@@ -27,8 +35,9 @@ from shoal.config.parallel import ParallelConfig  # noqa: E402
 from shoal.config.recipe import TrainSection  # noqa: E402
 from shoal.distributed import build_mesh  # noqa: E402
 from shoal.models import get_preset, to_hf_config  # noqa: E402
+from shoal.peft.config import LoraConfig  # noqa: E402
 from shoal.train.engine import build_engine  # noqa: E402
-from shoal.train.metrics import peak_flops  # noqa: E402
+from shoal.train.metrics import mfu_fields  # noqa: E402
 from shoal.train.step import masked_cross_entropy_sum  # noqa: E402
 
 
@@ -61,13 +70,16 @@ def time_steps(step, warmup: int, steps: int) -> tuple[float, float]:
     return times[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
 
 
-def bench_shoal(args, compile_: bool, device: torch.device) -> dict:
+def bench_shoal(args, compile_: bool, device: torch.device, fp8_recipe: str | None = None) -> dict:
     train = TrainSection(micro_batch_size=args.micro_batch_size, global_batch_size=args.micro_batch_size,
-                         weight_decay=0.1)
+                         weight_decay=0.1, **({"fp8": "hybrid", "fp8_recipe": fp8_recipe} if fp8_recipe else {}))
     parallel = ParallelConfig(compile=compile_, activation_checkpointing=args.activation_checkpointing)
+    # The same adapters as the peft peer below: rank 16, alpha 32 on q/k/v/o.
+    peft = None if args.peft == "none" else LoraConfig(rank=16, alpha=32.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+                                                       use_dora=args.peft == "dora")
     cfg = get_preset(args.preset)
     dims = build_mesh(parallel, 1, "cuda")
-    engine = build_engine(cfg, train=train, parallel=parallel, peft=None, dims=dims, device=device,
+    engine = build_engine(cfg, train=train, parallel=parallel, peft=peft, dims=dims, device=device,
                           compute_dtype=torch.bfloat16)
     batch = random_batch(cfg.vocab_size, args.micro_batch_size, args.seq_length, device)
     tokens = float(batch["loss_mask"].sum())
@@ -93,17 +105,26 @@ def print_profile(step, rows: int = 25) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
 
 
-def bench_hf(args, compile_: bool, device: torch.device) -> dict:
+def bench_hf(args, compile_: bool, device: torch.device, fp8_recipe: str | None = None) -> dict:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     cfg = get_preset(args.preset)
     hf_cfg = LlamaConfig(**{k: v for k, v in to_hf_config(cfg).items() if k not in ("architectures", "model_type")})
     hf_cfg._attn_implementation = "sdpa"
-    model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa").to(device)
+    with torch.device(device):  # initialised on the GPU: an 8B model takes minutes on the CPU
+        model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
     if args.activation_checkpointing == "full":
         model.gradient_checkpointing_enable()
+    if args.peft != "none":
+        from peft import LoraConfig, get_peft_model
+
+        if args.activation_checkpointing == "full":
+            model.enable_input_require_grads()  # checkpointed layers need an input that requires grad
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                                 use_dora=args.peft == "dora"))
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.1, fused=True)
     forward = torch.compile(model) if compile_ else model
     batch = random_batch(cfg.vocab_size, args.micro_batch_size, args.seq_length, device)
     tokens = float(batch["loss_mask"].sum())
@@ -113,13 +134,24 @@ def bench_hf(args, compile_: bool, device: torch.device) -> dict:
             logits = forward(input_ids=batch["tokens"]).logits
         loss = masked_cross_entropy_sum(logits, batch["labels"], batch["loss_mask"]) / tokens
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     sec, mem = time_steps(step, args.warmup, args.steps)
     del model, optimizer, forward
     return {"seconds_per_step": sec, "memory_gib": mem}
+
+
+def parse_variant(name: str):
+    """`hf`, `hf_compile`, `shoal`, `shoal_compile`, with `_fp8_RECIPE` after a shoal name."""
+    base, _, fp8_recipe = name.partition("_fp8_")
+    runners = {"hf": (bench_hf, False), "hf_compile": (bench_hf, True),
+               "shoal": (bench_shoal, False), "shoal_compile": (bench_shoal, True)}
+    if base not in runners or (fp8_recipe and not base.startswith("shoal")):
+        raise SystemExit(f"unknown variant {name!r}: expected one of {', '.join(runners)}, "
+                         "a shoal one optionally followed by _fp8_RECIPE")
+    return (*runners[base], fp8_recipe or None)
 
 
 def main() -> int:
@@ -130,6 +162,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--activation_checkpointing", default="none", choices=["none", "full", "selective"])
+    parser.add_argument("--peft", default="none", choices=["none", "lora", "dora"])
     parser.add_argument("--variants", default="hf,hf_compile,shoal,shoal_compile")
     parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of one shoal step")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
@@ -140,38 +173,42 @@ def main() -> int:
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
     cfg = get_preset(args.preset)
-    peak = peak_flops(device)
     tokens_per_step = args.micro_batch_size * args.seq_length
     flops_per_token = cfg.flops_per_token(args.seq_length)
-    runners = {"hf": (bench_hf, False), "hf_compile": (bench_hf, True),
-               "shoal": (bench_shoal, False), "shoal_compile": (bench_shoal, True)}
+    if args.peft != "none":  # frozen base: no weight-gradient matmuls (2N of the 6N)
+        flops_per_token -= 2 * cfg.num_params
     results = {}
     for name in args.variants.split(","):
-        fn, compile_ = runners[name]
+        fn, compile_, fp8_recipe = parse_variant(name)
         torch.manual_seed(0)
         try:
-            r = fn(args, compile_, device)
+            r = fn(args, compile_, device, fp8_recipe)
         except torch.OutOfMemoryError:
             r = {"error": "out of memory"}
         gc.collect()
         torch.cuda.empty_cache()
         if "seconds_per_step" in r:
             r["tokens_per_s_per_gpu"] = tokens_per_step / r["seconds_per_step"]
-            r["mfu"] = r["tokens_per_s_per_gpu"] * flops_per_token / peak if peak else None
+            r.update(mfu_fields(r["tokens_per_s_per_gpu"], flops_per_token, device, fp8=fp8_recipe is not None))
         results[name] = r
         print(f"{name}: {r}", flush=True)
     peers = [r["tokens_per_s_per_gpu"] for n, r in results.items() if n.startswith("hf") and "tokens_per_s_per_gpu" in r]
     best_peer = max(peers) if peers else None
-    print(f"\n{args.preset} seq {args.seq_length} micro batch {args.micro_batch_size} on {torch.cuda.get_device_name(device)}"
-          f" (torch {torch.__version__})")
-    print(f"{'variant':15s} {'tokens/s/GPU':>13s} {'MFU':>6s} {'mem GiB':>8s} {'vs best HF':>10s}")
+    print(f"\n{args.preset} seq {args.seq_length} micro batch {args.micro_batch_size} peft {args.peft} "
+          f"AC {args.activation_checkpointing} on {torch.cuda.get_device_name(device)} (torch {torch.__version__})")
+    print(f"{'variant':34s} {'tokens/s/GPU':>13s} {'MFU bf16':>9s} {'MFU fp8':>8s} {'mem GiB':>8s} {'vs best HF':>10s} "
+          f"{'vs shoal bf16':>13s}")
     for name, r in results.items():
         if "tokens_per_s_per_gpu" not in r:
-            print(f"{name:15s} {r.get('error')}")
+            print(f"{name:34s} {r.get('error')}")
             continue
         ratio = r["tokens_per_s_per_gpu"] / best_peer if best_peer else float("nan")
+        bf16 = results.get(name.split("_fp8_")[0], {}).get("tokens_per_s_per_gpu") if "_fp8_" in name else None
+        vs_bf16 = f"{r['tokens_per_s_per_gpu'] / bf16:12.2f}x" if bf16 else f"{'':13s}"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
-        print(f"{name:15s} {r['tokens_per_s_per_gpu']:13,.0f} {mfu:>6s} {r['memory_gib']:8.1f} {ratio:9.2f}x")
+        mfu8 = f"{100 * r['mfu_fp8_peak']:.1f}%" if r.get("mfu_fp8_peak") else ""
+        print(f"{name:34s} {r['tokens_per_s_per_gpu']:13,.0f} {mfu:>9s} {mfu8:>8s} {r['memory_gib']:8.1f} "
+              f"{ratio:9.2f}x {vs_bf16}")
     if args.output:
         Path(args.output).write_text(json.dumps({"args": vars(args), "results": results,
                                                  "device": torch.cuda.get_device_name(device)}, indent=1))

@@ -28,8 +28,12 @@ SEED_FLAGS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
      {"nargs": "?", "help": "shoal checkpoint to start from (an import, or a pretraining checkpoint)"}),
     (("--seq_length", "-s"), "data.seq_length",
      {"type": int, "help": "tokens per training sequence (recipe default 8192, the seed's)"}),
-    (("--fp8",), "train.fp8", {"nargs": "?", "const": "hybrid", "help": "not supported yet (refused)"}),
-    (("--fp8_recipe",), None, {"help": "accepted for compatibility; FP8 is not supported yet"}),
+    (("--fp8",), "train.fp8", {"nargs": "?", "const": "hybrid",
+                               "help": "FP8 matmuls through torchao (GPU of compute capability >= 8.9): "
+                                       "hybrid (the default) or e4m3"}),
+    (("--fp8_recipe",), "train.fp8_recipe",
+     {"help": "tensorwise (default), rowwise, rowwise_with_gw_hp, or the seed's delayed_scaling, "
+              "current_scaling, subchannel_scaling (mapped to the nearest, see docs/training.md)"}),
     (("--peft",), "peft.method", {"choices": ["none", "lora", "dora"], "type": str.lower,
                                   "help": "fine-tune adapters instead of every weight: LoRA or DoRA on every linear "
                                           "layer, dim 32, alpha 32 (NeMo's default; --peft.rank=... to change)"}),

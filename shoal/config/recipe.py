@@ -76,7 +76,10 @@ class TrainSection:
     val_check_interval: int | Literal["seed"] | None = None
     limit_val_batches: int | None = 8  # global batches per validation; None: the whole split
     log_interval: int = 1
-    fp8: str | None = None  # the seed's --fp8; refused with a clear message (not implemented)
+    # FP8 matmuls through torchao (see shoal.distributed.float8 and docs/training.md): None (off),
+    # "hybrid" (the seed's plain --fp8) or "e4m3"; fp8_recipe: a torchao or seed recipe name.
+    fp8: str | None = None
+    fp8_recipe: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,12 @@ class Recipe:
             )
         if t.max_steps is not None and t.max_steps <= 0:
             raise ShoalError(f"--max_steps must be positive, got {t.max_steps}")
-        if t.fp8:
-            raise ShoalError("--fp8 is not supported by shoal yet; train in bf16 (the default on GPU)")
+        if t.fp8 or t.fp8_recipe:
+            from shoal.distributed.float8 import check_float8_layout, check_torchao_installed, float8_plan
+
+            plan = float8_plan(t.fp8, t.fp8_recipe)
+            check_float8_layout(plan, self.parallel.tensor_model_parallel_size)
+            if plan is not None:
+                check_torchao_installed()
         if self.data.seq_length <= 1:
             raise ShoalError(f"--seq_length must be > 1, got {self.data.seq_length}")

@@ -48,6 +48,7 @@ _SELECTIVE_SAVE_OPS = [
     aten.mm.default,
     aten.addmm.default,
     aten.bmm.default,
+    aten._scaled_mm.default,  # FP8 matmuls (torchao, --fp8)
     aten._scaled_dot_product_flash_attention.default,
     aten._scaled_dot_product_efficient_attention.default,
     aten._scaled_dot_product_cudnn_attention.default,

@@ -105,6 +105,9 @@ class LoraLinear(nn.Module):
         self.lora_magnitude_vector: nn.Parameter | None = (
             nn.Parameter(torch.empty(self.out_features, **factory)) if use_dora else None
         )
+        # How the frozen base weight is applied: F.linear, or an FP8 matmul that
+        # shoal.distributed.float8 sets (a plain callable, so parameter names do not change).
+        self.base_linear = F.linear
         if not base.weight.is_meta:
             self.reset_lora_parameters()
 
@@ -134,12 +137,12 @@ class LoraLinear(nn.Module):
         x_adapter = self.lora_dropout(x) if dropping else x
         lora = self.lora_B(self.lora_A(x_adapter)) * self.scaling
         if self.lora_magnitude_vector is None:
-            return F.linear(x, self.weight, self.bias) + lora
+            return self.base_linear(x, self.weight, self.bias) + lora
         norm = dora_weight_norm(self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling)
         scale = self.lora_magnitude_vector / norm  # [O]; gradient reaches the magnitude only
-        base = F.linear(x, self.weight)
+        base = self.base_linear(x, self.weight)
         if dropping:
-            out = base + (scale - 1) * F.linear(x_adapter, self.weight) + scale * lora
+            out = base + (scale - 1) * self.base_linear(x_adapter, self.weight) + scale * lora
         else:
             out = scale * (base + lora)
         return out if self.bias is None else out + self.bias

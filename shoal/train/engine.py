@@ -23,6 +23,7 @@ from shoal.config.parallel import ParallelConfig
 from shoal.config.recipe import TrainSection
 from shoal.distributed import ParallelDims, parallelize_model
 from shoal.distributed.grad_norm import clip_grad_norm_
+from shoal.distributed.float8 import Float8Plan, float8_plan, precompute_float8_scales
 from shoal.distributed.parallelize import autocast_context
 from shoal.models import ModelConfig
 from shoal.models.model import Transformer
@@ -42,6 +43,7 @@ class Engine:
     loss_fn: Callable[..., torch.Tensor] = masked_cross_entropy_sum
     # Reduce-scatter gradients only after the step's last micro-batch (parallel.fsdp_gradient_sync).
     defer_gradient_sync: bool = False
+    float8: Float8Plan | None = None  # FP8 matmuls (train.fp8), see shoal.distributed.float8
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for part in self.parts for p in part.parameters() if p.requires_grad]
@@ -119,6 +121,7 @@ class Engine:
                 group["lr"] = lr
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        precompute_float8_scales(self.parts, self.float8)  # FP8 all-gather: scales of the new weights
         return norm
 
 
@@ -145,6 +148,9 @@ def build_engine(
 
         apply_lora(model, rank=peft.rank, alpha=peft.alpha, dropout=peft.dropout,
                    target_modules=peft.target_modules, use_dora=peft.use_dora)
+    float8 = float8_plan(train.fp8, train.fp8_recipe, dims.dp_shard * dims.cp if dims.dp_enabled else 1)
+    if float8 is not None:
+        _apply_float8(model, float8, device)
     pipeline = None
     if dims.pp_enabled:
         from shoal.distributed.pipeline import pipeline_model
@@ -173,7 +179,21 @@ def build_engine(
     loss_fn = torch.compile(masked_cross_entropy_sum) if parallel.compile else masked_cross_entropy_sum
     defer = pipeline is None and micro_batches_per_step > 1 and _defer_gradient_sync(
         parallel.fsdp_gradient_sync, parts, dims, device)
-    return Engine(parts, optimizers, dims, document_mask, autocast, pipeline, loss_fn, defer)
+    return Engine(parts, optimizers, dims, document_mask, autocast, pipeline, loss_fn, defer, float8)
+
+
+def _apply_float8(model: nn.Module, plan: Float8Plan, device: torch.device) -> None:
+    """FP8 compute for the linears worth it, before the layout is applied (torchao's order)."""
+    import sys
+
+    import torch.distributed as dist
+
+    from shoal.distributed.float8 import apply_float8, check_float8_device
+
+    check_float8_device(device)
+    conversion = apply_float8(model, plan)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(f"shoal: {conversion.summary(plan)}", file=sys.stderr)
 
 
 def _defer_gradient_sync(mode: str, parts: list[nn.Module], dims: ParallelDims, device: torch.device) -> bool:

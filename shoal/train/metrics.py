@@ -17,13 +17,32 @@ import torch
 
 # Dense bf16 peak FLOP/s by device name fragment (no sparsity).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+# Dense FP8 (E4M3) peak, vendors' datasheets: twice bf16 on Hopper and Ada; Ampere has no FP8.
+FP8_PEAK_FLOPS = {"H200": 1979e12, "H100": 1979e12, "L40S": 733e12}
 
 
-def peak_flops(device: torch.device) -> float | None:
+def peak_flops(device: torch.device, fp8: bool = False) -> float | None:
+    """The device's dense peak for bf16 matmuls, or with `fp8` for FP8 ones (None: unknown)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    table = FP8_PEAK_FLOPS if fp8 else PEAK_FLOPS
+    return next((v for k, v in table.items() if k in name), None)
+
+
+def mfu_fields(tokens_per_s_per_gpu: float, flops_per_token: float, device: torch.device, fp8: bool) -> dict:
+    """MFU against the bf16 peak ("mfu"), and for FP8 runs also against the FP8 peak ("mfu_fp8_peak").
+
+    The FLOP count is the same for both (DESIGN §7): an FP8 run does the same arithmetic, only
+    faster, so its bf16-peak MFU compares directly with a bf16 run's and may pass 100% in theory.
+    """
+    achieved = tokens_per_s_per_gpu * flops_per_token
+    peak = peak_flops(device)
+    fields = {"mfu": achieved / peak if peak else None}
+    if fp8:
+        peak8 = peak_flops(device, fp8=True)
+        fields["mfu_fp8_peak"] = achieved / peak8 if peak8 else None
+    return fields
 
 
 def format_duration(seconds: float) -> str:
@@ -127,7 +146,11 @@ class MetricsLogger:
         if "tokens_per_s_per_gpu" in record:
             parts.append(f"{record['tokens_per_s_per_gpu']:,.0f} tok/s/dev")
         if record.get("mfu") is not None:
-            parts.append(f"MFU {100 * record['mfu']:.1f}%")
+            mfu = f"MFU {100 * record['mfu']:.1f}%"
+            if "mfu_fp8_peak" in record:  # FP8 runs: against both peaks, labelled
+                fp8 = record["mfu_fp8_peak"]
+                mfu += f" of bf16 peak, {100 * fp8:.1f}% of fp8 peak" if fp8 is not None else " of bf16 peak"
+            parts.append(mfu)
         if "memory_gib" in record:
             parts.append(f"mem {record['memory_gib']:.1f}GiB")
         parts.append(f"elapsed {format_duration(elapsed)} ETA {format_duration(eta)}")

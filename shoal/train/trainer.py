@@ -26,7 +26,7 @@ from shoal.config.secrets import redact_argv, secret
 from shoal.data.sampler import MicroBatchSampler
 from shoal.distributed import check_parallel_layout
 from shoal.train.engine import Engine, build_engine
-from shoal.train.metrics import MetricsLogger, peak_flops
+from shoal.train.metrics import MetricsLogger, mfu_fields
 from shoal.train.run_plan import RunPlan, plan_run
 from shoal.train.runtime import Runtime
 from shoal.train.schedule import lr_at
@@ -214,7 +214,6 @@ def _loop(
                         pin_memory=runtime.device.type == "cuda", persistent_workers=data.num_workers > 0)
     loader_iter = iter(loader)
     flops_per_token = record.model_config.flops_per_token(data.seq_length)
-    peak = peak_flops(runtime.device)
     step, consumed, consumed_tokens = progress.step, progress.consumed_samples, progress.consumed_tokens
     last_val: float | None = None
     last_ckpt: Path | None = None
@@ -241,7 +240,8 @@ def _loop(
             elapsed = time.perf_counter() - window_start
             tps = window_tokens / elapsed / runtime.world_size
             metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s_per_gpu": tps,
-                       "consumed_samples": consumed, "mfu": (tps * flops_per_token / peak) if peak else None}
+                       "consumed_samples": consumed,
+                       **mfu_fields(tps, flops_per_token, runtime.device, fp8=engine.float8 is not None)}
             if runtime.device.type == "cuda":
                 metrics["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             logger.log(step, metrics)

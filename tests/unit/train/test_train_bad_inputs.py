@@ -104,9 +104,24 @@ def test_unknown_recipe(train_assets: TrainAssets, tmp_path: Path, capsys):
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
-def test_fp8_refused(train_assets: TrainAssets, tmp_path: Path, capsys, stage: str):
+def test_fp8_without_torchao_or_gpu_refused(train_assets: TrainAssets, tmp_path: Path, capsys, stage: str):
+    """On this CPU machine --fp8 fails at once, naming what is missing: torchao first, else a GPU."""
+    from shoal.distributed.float8 import torchao_version
+
     args = train_args(train_assets, stage, tmp_path / "res", "e", "--max_steps", 1, "--fp8")
-    fails_with(capsys, args, "--fp8", "not supported")
+    missing = "pip install 'shoal[fp8]'" if torchao_version() is None else "needs a CUDA GPU"
+    fails_with(capsys, args, "--fp8", missing)
+    assert not list((tmp_path / "res").glob("*/checkpoints/*"))
+
+
+@pytest.mark.parametrize("extra, fragments", [
+    (["--fp8", "--fp8_recipe", "mxfp8"], ["mxfp8", "Blackwell", "tensorwise"]),
+    (["--fp8", "-T", "2"], ["--fp8", "--tensor_model_parallel_size 2"]),
+    (["--fp8_recipe", "blockwise"], ["--fp8_recipe 'blockwise'", "subchannel_scaling"]),
+])
+def test_fp8_combinations_refused(train_assets: TrainAssets, tmp_path: Path, capsys, extra, fragments):
+    args = train_args(train_assets, "pretrain", tmp_path / "res", "e", "--max_steps", 1, *extra)
+    fails_with(capsys, args, *fragments)
     assert not (tmp_path / "res").exists()
 
 
