@@ -161,13 +161,13 @@ def test_validate_refuses_without_torchao_or_with_tensor_parallel():
     recipe = from_dict(Recipe, {"train": {"fp8": "hybrid"}, "parallel": {"tensor_model_parallel_size": 2}}, "")
     with pytest.raises(ShoalError, match="tensor_model_parallel_size"):
         recipe.validate()
-    recipe.parallel.tensor_model_parallel_size = 1
+    recipe = dataclasses.replace(recipe, parallel=dataclasses.replace(recipe.parallel, tensor_model_parallel_size=1))
     if torchao_version() is None:
         with pytest.raises(ShoalError, match=r"torchao >= 0\.17.*pip install 'shoal\[fp8\]'"):
             recipe.validate()
     else:
         recipe.validate()
-    recipe.train.fp8, recipe.train.fp8_recipe = None, "mxfp8"
+    recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, fp8=None, fp8_recipe="mxfp8"))
     with pytest.raises(ShoalError, match="mxfp8"):  # a bad recipe name is refused even without --fp8
         recipe.validate()
 

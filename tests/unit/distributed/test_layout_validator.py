@@ -36,7 +36,7 @@ REFUSALS = {
         {"data_parallel_replicate_size": 3}, 4, None, {},
         ["data-parallel size 4", "world 4 / tp·pp·cp 1", "3 data-parallel replicas"]),
     "hsdp_replicas_per_node_do_not_divide": (
-        {"hsdp": True, "num_nodes": 4, "num_gpus": 2, "tensor_model_parallel_size": 4}, 8, None, {},
+        {"data_parallel_replicate_size": 4, "tensor_model_parallel_size": 4}, 8, None, {},
         ["data-parallel size 2", "world 8 / tp·pp·cp 4", "4 data-parallel replicas"]),
     "pipeline_with_context": (
         {"pipeline_model_parallel_size": 2, "context_parallel_size": 2}, 4, None, {},
@@ -99,7 +99,7 @@ def test_each_impossible_layout_is_refused_with_its_numbers(name: str) -> None:
         ({}, 8, (1, 8)),
         ({"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}, 32, (1, 8)),
         ({"tensor_model_parallel_size": 2, "data_parallel_replicate_size": 2}, 16, (2, 4)),
-        ({"hsdp": True, "num_nodes": 4, "num_gpus": 8}, 32, (4, 8)),
+        ({"data_parallel_replicate_size": 4}, 32, (4, 8))  # hsdp on 4 nodes, as resolve_recipe sets it,
         ({"context_parallel_size": 4, "data_parallel_replicate_size": 2}, 16, (2, 2)),
         ({"data_parallel_replicate_size": 8}, 8, (8, 1)),  # plain replication
     ],
