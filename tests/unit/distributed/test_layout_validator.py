@@ -99,7 +99,7 @@ def test_each_impossible_layout_is_refused_with_its_numbers(name: str) -> None:
         ({}, 8, (1, 8)),
         ({"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}, 32, (1, 8)),
         ({"tensor_model_parallel_size": 2, "data_parallel_replicate_size": 2}, 16, (2, 4)),
-        ({"data_parallel_replicate_size": 4}, 32, (4, 8))  # hsdp on 4 nodes, as resolve_recipe sets it,
+        ({"data_parallel_replicate_size": 4}, 32, (4, 8)),  # hsdp on 4 nodes, as resolve_recipe sets it
         ({"context_parallel_size": 4, "data_parallel_replicate_size": 2}, 16, (2, 2)),
         ({"data_parallel_replicate_size": 8}, 8, (8, 1)),  # plain replication
     ],
