@@ -112,7 +112,7 @@ def test_data_parallelism_takes_what_the_world_leaves(parallel: dict, world: int
     "parallel,world,kwargs",
     [
         # The seed's 8B pretraining line on one node of 8 GPUs (TP=2), 2048 sequences of 8192 tokens.
-        ({"num_gpus": 8, "tensor_model_parallel_size": 2}, 8,
+        ({"tensor_model_parallel_size": 2}, 8,
          {"seq_length": 8192, "global_batch_size": 2048, "micro_batch_size": 1}),
         # 1F1B with exactly as many micro-batches as stages: 8 / (1 × 2) = 4 = pp.
         ({"pipeline_model_parallel_size": 4}, 8, {"seq_length": 8192, "global_batch_size": 8, "micro_batch_size": 1}),
