@@ -23,19 +23,6 @@ FAMILIES: dict[str, str] = {
     "qwen3": "Qwen3ForCausalLM",
 }
 
-# Keys of config.json that carry no model maths (bookkeeping, generation defaults, ...): accepted and ignored.
-_IGNORED_HF_KEYS = {
-    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "bos_token_id",
-    "eos_token_id", "pad_token_id", "initializer_range", "use_cache", "pretraining_tp", "_name_or_path",
-    "auto_map", "output_attentions", "output_hidden_states", "return_dict", "use_return_dict",
-    "attention_dropout", "mlp_bias_default", "quantization_config_none", "max_window_layers",
-    "use_sliding_window", "sliding_window", "layer_types", "id2label", "label2id", "tie_encoder_decoder",
-    "chunk_size_feed_forward", "is_encoder_decoder", "problem_type", "tokenizer_class", "hidden_dropout",
-    "embd_pdrop", "resid_pdrop", "task_specific_params", "decoder_start_token_id", "prefix",
-    "sep_token_id", "add_cross_attention", "cross_attention_hidden_size", "finetuning_task",
-}
-
-
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild a model. Field names follow Hugging Face's where they exist."""
