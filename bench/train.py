@@ -174,9 +174,8 @@ def main() -> int:
     torch.cuda.set_device(device)
     cfg = get_preset(args.preset)
     tokens_per_step = args.micro_batch_size * args.seq_length
-    flops_per_token = cfg.flops_per_token(args.seq_length)
-    if args.peft != "none":  # frozen base: no weight-gradient matmuls (2N of the 6N)
-        flops_per_token -= 2 * cfg.num_params
+    # A frozen base (LoRA/DoRA) has no weight-gradient matmuls: 4N instead of 6N, plus attention.
+    flops_per_token = cfg.flops_per_token(args.seq_length, frozen_params=cfg.num_params if args.peft != "none" else 0)
     results = {}
     for name in args.variants.split(","):
         fn, compile_, fp8_recipe = parse_variant(name)

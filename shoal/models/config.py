@@ -70,9 +70,12 @@ class ModelConfig:
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + embed + h
 
-    def flops_per_token(self, seq_length: int) -> float:
-        """Training FLOPs per token: 6N + 12·L·H·Dh·S (DESIGN §7)."""
-        return 6 * self.num_params + 12 * self.num_layers * self.num_heads * self.head_dim * seq_length
+    def flops_per_token(self, seq_length: int, frozen_params: int = 0) -> float:
+        """Training FLOPs per token: 6N + 12·L·H·Dh·S (DESIGN §7). `frozen_params` of N (the base of a
+        LoRA/DoRA run) need no weight-gradient matmul: 4 FLOPs per parameter instead of 6; the
+        adapters' own FLOPs are not counted (a fraction of a percent at the usual ranks)."""
+        attention = 12 * self.num_layers * self.num_heads * self.head_dim * seq_length
+        return 6 * self.num_params - 2 * frozen_params + attention
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -213,7 +213,9 @@ def _loop(
                         generator=data_generator(data),
                         pin_memory=runtime.device.type == "cuda", persistent_workers=data.num_workers > 0)
     loader_iter = iter(loader)
-    flops_per_token = record.model_config.flops_per_token(data.seq_length)
+    # What the method really computes: a frozen base (LoRA/DoRA) has no weight-gradient matmuls.
+    frozen = record.model_config.num_params if recipe.peft is not None else 0
+    flops_per_token = record.model_config.flops_per_token(data.seq_length, frozen_params=frozen)
     step, consumed, consumed_tokens = progress.step, progress.consumed_samples, progress.consumed_tokens
     last_val: float | None = None
     last_ckpt: Path | None = None

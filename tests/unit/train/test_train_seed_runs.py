@@ -235,3 +235,13 @@ def test_metrics_record_the_validation_of_the_seed_rule(train_assets, tmp_path):
                              "--train.val_check_interval=seed")) == 0
     assert list(val_records(results / "e")) == [3]
     assert [r["step"] for r in read_metrics(results / "e") if "loss" in r] == [1, 2, 3]
+
+
+def test_lora_mfu_counts_the_flops_a_frozen_base_needs():
+    """Fails before issue 15's MFU fix: LoRA runs reported 6N per token, though a frozen base needs
+    no weight-gradient matmul. By hand for llama_tiny at S=32: forward 2N, input gradient 2N (4N),
+    plus attention 12·L·H·Dh·S."""
+    cfg = get_preset("llama_tiny")
+    n, attention = cfg.num_params, 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 32
+    assert cfg.flops_per_token(32) == 6 * n + attention
+    assert cfg.flops_per_token(32, frozen_params=n) == 4 * n + attention
