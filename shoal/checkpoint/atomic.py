@@ -12,9 +12,32 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from shoal.errors import ShoalError
+
+
+def refuse_overlap(output: str | os.PathLike, inputs: Iterable[str | os.PathLike], what: str = "output") -> None:
+    """Refuse an output that is one of the inputs, lies inside one, or holds one.
+
+    Paths are compared once symlinks, `..`, trailing slashes and the current folder are resolved:
+    writing into an input changes what is being read, and replacing a folder that holds an input
+    deletes it. Folders that merely share a prefix (`ck` and `ck-hf`) do not overlap.
+    """
+    out = Path(output).resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if out == source:
+            relation, harm = "is the input", "writing it would replace what is being read"
+        elif source in out.parents:
+            relation, harm = "lies inside the input", "writing it would change what is being read"
+        elif out in source.parents:
+            relation, harm = "holds the input", "replacing it would delete what is being read"
+        else:
+            continue
+        spelled = f" ({source})" if os.fspath(given) != str(source) else ""
+        raise ShoalError(f"{what} {os.fspath(output)} {relation} {os.fspath(given)}{spelled} once links and "
+                         f"'..' are resolved: {harm}. Choose another {what}")
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from shoal.checkpoint.atomic import atomic_directory
+from shoal.checkpoint.atomic import atomic_directory, refuse_overlap
 from shoal.checkpoint.format import MODEL_DIR, TensorInfo, copy_tokenizer, dtype_name, write_metadata
 from shoal.convert import hub
 from shoal.convert.adapters import get_adapter
@@ -118,6 +118,8 @@ def import_checkpoint(
         raise ShoalError(f"--source {source}: no such directory{hint}")
     out = check_output(output_path, overwrite, sources=(local_source,) if local_source else ())
     model_dir = hub.download(hub_source, token=hf_token) if hub_source else local_source
+    if hub_source:  # an output inside the Hugging Face cache would damage the download it reads
+        refuse_overlap(out, [model_dir])
 
     hf_config, cfg = read_hf_config(model_dir)
     for warning in check_preset(model, cfg) if model else []:

@@ -193,7 +193,7 @@ def test_failure_midway_leaves_nothing(tmp_path, hf_dir, capsys, monkeypatch):
 
 def test_output_overlapping_source_refused(tmp_path, hf_dir, capsys):
     code = shoal(["import", "--source", str(hf_dir), "--output_path", str(hf_dir.parent), "--overwrite"])
-    assert code == 2 and "overlaps the input" in capsys.readouterr().err
+    assert code == 2 and "holds the input" in capsys.readouterr().err
     assert (hf_dir / "config.json").is_file()
 
 
