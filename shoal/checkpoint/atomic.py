@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from shoal.errors import ShoalError
+from shoal.errors import ShoalError, io_error
 
 
 def refuse_overlap(output: str | os.PathLike, inputs: Iterable[str | os.PathLike], what: str = "output") -> None:
@@ -58,21 +58,43 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
 def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory; on success it becomes `path`, on any error it is removed.
 
-    With `overwrite`, an existing `path` is replaced only after the new one is complete.
+    With `overwrite`, an existing `path` is replaced only after the new one is complete. An
+    OSError (disk full, permission, read-only file system) becomes a ShoalError naming the output,
+    the file and the cause; folders created for the output are removed again.
     """
     out = check_output_dir(path, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    created = [parent for parent in out.parents if not parent.exists()]  # deepest first
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         yield tmp
-    except BaseException:
+        _publish(tmp, out)
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if still empty
+        if isinstance(err, OSError):
+            raise io_error(err, f"writing {out}") from err
         raise
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished `tmp` to `out`, replacing an older `out` only once `tmp` is in place."""
     old = None
-    if out.exists():
+    if out.exists() or out.is_symlink():
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)  # put the previous output back
+        raise
+    if old is None:
+        return
+    if old.is_dir() and not old.is_symlink():
         shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()  # a link the user's output path was: the link goes, never what it pointed to
