@@ -37,3 +37,33 @@ def io_error(err: OSError, doing: str, nothing_left: bool = True) -> ShoalError:
     where = f" ({os.fspath(err.filename)})" if err.filename else ""
     tail = "; nothing was written (an earlier output, if any, is as it was)" if nothing_left else ""
     return ShoalError(f"{doing} failed{where}: {cause}{tail}")
+
+
+# torch.save reports a failed write (a full disk, mostly) as a RuntimeError from its C++ zip writer.
+_TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed writing", "inline_container.cc")
+
+
+def write_failure(err: BaseException, doing: str, folder: str | os.PathLike | None = None) -> ShoalError | None:
+    """The ShoalError for an exception that means a write failed, or None when it means something else.
+
+    Covers OSError and the RuntimeError torch.save raises when its writes fail; for the latter the
+    free space of `folder`'s file system is given, since a full disk is the usual cause.
+    """
+    if isinstance(err, OSError):
+        return io_error(err, doing)
+    if isinstance(err, RuntimeError) and any(mark in str(err) for mark in _TORCH_WRITE_FAILURES):
+        free = ""
+        if folder is not None:
+            import shutil
+
+            probe = os.path.abspath(folder)
+            while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+                probe = os.path.dirname(probe)
+            with_space = shutil.disk_usage(probe).free
+            free = f"; {with_space / 2**20:.1f} MiB are free on the file system of {probe}"
+            if with_space < 64 << 20:
+                free += " (the disk is nearly full)"
+        return ShoalError(f"{doing} failed: torch's file writer stopped ({str(err).splitlines()[0].strip()}), "
+                          f"which a full disk causes{free}; nothing was written (an earlier output, if any, "
+                          "is as it was)")
+    return None

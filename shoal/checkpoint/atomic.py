@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from shoal.errors import ShoalError, io_error
+from shoal.errors import ShoalError, write_failure
 
 
 def refuse_overlap(output: str | os.PathLike, inputs: Iterable[str | os.PathLike], what: str = "output") -> None:
@@ -75,8 +75,9 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
         for folder in created:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if still empty
-        if isinstance(err, OSError):
-            raise io_error(err, f"writing {out}") from err
+        failure = write_failure(err, f"writing {out}", out.parent)
+        if failure is not None:
+            raise failure from err
         raise
 
 
