@@ -97,7 +97,8 @@ def test_float32_training_checkpoint_of_a_bf16_model_exports_as_bf16(tmp_path, i
     assert shoal(["export", "--source", str(ckpt), "--output_path", str(tmp_path / "hf")]) == 0
     weights = load_file(tmp_path / "hf" / "model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
     # bf16 -> fp32 (training) -> bf16 (export) is exact: the export equals the original weights.
     original = load_file(imported[0] / "model.safetensors")
     for name, tensor in original.items():
