@@ -40,6 +40,18 @@ def refuse_overlap(output: str | os.PathLike, inputs: Iterable[str | os.PathLike
                          f"'..' are resolved: {harm}. Choose another {what}")
 
 
+def normalize_output(path: str | os.PathLike) -> Path:
+    """The output as the kernel will see it: its folder resolved (links, `..`), its own name kept.
+
+    The name is kept so that an output that is itself a symlink is replaced as a link, never
+    through it; resolving the folder keeps a spelling like `out/new/../ck` from creating `new`.
+    """
+    out = Path(path).absolute()
+    if out.name in ("", ".."):
+        return out.resolve()
+    return out.parent.resolve() / out.name
+
+
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse an existing output without `overwrite`, and an output whose parent is not writable."""
     out = Path(path)
@@ -62,7 +74,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     OSError (disk full, permission, read-only file system) becomes a ShoalError naming the output,
     the file and the cause; folders created for the output are removed again.
     """
-    out = check_output_dir(path, overwrite)
+    out = normalize_output(check_output_dir(path, overwrite))
     created = [parent for parent in out.parents if not parent.exists()]  # deepest first
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:

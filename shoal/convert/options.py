@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from shoal.checkpoint.atomic import check_output_dir, refuse_overlap
+from shoal.checkpoint.atomic import check_output_dir, normalize_output, refuse_overlap
 from shoal.errors import ShoalError
 
 _TRUE = {"1", "true", "yes", "y", "on"}
@@ -59,7 +59,7 @@ def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
 def check_output(output: str | os.PathLike, overwrite: bool, sources: tuple[Path, ...] = ()) -> Path:
     """Refuse, before any work, an output that exists (without overwrite), that cannot be created,
     or that reaches an input (the same folder, one inside it, or one holding it, however spelled)."""
-    out = Path(output).absolute()
+    out = normalize_output(output)
     probe = out.parent
     while not probe.exists():
         probe = probe.parent

@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import IO, Iterator, Sequence
 
-from shoal.checkpoint.atomic import atomic_directory, check_output_dir, refuse_overlap
+from shoal.checkpoint.atomic import atomic_directory, check_output_dir, normalize_output, refuse_overlap
 from shoal.errors import ShoalError, io_error
 
 SFT_FILES = ("training.jsonl", "validation.jsonl", "test.jsonl")
@@ -203,7 +203,7 @@ def _dumps(row: Row, where: str) -> str:
 @contextlib.contextmanager
 def _atomic_file(path: str | os.PathLike, overwrite: bool) -> Iterator[IO[str]]:
     """A text file that appears at `path` only when the block finishes without error."""
-    out = check_output_dir(path, overwrite)
+    out = normalize_output(check_output_dir(path, overwrite))
     if out.is_dir():
         raise ShoalError(f"output {out} is a folder; expected a file name such as data.jsonl")
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"

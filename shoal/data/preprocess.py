@@ -311,7 +311,7 @@ def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str | os.Path
         for writer in writers.values():
             writer.abort()
         if isinstance(err, OSError):  # a full disk, a lost permission: say which and where
-            raise io_error(err, f"writing {os.fspath(output_prefix)}_*_document.bin/.idx") from err
+            raise io_error(err, f"tokenizing into {os.fspath(output_prefix)}_*_document.bin/.idx") from err
         raise
     finally:
         # Stop the worker pool and close the inputs now, not whenever the traceback is freed.

@@ -146,3 +146,16 @@ def test_import_and_export_onto_a_really_full_disk(full_disk, pristine, capsys):
         assert status == 2, err
         assert "disk full" in err or "disk is nearly full" in err, err
         assert list(full_disk.iterdir()) == []
+
+
+def test_hub_download_onto_a_full_disk(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    def full(repo_id, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "/cache/models--org--tiny/blobs/abc.incomplete")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", full)
+    status = shoal(["import", "--source", "hf://org/tiny", "--output_path", str(tmp_path / "ck")])
+    err = capsys.readouterr().err
+    assert status == 2 and "disk full" in err and "hf://org/tiny" in err and "abc.incomplete" in err, err
+    assert not (tmp_path / "ck").exists()

@@ -102,3 +102,15 @@ def test_relative_and_absolute_spellings_of_a_real_output_still_work(tmp_path, s
     assert shoal(["export", "--source", "ck", "--output_path", str(src / "out"), "--overwrite"]) == 0
     assert not [p for p in src.iterdir() if p.name.startswith(".")]
     assert os.path.isdir(src / "ck" / "model")
+
+
+def test_dotdot_through_a_folder_that_does_not_exist(tmp_path, src, capsys):
+    """`src/new/../ck` names src/ck even though `new` does not exist yet: refused as the input, and a
+    legitimate output spelled that way neither lands elsewhere nor leaves `new` behind."""
+    before = digest(src)
+    code = shoal(["export", "--source", str(src / "ck"), "--output_path", str(src / "new" / ".." / "ck"),
+                  "--overwrite"])
+    assert code == 2 and "is the input" in capsys.readouterr().err
+    assert digest(src) == before
+    assert shoal(["export", "--source", str(src / "ck"), "--output_path", str(src / "new" / ".." / "out")]) == 0
+    assert (src / "out" / "config.json").is_file() and not (src / "new").exists()
