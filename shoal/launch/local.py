@@ -28,7 +28,8 @@ from shoal.launch.worker import LOG_DIR_ENV, STATUS_DIR_ENV, rank_log_path
 
 TAIL_LINES = 30
 # One entry of torchrun's failure summary (torch.distributed.elastic's ChildFailedError message).
-_TORCHRUN_FAILURE = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*\d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)\s*\(pid:\s*(\d+)\)")
+_TORCHRUN_FAILURE = re.compile(
+    r"rank\s*:\s*(\d+)\s*\(local_rank:\s*\d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)\s*\(pid:\s*(\d+)\)")
 # How long torchrun gets to stop its ranks after Ctrl-C before it is killed.
 STOP_GRACE_S = 60.0
 

@@ -159,3 +159,24 @@ def test_hub_download_onto_a_full_disk(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert status == 2 and "disk full" in err and "hf://org/tiny" in err and "abc.incomplete" in err, err
     assert not (tmp_path / "ck").exists()
+
+
+def test_interrupted_import_leaves_nothing(tmp_path, pristine, monkeypatch, capsys):
+    """Ctrl-C while DCP writes (inside its writer, which wraps what it catches) is still "interrupted"."""
+    import shoal.convert.importer as importer
+
+    calls = []
+    real = importer.read_tensor
+
+    def interrupt(entry):
+        calls.append(entry.name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(entry)
+
+    monkeypatch.setattr(importer, "read_tensor", interrupt)
+    out = tmp_path / "made" / "ck"
+    status = shoal(["import", "--source", str(pristine[0]), "--output_path", str(out)])
+    err = capsys.readouterr().err
+    assert status == 130 and "interrupted" in err, err
+    assert not (tmp_path / "made").exists()
