@@ -28,13 +28,20 @@ _CAUSES = {
 }
 
 
-def io_error(err: OSError, doing: str, nothing_left: bool = True) -> ShoalError:
-    """A ShoalError for an OSError met while `doing` (e.g. "writing export /out"): the path and the cause.
+def io_error(err: OSError, doing: str, nothing_left: bool = True,
+             output_folder: str | os.PathLike | None = None) -> ShoalError:
+    """A ShoalError for an OSError met while `doing` (e.g. "writing /out"): the path and the cause.
 
     `nothing_left` adds that nothing half-written was kept, which the caller must have made true.
+    With `output_folder`, a failing file outside it is named as an input being read.
     """
     cause = _CAUSES.get(err.errno) or err.strerror or str(err) or type(err).__name__
-    where = f" ({os.fspath(err.filename)})" if err.filename else ""
+    where = ""
+    if err.filename:
+        where = f" ({os.fspath(err.filename)})"
+        if output_folder is not None and not os.path.abspath(os.fspath(err.filename)).startswith(
+                os.path.join(os.path.abspath(output_folder), "")):
+            where = f" while reading {os.fspath(err.filename)}"  # the input failed, not the output
     tail = "; nothing was written (an earlier output, if any, is as it was)" if nothing_left else ""
     return ShoalError(f"{doing} failed{where}: {cause}{tail}")
 
@@ -50,7 +57,7 @@ def write_failure(err: BaseException, doing: str, folder: str | os.PathLike | No
     free space of `folder`'s file system is given, since a full disk is the usual cause.
     """
     if isinstance(err, OSError):
-        return io_error(err, doing)
+        return io_error(err, doing, output_folder=folder)
     if isinstance(err, RuntimeError) and any(mark in str(err) for mark in _TORCH_WRITE_FAILURES):
         free = ""
         if folder is not None:

@@ -87,7 +87,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
         for folder in created:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if still empty
-        failure = write_failure(err, f"writing {out}", out.parent)
+        failure = write_failure(err, f"writing {out}", tmp)  # files under tmp are ours; others, inputs
         if failure is not None:
             raise failure from err
         raise

@@ -180,3 +180,18 @@ def test_interrupted_import_leaves_nothing(tmp_path, pristine, monkeypatch, caps
     err = capsys.readouterr().err
     assert status == 130 and "interrupted" in err, err
     assert not (tmp_path / "made").exists()
+
+
+def test_an_unreadable_input_is_named_as_the_input(tmp_path, pristine, monkeypatch, capsys):
+    """A read that fails midway (permission, failing disk) names the input file, not the output."""
+    import shoal.convert.importer as importer
+
+    def unreadable(entry):
+        raise PermissionError(errno.EACCES, "Permission denied", str(entry.path))
+
+    monkeypatch.setattr(importer, "read_tensor", unreadable)
+    out = tmp_path / "made" / "ck"
+    status = shoal(["import", "--source", str(pristine[0]), "--output_path", str(out)])
+    err = capsys.readouterr().err
+    assert status == 2 and f"while reading {pristine[0] / 'model.safetensors'}" in err and "permission denied" in err
+    assert not (tmp_path / "made").exists()
