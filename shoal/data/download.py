@@ -250,8 +250,8 @@ def download_pretrain(dataset_name: str | os.PathLike, output: str | os.PathLike
     Rows keep all their columns (as the seed's `to_json` does); every row must hold a string
     under `text_key`, the key to pass to `shoal preprocess --json-keys`.
     """
+    _refuse_local_overlap(output, dataset_name)  # before "exists": --overwrite would not help
     check_output_dir(output, overwrite)  # fail before a long download, not after
-    _refuse_local_overlap(output, dataset_name)
     count = 0
     with _atomic_file(output, overwrite) as out:
         for where, row in itertools.islice(iter_rows(dataset_name, split, token), max_rows):
@@ -357,8 +357,8 @@ def download_sft(dataset_name: str | os.PathLike, output_dir: str | os.PathLike,
     The same input, split and seed always give the same files. Returns rows per file name.
     """
     fractions = parse_split(split)
-    check_output_dir(output_dir, overwrite)
     _refuse_local_overlap(output_dir, dataset_name)
+    check_output_dir(output_dir, overwrite)
     rows = [(where, normalize_sft_row(row, where))
             for where, row in itertools.islice(iter_rows(dataset_name, source_split, token),
                                                max_rows)]
