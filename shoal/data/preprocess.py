@@ -276,8 +276,10 @@ def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str | os.Path
             refuse_overlap(path, files)
             if path.exists() and not overwrite:
                 raise ShoalError(f"output {path} already exists; pass --overwrite to replace it")
+    out_dir = Path(prefixes[json_keys[0]]).absolute().parent
+    created = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # deepest first
     try:
-        Path(prefixes[json_keys[0]]).parent.mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise io_error(err, f"creating the output folder of {os.fspath(output_prefix)}") from err
 
@@ -310,6 +312,11 @@ def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str | os.Path
     except BaseException as err:
         for writer in writers.values():
             writer.abort()
+        for folder in created:  # a failed run leaves no trace, not even the folders it made
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         if isinstance(err, OSError):  # a full disk, a lost permission: say which and where
             raise io_error(err, f"tokenizing into {os.fspath(output_prefix)}_*_document.bin/.idx") from err
         raise

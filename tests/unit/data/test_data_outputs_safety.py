@@ -101,16 +101,18 @@ def small_vocab_checkpoint(tmp_path: Path, tokenizer_dir: Path, vocab_size: int)
 
 
 def test_preprocess_refuses_ids_the_checkpoint_cannot_embed(tmp_path, tiny_tokenizer_dir, tiny_tokenizer, capsys):
-    corpus = write_jsonl(tmp_path / "corpus.jsonl", ROWS)
-    ids = [tiny_tokenizer(r["text"], add_special_tokens=False)["input_ids"] for r in ROWS]
-    largest = max(max(doc) for doc in ids)
+    rows = [ROWS[0], {"text": ""}, ROWS[1]]  # an empty text between: the line count must still be right
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", rows)
+    ids = [tiny_tokenizer(r["text"], add_special_tokens=False)["input_ids"] for r in rows]
+    largest = max(max(doc) for doc in ids if doc)
     ckpt = small_vocab_checkpoint(tmp_path, tiny_tokenizer_dir, vocab_size=largest)  # one id too few
     out = tmp_path / "data" / "corpus"
     code = cli_main(["preprocess", "--input", str(corpus), "--tokenizer", str(ckpt), "--output-prefix", str(out)])
     err = capsys.readouterr().err
     assert code == 2, err
-    assert f"vocab_size {largest}" in err and f"token id {largest}" in err and "corpus.jsonl:" in err, err
-    assert not out.parent.exists() or not list(out.parent.iterdir())  # nothing written, not even a temp file
+    line = 1 + next(i for i, doc in enumerate(ids) if largest in doc)  # the row that gives the id
+    assert f"vocab_size {largest}" in err and f"token id {largest}" in err and f"corpus.jsonl:{line}:" in err, err
+    assert not out.parent.exists()  # nothing written, not even a temporary file or the folder for it
 
 
 def test_preprocess_refuses_an_eod_id_beyond_the_embedding(tmp_path, tiny_tokenizer_dir, tiny_tokenizer, capsys):
@@ -186,7 +188,7 @@ def test_preprocess_on_a_full_disk_says_so_and_leaves_nothing(tmp_path, tiny_tok
     assert code == 2, err
     assert "disk full" in err and str(out.parent) in err, err
     assert "Traceback" not in err
-    assert not list(out.parent.iterdir())
+    assert not out.parent.exists()  # nothing left, not even the folder made for the output
 
 
 def test_download_on_a_full_disk_says_so_and_leaves_nothing(tmp_path, monkeypatch, capsys):
