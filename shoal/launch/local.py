@@ -186,19 +186,31 @@ def run_local(cfg: LaunchConfig, module: str, args: list[str], secret_env: dict[
         return _report_failure(proc.returncode, Path(status_dir), log_dir, torchrun_offset)
 
 
-def _root_signal_death(torchrun_log: Path, offset: int) -> tuple[int, int, int] | None:
-    """(rank, signal, pid) when torchrun's first observed failure of this run was a death by signal."""
+def _signal_death(torchrun_log: Path, offset: int) -> tuple[int, int, int] | None:
+    """(rank, signal, pid) of a rank that torchrun saw die of a signal in this run, or None.
+
+    torchrun's summary lists the failures it observed, the first observed as the root cause. Two
+    ranks seen in the same poll can tie, so the root cause may be a survivor's echo: then another
+    entry killed by a signal (not SIGTERM or SIGINT, which are how ranks are stopped) is the death.
+    """
     try:
         with open(torchrun_log, "rb") as f:
             f.seek(offset)
             text = f.read().decode(errors="replace")
     except FileNotFoundError:
         return None
-    _, found, root = text.rpartition("Root Cause (first observed failure):")
-    match = _TORCHRUN_FAILURE.search(root) if found else None
-    if match is None or int(match.group(2)) >= 0:
+    summary, found, root = text.rpartition("Root Cause (first observed failure):")
+    if not found:
         return None
-    return int(match.group(1)), -int(match.group(2)), int(match.group(3))
+    entries = [(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+               for m in _TORCHRUN_FAILURE.finditer(root[:root.find("====")] if "====" in root else root)]
+    others = [(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+              for m in _TORCHRUN_FAILURE.finditer(summary[summary.rfind("Failures:"):])]
+    stops = (-signal.SIGTERM, -signal.SIGINT)
+    for rank, code, pid in entries[:1] + [e for e in others if e[1] not in stops]:
+        if code < 0:
+            return rank, -code, pid
+    return None
 
 
 def _signal_name(signum: int) -> str:
@@ -226,7 +238,7 @@ def _report_signal_death(rank: int, signum: int, pid: int, failures: list[dict],
 
 def _report_failure(torchrun_status: int, status_dir: Path, log_dir: Path, torchrun_offset: int = 0) -> int:
     failures = _failures(status_dir)
-    killed = _root_signal_death(log_dir / "torchrun.log", torchrun_offset)
+    killed = _signal_death(log_dir / "torchrun.log", torchrun_offset)
     if killed is not None and not any(f["rank"] == killed[0] for f in failures):
         return _report_signal_death(*killed, failures, log_dir)
     if not failures:

@@ -47,3 +47,36 @@ def test_a_rank_that_raises_is_still_named_as_before(tmp_path):
     assert ("rank 1 failed with exit status 1" in run.stderr or "rank 1 first, with exit status 1" in run.stderr), \
         run.stderr
     assert "killed by signal" not in run.stderr
+
+
+def torchrun_summary(tmp_path: Path, failures: dict[int, tuple[int, int]], root: int) -> Path:
+    """torchrun.log ending in the summary torch itself writes for `failures` {rank: (exitcode, timestamp)}."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    records = {}
+    for rank, (code, stamp) in failures.items():
+        record = ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=code, error_file=str(tmp_path / "none"))
+        record.timestamp = stamp
+        records[rank] = record
+    error = ChildFailedError("shoal.launch.worker", records)
+    assert error.get_first_failure()[0] == root  # torch's own choice of the root cause
+    log = tmp_path / "torchrun.log"
+    log.write_text("earlier lines\n" + error.format_msg() + "\n")
+    return log
+
+
+def test_the_signal_death_is_found_even_when_an_echo_is_torchruns_root_cause(tmp_path):
+    from shoal.launch.local import _signal_death
+
+    # Seen in the same poll, the survivor's exit may come first: the SIGKILLed rank is still the death.
+    log = torchrun_summary(tmp_path, {0: (1, 100), 1: (-9, 101)}, root=0)
+    assert _signal_death(log, 0) == (1, 9, 1001)
+    log = torchrun_summary(tmp_path, {0: (-15, 101), 1: (-9, 100)}, root=1)
+    assert _signal_death(log, 0) == (1, 9, 1001)
+    # Ranks stopped by torchrun (SIGTERM) after a real error are not deaths; plain errors are not either.
+    log = torchrun_summary(tmp_path, {0: (1, 100), 1: (-15, 101)}, root=0)
+    assert _signal_death(log, 0) is None
+    log = torchrun_summary(tmp_path, {0: (1, 100), 1: (1, 101)}, root=0)
+    assert _signal_death(log, 0) is None
+    # Only this run's part of the log counts.
+    assert _signal_death(log, log.stat().st_size) is None
