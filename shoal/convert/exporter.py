@@ -19,18 +19,19 @@ import argparse
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from shoal.checkpoint.atomic import atomic_directory
-from shoal.checkpoint.catalog import resolve_checkpoint
 from shoal.checkpoint.format import (
     MODEL_DIR, TOKENIZER_DIR, TensorInfo, dtype_name, parse_dtype, read_metadata, read_model_config,
 )
 from shoal.convert.adapters import get_adapter
 from shoal.convert.options import add_overwrite_argument, check_output, parse_size
+from shoal.convert.provenance import base_model_name, describe_checkpoint, resolve_export_source, source_dtype
 from shoal.convert.safetensors_io import SafetensorsWriter, plan_shards, shard_file_names, write_index
 from shoal.convert.streaming import DCPWeightReader, WeightReader
 from shoal.errors import ShoalError
@@ -66,23 +67,30 @@ def export_checkpoint(
     weight_reader: WeightReaderFactory | None = None,
     finalize: Finalizer | None = None,
     load_budget: int = DEFAULT_LOAD_BUDGET,
+    report: Callable[[str], None] | None = None,
 ) -> Path:
     """Export a shoal checkpoint (or the latest of an experiment) as a Hugging Face checkpoint.
 
-    dtype: convert floating weights to it; None keeps each tensor's saved dtype (lossless).
+    dtype: convert floating weights to it. None: the source model's dtype (`provenance.source_dtype`);
+        a checkpoint saved in that dtype already (an import) keeps each tensor as saved (lossless),
+        one saved in another (training's float32) is converted back to it.
+    report: called with one line per fact worth telling the user (which checkpoint, adapters, dtype).
     weight_reader: hook for checkpoints whose weights need work before export (LoRA/DoRA merge):
         called with the checkpoint folder, it returns a `WeightReader` giving full-model weights by
         shoal name. Default: plain DCP reads of `model/` (adapters merged on read when peft.json exists).
     finalize: hook called as finalize(ckpt_dir, out_dir) before the output is published, to add
         files (e.g. a PEFT adapter folder); whatever it writes appears atomically with the rest.
     """
-    ckpt = resolve_checkpoint(source)
+    ckpt = resolve_export_source(source)
     meta = read_metadata(ckpt)
     cfg = read_model_config(ckpt)
     target_dtype = parse_dtype(dtype, where="--dtype") if isinstance(dtype, str) else dtype
+    if target_dtype is None and source_dtype(meta) != dtype_name(meta["dtype"]):
+        target_dtype = parse_dtype(source_dtype(meta), where=f"{ckpt / 'shoal.json'}: source_dtype")
     max_bytes = parse_size(max_shard_size)
     out = check_output(output_path, overwrite, sources=(ckpt,))
-    if weight_reader is None and (ckpt / "peft.json").is_file():
+    merging = weight_reader is None and (ckpt / "peft.json").is_file()
+    if merging:
         weight_reader = merged_weight_reader
     if weight_reader is None and not (ckpt / MODEL_DIR).is_dir():
         raise ShoalError(f"{ckpt}: {MODEL_DIR}/ is missing (an incomplete checkpoint?)")
@@ -121,6 +129,12 @@ def export_checkpoint(
             shutil.copytree(tokenizer, tmp, dirs_exist_ok=True)
         if finalize is not None:
             finalize(ckpt, tmp)
+    if report is not None:
+        written = sorted({dtype_name(out_info(name).dtype) for name in plan.values()})
+        report(f"took {describe_checkpoint(ckpt, meta)}")
+        report("adapters merged into the weights (LoRA/DoRA from peft.json)" if merging else "no adapters")
+        report(f"wrote {out}: {len(files)} safetensors file(s) in {', '.join(written)}"
+               + ("" if dtype is not None else " (the source model's dtype; --dtype to change)"))
     return out
 
 
@@ -158,35 +172,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the Hugging Face model folder to write")
     add_overwrite_argument(parser)
     parser.add_argument("--dtype", default=None,
-                        help="convert weights to this dtype (bfloat16, float16, float32); default: as saved")
+                        help="convert weights to this dtype (bfloat16, float16, float32); default: the source "
+                             "model's dtype (training checkpoints hold float32; the export goes back to it)")
     parser.add_argument("--max_shard_size", "--max-shard-size", dest="max_shard_size", type=parse_size,
                         default=DEFAULT_MAX_SHARD_SIZE, help="largest safetensors file, e.g. 5GB (default), 500MB")
     parser.add_argument("--target", default="hf", choices=["hf", "hf-peft"],
                         help="hf: a full model (adapters merged); hf-peft: the adapters alone (NeMo's names)")
     parser.add_argument("--adapter_only", "--adapter-only", action="store_true",
                         help="write only the LoRA/DoRA adapters, in Hugging Face PEFT format (same as target=hf-peft)")
+    parser.add_argument("--base_model", "--base-model", default=None, metavar="ID|DIR",
+                        help="with --adapter_only: the base_model_name_or_path to record (default: the "
+                             "checkpoint's --hf_model_id or import source)")
 
 
-def export_adapter(source: str | os.PathLike, output_path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """The checkpoint's LoRA/DoRA adapters alone, as a PEFT folder (`PeftModel.from_pretrained` loads it)."""
-    ckpt = resolve_checkpoint(source)
+def export_adapter(source: str | os.PathLike, output_path: str | os.PathLike, overwrite: bool = False,
+                   base_model: str | None = None, report: Callable[[str], None] | None = None) -> Path:
+    """The checkpoint's LoRA/DoRA adapters alone, as a PEFT folder with the tokenizer beside them.
+
+    `AutoPeftModelForCausalLM.from_pretrained(OUT)` loads it by itself: `base_model_name_or_path` is
+    `base_model`, else what the checkpoint records (`provenance.base_model_name`).
+    """
+    ckpt = resolve_export_source(source)
     if not (ckpt / "peft.json").is_file():
         raise ShoalError(f"{ckpt} carries no LoRA/DoRA adapters (no peft.json); export the full model instead")
     out = check_output(output_path, overwrite, sources=(ckpt,))
-    base = read_metadata(ckpt).get("made_by", {}).get("source")
+    meta = read_metadata(ckpt)
+    base = base_model or base_model_name(meta)
+    if base is None:
+        print(f"shoal export: warning: {ckpt} does not record its base model, so adapter_config.json has "
+              "base_model_name_or_path null and AutoPeftModelForCausalLM cannot load it alone; pass "
+              "--base_model ID|DIR", file=sys.stderr)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         write_peft_adapter(ckpt, tmp / "adapter", base_model_name_or_path=base)
         for item in (tmp / "adapter").iterdir():
             item.rename(tmp / item.name)
         (tmp / "adapter").rmdir()
+        tokenizer = ckpt / TOKENIZER_DIR
+        if tokenizer.is_dir():  # PEFT's own save_pretrained users ship it too: a chat needs it
+            shutil.copytree(tokenizer, tmp, dirs_exist_ok=True)
+    if report is not None:
+        report(f"took {describe_checkpoint(ckpt, meta)}")
+        report(f"adapters only (PEFT format), base model {base or 'unknown'}")
+        report(f"wrote {out}")
     return out
 
 
 def main(args: argparse.Namespace) -> int:
+    def report(line: str) -> None:
+        print(f"shoal export: {line}", flush=True)
+
     if args.adapter_only or args.target == "hf-peft":
-        out = export_adapter(args.source, args.output_path, overwrite=args.overwrite)
+        export_adapter(args.source, args.output_path, overwrite=args.overwrite, base_model=args.base_model,
+                       report=report)
     else:
-        out = export_checkpoint(args.source, args.output_path, overwrite=args.overwrite, dtype=args.dtype,
-                                max_shard_size=args.max_shard_size)
-    print(f"shoal export: wrote {out}")
+        export_checkpoint(args.source, args.output_path, overwrite=args.overwrite, dtype=args.dtype,
+                          max_shard_size=args.max_shard_size, report=report)
     return 0

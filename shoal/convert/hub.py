@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.checkpoint.format import TOKENIZER_DIRS, TOKENIZER_FILES
-from shoal.errors import ShoalError
+from shoal.errors import ShoalError, io_error
 
 HF_SCHEME = "hf://"
 DOWNLOAD_PATTERNS = [
@@ -72,4 +72,6 @@ def download(source: HubSource, token: str | None = None) -> Path:
     except errors.HfHubHTTPError as err:
         status = getattr(getattr(err, "response", None), "status_code", None)
         raise ShoalError(f"{source}: download failed (HTTP {status})") from None
+    except OSError as err:  # after the Hub's own errors, some of which are OSErrors too
+        raise io_error(err, f"downloading {source} into the Hugging Face cache", nothing_left=False) from None
     return Path(path)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from shoal.checkpoint.atomic import atomic_directory
+from shoal.checkpoint.atomic import atomic_directory, refuse_overlap
 from shoal.checkpoint.format import MODEL_DIR, TensorInfo, copy_tokenizer, dtype_name, write_metadata
 from shoal.convert import hub
 from shoal.convert.adapters import get_adapter
@@ -91,6 +91,38 @@ def check_preset(name: str, cfg: ModelConfig) -> list[str]:
     return []
 
 
+def check_tokenizer_fits(model_dir: Path, vocab_size: int) -> None:
+    """Refuse a tokenizer that gives ids the model cannot embed (config.json `vocab_size`).
+
+    Counted as `transformers` counts it: the base vocabulary plus the added tokens, up to the highest
+    id. Fewer tokens than embedding rows is normal (padded embeddings). A tokenizer that cannot be
+    loaded here is left to the stage that loads it, with a warning.
+    """
+    from shoal.checkpoint.format import tokenizer_files
+
+    if not tokenizer_files(model_dir):
+        return
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        highest = max(tokenizer.get_vocab().values(), default=-1)
+    except Exception as err:  # noqa: BLE001 - many tokenizer formats, many failure types
+        print(f"shoal import: warning: could not load the tokenizer in {model_dir} to check its size against "
+              f"vocab_size ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})", file=sys.stderr)
+        return
+    count = max(len(tokenizer), highest + 1)
+    if count <= vocab_size:
+        return
+    added = len(tokenizer) - tokenizer.vocab_size
+    raise ShoalError(
+        f"{model_dir}: the tokenizer has {count} tokens ({tokenizer.vocab_size} in its vocabulary + {added} added; "
+        f"highest id {highest}) but config.json vocab_size is {vocab_size}: ids {vocab_size}..{count - 1} would "
+        "index past the model's embedding. Use the tokenizer that belongs to this model (or resize the model's "
+        "embedding in transformers and save it again)"
+    )
+
+
 def _dominant_dtype(infos: dict[str, TensorInfo]) -> torch.dtype:
     """The dtype holding most of the weight bytes: the model's dtype for shoal.json."""
     by_dtype: dict[torch.dtype, int] = {}
@@ -118,10 +150,13 @@ def import_checkpoint(
         raise ShoalError(f"--source {source}: no such directory{hint}")
     out = check_output(output_path, overwrite, sources=(local_source,) if local_source else ())
     model_dir = hub.download(hub_source, token=hf_token) if hub_source else local_source
+    if hub_source:  # an output inside the Hugging Face cache would damage the download it reads
+        refuse_overlap(out, [model_dir])
 
     hf_config, cfg = read_hf_config(model_dir)
     for warning in check_preset(model, cfg) if model else []:
         print(f"shoal import: warning: {warning}", file=sys.stderr)
+    check_tokenizer_fits(model_dir, cfg.vocab_size)
     entries = find_weight_files(model_dir)
     adapter = get_adapter(cfg)
     found = {name: TensorInfo(e.shape, e.dtype) for name, e in entries.items()}

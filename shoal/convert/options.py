@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from shoal.checkpoint.atomic import check_output_dir
+from shoal.checkpoint.atomic import check_output_dir, normalize_output, refuse_overlap
 from shoal.errors import ShoalError
 
 _TRUE = {"1", "true", "yes", "y", "on"}
@@ -58,8 +58,8 @@ def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
 
 def check_output(output: str | os.PathLike, overwrite: bool, sources: tuple[Path, ...] = ()) -> Path:
     """Refuse, before any work, an output that exists (without overwrite), that cannot be created,
-    or whose replacement would delete the input being read."""
-    out = Path(output).absolute()
+    or that reaches an input (the same folder, one inside it, or one holding it, however spelled)."""
+    out = normalize_output(output)
     probe = out.parent
     while not probe.exists():
         probe = probe.parent
@@ -67,9 +67,6 @@ def check_output(output: str | os.PathLike, overwrite: bool, sources: tuple[Path
         raise ShoalError(f"cannot create output {output}: {probe} is a file, not a directory")
     if out.exists() and not out.is_dir():
         raise ShoalError(f"output {output} exists and is a file, not a directory")
-    for source in sources:
-        source = source.absolute()
-        if out == source or out in source.parents:
-            raise ShoalError(f"output {output} overlaps the input {source}; choose another output path")
+    refuse_overlap(output, sources)
     check_output_dir(out, overwrite)
     return out

@@ -19,7 +19,7 @@ import struct
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
@@ -214,6 +214,20 @@ def write_index(out_dir: str | os.PathLike, weight_map: dict[str, str], total_si
     return path
 
 
+def _check_inside(file: object, index_path: Path) -> None:
+    """An index names shards by their place in the model folder: never an absolute path or a `..` step.
+
+    Checked on the name as written, not on the resolved path: the Hugging Face cache keeps every
+    shard as a symlink into its blobs folder, and a link is not what the index may not do.
+    """
+    if not isinstance(file, str) or not file:
+        raise ShoalError(f"{index_path}: weight_map values must be file names, got {file!r}")
+    pure = PurePosixPath(file.replace("\\", "/"))
+    if pure.is_absolute() or PureWindowsPath(file).drive or ".." in pure.parts:
+        raise ShoalError(f"{index_path}: names the shard {file!r}, outside the model folder; an index may "
+                         "only name files inside its own folder (refusing to read it)")
+
+
 def find_weight_files(model_dir: str | os.PathLike) -> dict[str, TensorEntry]:
     """Every tensor of an HF model folder, {name: TensorEntry}, from the index or `model.safetensors`.
 
@@ -233,6 +247,8 @@ def find_weight_files(model_dir: str | os.PathLike) -> dict[str, TensorEntry]:
         except (KeyError, TypeError):
             raise ShoalError(f"{index_path}: expected a \"weight_map\" object of tensor name -> file") from None
         files = sorted(set(weight_map.values()))
+        for file in files:
+            _check_inside(file, index_path)
         missing_files = [f for f in files if not (model_dir / f).is_file()]
         if missing_files:
             raise ShoalError(f"{index_path}: names shard file(s) that do not exist: {', '.join(missing_files)}")

@@ -28,8 +28,8 @@ import uuid
 from pathlib import Path
 from typing import IO, Iterator, Sequence
 
-from shoal.checkpoint.atomic import atomic_directory, check_output_dir
-from shoal.errors import ShoalError
+from shoal.checkpoint.atomic import atomic_directory, check_output_dir, normalize_output, refuse_overlap
+from shoal.errors import ShoalError, io_error
 
 SFT_FILES = ("training.jsonl", "validation.jsonl", "test.jsonl")
 DEFAULT_SFT_SPLIT = (0.98, 0.01, 0.01)
@@ -203,17 +203,35 @@ def _dumps(row: Row, where: str) -> str:
 @contextlib.contextmanager
 def _atomic_file(path: str | os.PathLike, overwrite: bool) -> Iterator[IO[str]]:
     """A text file that appears at `path` only when the block finishes without error."""
-    out = check_output_dir(path, overwrite)
+    out = normalize_output(check_output_dir(path, overwrite))
     if out.is_dir():
         raise ShoalError(f"output {out} is a folder; expected a file name such as data.jsonl")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    made = _missing_parents(out)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             yield f
         os.replace(tmp, out)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        _remove_empty(made)
+        raise io_error(err, f"writing {out}") from err
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """The folders above `path` that do not exist yet, deepest first: a failed write removes them again."""
+    return [parent for parent in path.parents if not parent.exists()]
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _write_jsonl(path: Path, rows: Sequence[tuple[str, Row]]) -> None:
@@ -232,6 +250,7 @@ def download_pretrain(dataset_name: str | os.PathLike, output: str | os.PathLike
     Rows keep all their columns (as the seed's `to_json` does); every row must hold a string
     under `text_key`, the key to pass to `shoal preprocess --json-keys`.
     """
+    _refuse_local_overlap(output, dataset_name)  # before "exists": --overwrite would not help
     check_output_dir(output, overwrite)  # fail before a long download, not after
     count = 0
     with _atomic_file(output, overwrite) as out:
@@ -338,6 +357,7 @@ def download_sft(dataset_name: str | os.PathLike, output_dir: str | os.PathLike,
     The same input, split and seed always give the same files. Returns rows per file name.
     """
     fractions = parse_split(split)
+    _refuse_local_overlap(output_dir, dataset_name)
     check_output_dir(output_dir, overwrite)
     rows = [(where, normalize_sft_row(row, where))
             for where, row in itertools.islice(iter_rows(dataset_name, source_split, token),
@@ -346,12 +366,19 @@ def download_sft(dataset_name: str | os.PathLike, output_dir: str | os.PathLike,
         raise ShoalError(f"dataset {os.fspath(dataset_name)} has no rows; nothing written")
     random.Random(seed).shuffle(rows)
     counts = split_counts(len(rows), fractions)
-    with atomic_directory(output_dir, overwrite) as tmp:
+    with atomic_directory(output_dir, overwrite) as tmp:  # an OSError becomes a ShoalError there
         start = 0
         for name, count in zip(SFT_FILES, counts):
             _write_jsonl(tmp / name, rows[start:start + count])
             start += count
     return dict(zip(SFT_FILES, counts))
+
+
+def _refuse_local_overlap(output: str | os.PathLike, dataset_name: str | os.PathLike) -> None:
+    """A local source may not be the output, hold it, or lie inside the folder being replaced."""
+    local = Path(os.fspath(dataset_name)).expanduser()
+    if local.exists():
+        refuse_overlap(output, [local])
 
 
 # -- command line -----------------------------------------------------------------------------------

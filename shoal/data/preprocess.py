@@ -32,9 +32,10 @@ from typing import IO, TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
+from shoal.checkpoint.atomic import refuse_overlap
 from shoal.data.indexed import IndexedDatasetWriter, bin_path, idx_path, optimal_dtype
 from shoal.data.tokenizer import bos_token_id, eod_token_id, load_tokenizer
-from shoal.errors import ShoalError
+from shoal.errors import ShoalError, io_error
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -74,6 +75,7 @@ class _Encoded:
     tokens: dict[str, np.ndarray]
     lengths: dict[str, np.ndarray]
     problems: list[tuple[int, str]] = field(default_factory=list)  # (index in batch, message)
+    doc_lines: list[int] = field(default_factory=list)  # index in batch of each document's line
 
 
 def expand_inputs(patterns: Sequence[str | os.PathLike]) -> list[Path]:
@@ -134,6 +136,7 @@ def _encode_batch(batch: _Batch) -> _Encoded:
     bos, eod = _WORKER["bos"], _WORKER["eod"]
     texts: dict[str, list[str]] = {key: [] for key in keys}
     problems = []
+    doc_lines = []
     for i, raw in enumerate(batch.lines):
         if not raw.strip():
             continue  # blank lines (a trailing newline, say) are not documents
@@ -141,6 +144,7 @@ def _encode_batch(batch: _Batch) -> _Encoded:
         if problem is not None:
             problems.append((i, problem))
             continue
+        doc_lines.append(i)
         for key, text in zip(keys, parsed):
             texts[key].append(text)
     tokens, lengths = {}, {}
@@ -156,7 +160,7 @@ def _encode_batch(batch: _Batch) -> _Encoded:
         lengths[key] = np.array([len(d) for d in docs], dtype=np.int64)
         tokens[key] = np.fromiter(itertools.chain.from_iterable(docs), dtype=np.int64,
                                   count=int(lengths[key].sum()))
-    return _Encoded(tokens=tokens, lengths=lengths, problems=problems)
+    return _Encoded(tokens=tokens, lengths=lengths, problems=problems, doc_lines=doc_lines)
 
 
 # -- main process: read, fan out, write in order ----------------------------------------------
@@ -242,12 +246,14 @@ def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str | os.Path
                json_keys: Sequence[str] = ("text",), *, append_eod: bool = False,
                add_bos: bool = False, workers: int = 1, skip_bad_lines: bool = False,
                overwrite: bool = False, log_interval: int = 1000, batch_size: int = 256,
-               progress: bool = True) -> PreprocessSummary:
+               progress: bool = True, vocab_size: int | None = None) -> PreprocessSummary:
     """Tokenize `inputs` into `{output_prefix}_{key}_document.bin/.idx` for each key.
 
     `tokenizer` is a tokenizer object or anything `load_tokenizer` accepts. Outputs appear only
     when every input was read; an error leaves no output (and an older output untouched).
-    `progress` prints a line on stderr every `log_interval` documents.
+    `progress` prints a line on stderr every `log_interval` documents. `vocab_size` is the model's
+    embedding size: a token id at or above it is refused (the default, when `tokenizer` names a
+    shoal checkpoint, is the checkpoint's own).
     """
     if not json_keys:
         raise ShoalError("--json-keys needs at least one key")
@@ -255,16 +261,27 @@ def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str | os.Path
         raise ShoalError(f"--workers must be at least 1, got {workers}")
     files = expand_inputs(inputs)
     if isinstance(tokenizer, (str, os.PathLike)):
+        vocab_size = vocab_size if vocab_size is not None else checkpoint_vocab_size(tokenizer)
         tokenizer = load_tokenizer(tokenizer)
     dtype = optimal_dtype(len(tokenizer))
     bos = bos_token_id(tokenizer) if add_bos else None
     eod = eod_token_id(tokenizer) if append_eod else None
+    for name, special in (("--add-bos: bos", bos), ("--append-eod: eos", eod)):
+        if special is not None and vocab_size is not None and special >= vocab_size:
+            raise ShoalError(f"{name} id {special} is beyond the model's embedding (vocab_size {vocab_size}, "
+                             f"ids 0..{vocab_size - 1}); the tokenizer does not belong to this model")
     prefixes = {key: f"{os.fspath(output_prefix)}_{key}_document" for key in json_keys}
     for prefix in prefixes.values():
         for path in (bin_path(prefix), idx_path(prefix)):
+            refuse_overlap(path, files)
             if path.exists() and not overwrite:
                 raise ShoalError(f"output {path} already exists; pass --overwrite to replace it")
-    Path(prefixes[json_keys[0]]).parent.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(prefixes[json_keys[0]]).absolute().parent
+    created = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # deepest first
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise io_error(err, f"creating the output folder of {os.fspath(output_prefix)}") from err
 
     summary = PreprocessSummary(prefixes=prefixes, documents=dict.fromkeys(json_keys, 0),
                                 tokens=dict.fromkeys(json_keys, 0),
@@ -284,22 +301,67 @@ def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str | os.Path
                     raise ShoalError(f"{files[batch.file_index]}:{batch.first_line + index}: "
                                      f"{problem}; fix the line or pass --skip-bad-lines")
                 summary.bad_lines += 1
+            if vocab_size is not None:
+                _check_vocabulary(encoded, vocab_size, files[batch.file_index], batch.first_line)
             for key, writer in writers.items():
                 _write_documents(writer, encoded.tokens[key], encoded.lengths[key], summary, key)
             meter.update(summary.documents[json_keys[0]], sum(summary.tokens.values()),
                          batch.bytes_done)
         for writer in writers.values():
             writer.finalize()
-    except BaseException:
+    except BaseException as err:
         for writer in writers.values():
             writer.abort()
+        for folder in created:  # a failed run leaves no trace, not even the folders it made
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        if isinstance(err, OSError):  # a full disk, a lost permission: say which and where
+            raise io_error(err, f"tokenizing into {os.fspath(output_prefix)}_*_document.bin/.idx") from err
         raise
     finally:
         # Stop the worker pool and close the inputs now, not whenever the traceback is freed.
         results.close()
         batches.close()
     summary.seconds = time.perf_counter() - meter.start
+    for key in json_keys:
+        if summary.documents[key] == 0:
+            # Training on an empty dataset fails much later and far from here: say it now.
+            print(f"shoal preprocess: warning: no documents written for key {key!r}: {len(files)} input file(s) "
+                  f"({', '.join(map(str, files[:3]))}{', ...' if len(files) > 3 else ''}) held {summary.lines} "
+                  f"line(s), {summary.empty_skipped[key]} empty text(s) and {summary.bad_lines} bad line(s); "
+                  f"{prefixes[key]}.bin/.idx is an empty dataset", file=sys.stderr)
     return summary
+
+
+def checkpoint_vocab_size(tokenizer: str | os.PathLike) -> int | None:
+    """The embedding size of the model when `tokenizer` names a shoal checkpoint, else None.
+
+    Read leniently: a shoal.json without the key (or unreadable) only means there is nothing to check
+    against; the tokenizer itself is loaded and checked by `load_tokenizer`.
+    """
+    path = Path(tokenizer).expanduser() / "shoal.json"
+    if not path.is_file():
+        return None
+    try:
+        size = json.loads(path.read_text(encoding="utf-8")).get("model", {}).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def _check_vocabulary(encoded: _Encoded, vocab_size: int, path: Path, first_line: int) -> None:
+    """Refuse a token id the model cannot embed, naming the line that produced it."""
+    for key, tokens in encoded.tokens.items():
+        if not tokens.size or int(tokens.max()) < vocab_size:
+            continue
+        position = int(np.argmax(tokens >= vocab_size))
+        doc = int(np.searchsorted(np.cumsum(encoded.lengths[key]), position, side="right"))
+        line = first_line + encoded.doc_lines[doc]
+        raise ShoalError(f"{path}:{line}: key {key!r} gives token id {int(tokens[position])}, beyond the model's "
+                         f"embedding (vocab_size {vocab_size}, ids 0..{vocab_size - 1}): the tokenizer has "
+                         f"more tokens than the checkpoint's model; nothing was written")
 
 
 def _write_documents(writer: IndexedDatasetWriter, tokens: np.ndarray, lengths: np.ndarray,
@@ -391,7 +453,7 @@ def main(args: argparse.Namespace) -> int:
     summary = preprocess(inputs, args.output_prefix, tokenizer, args.json_keys,
                          append_eod=args.append_eod, add_bos=args.add_bos, workers=args.workers,
                          skip_bad_lines=args.skip_bad_lines, overwrite=args.overwrite,
-                         log_interval=args.log_interval)
+                         log_interval=args.log_interval, vocab_size=checkpoint_vocab_size(name))
     for key, prefix in summary.prefixes.items():
         print(f"wrote {prefix}.bin/.idx: {summary.documents[key]} documents, "
               f"{summary.tokens[key]} tokens", file=sys.stderr)

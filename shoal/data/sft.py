@@ -370,6 +370,7 @@ class SFTDataset(Dataset):
         self._check_prompt_source()
         self.examples: list[Example] = []
         self.num_rows = self.num_truncated = self.num_dropped = 0
+        self.empty_answers: list[str] = []  # `file:line` of rows whose answer is empty
         self._load()
 
     def _pick_pad_id(self, pad_id: int | None) -> int:
@@ -394,6 +395,8 @@ class SFTDataset(Dataset):
 
     def _render_row(self, row: dict[str, Any], where: str) -> Rendering:
         messages = row_to_messages(row, where)
+        if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
+            self.empty_answers.append(where)
         if self.template is None:
             if self.system_prompt is not None and messages[0]["role"] != "system":
                 messages = [{"role": "system", "content": self.system_prompt}, *messages]
@@ -425,6 +428,7 @@ class SFTDataset(Dataset):
                     ids, answer = [bos, *ids], [False, *answer]
                 self._add(np.asarray(ids, dtype=np.int64), np.asarray(answer, dtype=bool))
         self.num_rows = len(rows)
+        _warn_empty_answers(self.path, self.empty_answers, len(rows))
         if not self.examples:
             raise ShoalError(f"{self.path}: no example keeps an answer token within seq_length {self.seq_length}")
 
@@ -472,6 +476,19 @@ class PackedSFTDataset(SFTDataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return build_row([self.examples[i] for i in self.packs[index]], self.length, self.pad_id)
+
+
+def _warn_empty_answers(path: Path, wheres: list[str], rows: int) -> None:
+    """Empty answers are kept (they teach the model to end its turn at once) but said, with where they are.
+
+    Printed by the first rank only: every rank builds the same dataset.
+    """
+    if not wheres or os.environ.get("RANK", "0") != "0":
+        return
+    shown = ", ".join(wheres[:5]) + (f" and {len(wheres) - 5} more" if len(wheres) > 5 else "")
+    print(f"shoal: warning: {path}: {len(wheres)} of {rows} rows have an empty answer ('output'): {shown}; each "
+          "teaches the model to end its turn at once. Kept as they are; remove them if that is not meant",
+          file=sys.stderr)
 
 
 def sft_split_path(dataset_root: str | os.PathLike, split: str) -> Path:

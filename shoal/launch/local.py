@@ -3,13 +3,17 @@
 Every rank writes to `EXPERIMENT/logs/rank{N}.log`; rank 0's log is followed onto this terminal
 as it grows, and torchrun's own messages go to `logs/torchrun.log`, so the terminal shows the
 training and not the launcher. When a rank fails torchrun stops the others; we then print which
-rank failed first and the end of its log, and exit with its status. Ctrl-C stops every rank.
+rank failed first and the end of its log, and exit with its status. A rank killed by a signal
+(SIGKILL from the out-of-memory killer, say) cannot report itself, and the ranks left waiting for
+it then fail with errors of their own: torchrun's summary of the failures, in its log, names the
+rank that died first and how, and that rank is the one reported. Ctrl-C stops every rank.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -23,6 +27,9 @@ from shoal.errors import ShoalError
 from shoal.launch.worker import LOG_DIR_ENV, STATUS_DIR_ENV, rank_log_path
 
 TAIL_LINES = 30
+# One entry of torchrun's failure summary (torch.distributed.elastic's ChildFailedError message).
+_TORCHRUN_FAILURE = re.compile(
+    r"rank\s*:\s*(\d+)\s*\(local_rank:\s*\d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)\s*\(pid:\s*(\d+)\)")
 # How long torchrun gets to stop its ranks after Ctrl-C before it is killed.
 STOP_GRACE_S = 60.0
 
@@ -141,6 +148,8 @@ def run_local(cfg: LaunchConfig, module: str, args: list[str], secret_env: dict[
     log_dir.mkdir(parents=True, exist_ok=True)
     rank0_log = rank_log_path(log_dir, 0)
     offset = rank0_log.stat().st_size if rank0_log.exists() else 0
+    torchrun_log_path = log_dir / "torchrun.log"
+    torchrun_offset = torchrun_log_path.stat().st_size if torchrun_log_path.exists() else 0
     print(f"shoal: starting {devices}; rank 0 below, every rank's log in {log_dir}/", file=sys.stderr, flush=True)
 
     with tempfile.TemporaryDirectory(prefix="shoal-launch-") as status_dir, \
@@ -174,11 +183,64 @@ def run_local(cfg: LaunchConfig, module: str, args: list[str], secret_env: dict[
         _copy_new_output(rank0_log, offset)
         if proc.returncode == 0:
             return 0
-        return _report_failure(proc.returncode, Path(status_dir), log_dir)
+        return _report_failure(proc.returncode, Path(status_dir), log_dir, torchrun_offset)
 
 
-def _report_failure(torchrun_status: int, status_dir: Path, log_dir: Path) -> int:
+def _signal_death(torchrun_log: Path, offset: int) -> tuple[int, int, int] | None:
+    """(rank, signal, pid) of a rank that torchrun saw die of a signal in this run, or None.
+
+    torchrun's summary lists the failures it observed, the first observed as the root cause. Two
+    ranks seen in the same poll can tie, so the root cause may be a survivor's echo: then another
+    entry killed by a signal (not SIGTERM or SIGINT, which are how ranks are stopped) is the death.
+    """
+    try:
+        with open(torchrun_log, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return None
+    summary, found, root = text.rpartition("Root Cause (first observed failure):")
+    if not found:
+        return None
+    entries = [(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+               for m in _TORCHRUN_FAILURE.finditer(root[:root.find("====")] if "====" in root else root)]
+    others = [(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+              for m in _TORCHRUN_FAILURE.finditer(summary[summary.rfind("Failures:"):])]
+    stops = (-signal.SIGTERM, -signal.SIGINT)
+    for rank, code, pid in entries[:1] + [e for e in others if e[1] not in stops]:
+        if code < 0:
+            return rank, -code, pid
+    return None
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _report_signal_death(rank: int, signum: int, pid: int, failures: list[dict], log_dir: Path) -> int:
+    name = _signal_name(signum)
+    hint = (" SIGKILL usually comes from the out-of-memory killer (see `dmesg`, or the job's memory limit)."
+            if signum == signal.SIGKILL else "")
+    others = sorted({f["rank"] for f in failures if f["rank"] != rank})
+    after = ""
+    if others:
+        which = f"Rank {others[0]}" if len(others) == 1 else f"Ranks {', '.join(map(str, others))}"
+        after = f" {which} failed after it, while waiting for it: an echo of this death, not its cause."
+    log = rank_log_path(log_dir, rank)
+    print(f"shoal: rank {rank} was killed by signal {signum} ({name}) (pid {pid}); a killed process leaves no "
+          f"error message of its own.{hint}{after} The other ranks were stopped. The end of {log}:\n{_tail(log)}",
+          file=sys.stderr)
+    return 128 + signum  # what a shell reports for a process killed by that signal
+
+
+def _report_failure(torchrun_status: int, status_dir: Path, log_dir: Path, torchrun_offset: int = 0) -> int:
     failures = _failures(status_dir)
+    killed = _signal_death(log_dir / "torchrun.log", torchrun_offset)
+    if killed is not None and not any(f["rank"] == killed[0] for f in failures):
+        return _report_signal_death(*killed, failures, log_dir)
     if not failures:
         # No rank reported: one was killed (out of memory?) or torchrun itself failed.
         print(

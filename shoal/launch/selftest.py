@@ -6,6 +6,7 @@ It takes the same launch flags as the training commands and goes through the sam
 `maybe_launch`; each rank joins a gloo process group, the ranks all-reduce their rank ids and
 gather where they ran, and rank 0 writes that as JSON to --output. `--fail_rank N` makes rank N
 fail on purpose (the others then wait in the all-reduce until the launcher stops them), and
+`--kill_rank N` makes rank N die of SIGKILL (as the out-of-memory killer does), and
 `--sleep S` keeps the ranks alive for S seconds, to test stopping a run.
 """
 
@@ -15,6 +16,7 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -31,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experiment", required=True, help="folder for logs/ and slurm/")
     parser.add_argument("--output", required=True, help="JSON file rank 0 writes the result to")
     parser.add_argument("--fail_rank", type=int, help="this rank raises an error after joining the group")
+    parser.add_argument("--kill_rank", type=int, help="this rank kills itself with SIGKILL after joining the group")
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds each rank waits before the all-reduce")
     # As the training commands take them: the launcher must carry them to the ranks unwritten.
     parser.add_argument("--hf_token", help="a secret; each rank reports whether HF_TOKEN reached it")
@@ -67,6 +70,9 @@ def run_ranks(args: argparse.Namespace) -> dict:
     print(f"selftest: rank {rank} of {world} on {me['host']} (local rank {me['local_rank']})", flush=True)
     if rank == args.fail_rank:
         raise RuntimeError(f"selftest: rank {rank} fails on purpose")
+    if rank == args.kill_rank:
+        time.sleep(1.0)  # let the other ranks reach the all-reduce, where they wait for this one
+        os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer ends a process: no last words
     time.sleep(args.sleep)
     total = torch.tensor([rank], dtype=torch.int64)
     everyone = [me]

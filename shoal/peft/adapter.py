@@ -92,11 +92,13 @@ def save_peft_adapter(
     group_adapter_tensors(state, config, "adapter to save")  # PEFT would reject, or silently skip, the rest
     # safetensors wants contiguous CPU tensors that share no storage.
     tensors = {PEFT_PREFIX + name: t.detach().to("cpu").contiguous().clone() for name, t in sorted(state.items())}
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out_dir)
     with atomic_directory(out, overwrite) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        # Bytes written by Python, not safetensors' save_file, which creates its file with mode 0600:
+        # the adapter gets the same permissions (the umask's) as the config beside it. Adapters are small.
+        (tmp / WEIGHTS_FILE).write_bytes(save(tensors, metadata={"format": "pt"}))
         text = json.dumps(peft_adapter_config(config, base_model_name_or_path), indent=2, sort_keys=True)
         (tmp / CONFIG_FILE).write_text(text + "\n")
     return out
