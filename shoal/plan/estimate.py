@@ -13,7 +13,8 @@ Every formula follows what shoal really keeps (docs/planning.md derives each one
 
 Throughput is never derived from first principles: it is the MFU that shoal's benchmarks measured
 on the nearest benchmarked configuration (`shoal.plan.measured`), adjusted only for the number of
-FSDP shards, the checkpointing mode and the pipeline bubble, and every estimate names its reference.
+FSDP shards, the tensor-parallel size, the checkpointing mode and the pipeline bubble, and every
+estimate names its reference.
 FP8 and mixture-of-experts models are not modelled: `check_modelled` refuses them.
 """
 
@@ -38,6 +39,10 @@ LOGIT_BYTES = {"compiled": 4, "eager": 12, "fp32": 12}
 # Shares of one step that survive sharding the data-parallel work over S FSDP ranks, measured by
 # bench/scale.py (Llama-3.2-1B: 94% of one GPU's MFU on 2 GPUs, 88% on 4): 1 − 0.06·log2(S).
 FSDP_LOSS_PER_DOUBLING = 0.06
+# MFU kept per doubling of tensor parallelism (the sequence-parallel collectives sit on the critical
+# path), measured by bench/scale.py (8B, 4 × H100, full checkpointing: TP2 × FSDP2 40.4% against
+# FSDP4 48.0%, after the FSDP factor): 0.80.
+TP_KEEP_PER_DOUBLING = 0.80
 # MFU of full checkpointing relative to selective or none on the same layout, measured by
 # bench/scale.py (8B, 4 × H100: 48.0% full against 56.8% selective): the recomputed forward.
 FULL_RECOMPUTE_FACTOR = 0.845
@@ -268,6 +273,10 @@ def _fsdp_factor(shards: int) -> float:
     return max(0.5, 1 - FSDP_LOSS_PER_DOUBLING * math.log2(max(shards, 1)))
 
 
+def _tp_factor(tp: int) -> float:
+    return TP_KEEP_PER_DOUBLING ** math.log2(tp)
+
+
 def _checkpoint_factor(mode: str) -> float:
     return FULL_RECOMPUTE_FACTOR if mode == "full" else 1.0
 
@@ -314,6 +323,7 @@ def estimate_speed(cfg: ModelConfig, layout: Layout, work: Workload, gpu: GpuKin
     ref_shards = ref.num_gpus // ref.tp
     mfu = ref.mfu * _fsdp_factor(layout.fsdp_shards) / _fsdp_factor(ref_shards)
     mfu *= _checkpoint_factor(layout.activation_checkpointing) / _checkpoint_factor(ref.activation_checkpointing)
+    mfu *= _tp_factor(layout.tp) / _tp_factor(ref.tp)
     notes = [f"MFU {100 * ref.mfu:.1f}% measured by shoal's benchmarks for {ref.name} ({ref.source})"]
     if layout.pp > 1:
         micro_batches = work.global_batch_size // (work.micro_batch_size * layout.dp)
