@@ -174,7 +174,7 @@ def resolve_gradient_sync(layout: Layout, trainable_per_rank: float, micro_batch
     return trainable_per_rank * 4 <= gpu.memory_bytes / 8
 
 
-def activation_elements_per_token(cfg: ModelConfig, layout: Layout, mode: str) -> tuple[float, float]:
+def activation_elements_per_token(cfg: ModelConfig, layout: Layout, mode: str, compiled: bool = True) -> tuple[float, float]:
     """(elements kept per token by one decoder layer, of which residual-stream elements).
 
     none: the layer input and the post-attention residual (norm backward), both normed inputs
@@ -183,17 +183,33 @@ def activation_elements_per_token(cfg: ModelConfig, layout: Layout, mode: str) -
     (down-projection weight gradient): 4h + 2q + 2kv + 3I.
     selective: the matmul and attention outputs plus the layer input; norms, RoPE, SiLU and the
     product are recomputed: 3h + 2q + 2kv + 2I. full: the layer input alone, h.
+    Without compile, "none" also keeps what eager autograd saves between the fused ops: each norm's
+    normalised input and scaled output (4h), RoPE's rotated halves (q + kv) and SiLU's output (I).
     Tensor parallelism splits q, kv and I by heads/columns; the h terms only with sequence parallelism."""
     h, q, kv, inter = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
     h_share = h / layout.tp if layout.sequence_parallel else h
     q, kv, inter = q / layout.tp, kv / layout.tp, inter / layout.tp
     if mode == "none":
-        return 4 * h_share + 2 * q + 2 * kv + 3 * inter, 2 * h_share
+        eager = 0 if compiled else 4 * h_share + q + kv + inter
+        return 4 * h_share + 2 * q + 2 * kv + 3 * inter + eager, 2 * h_share
     if mode == "selective":
         return 3 * h_share + 2 * q + 2 * kv + 2 * inter, h_share
     if mode == "full":
         return h_share, h_share
     raise ShoalError(f"parallel.activation_checkpointing {mode!r}: expected none, full or selective")
+
+
+def saved_activation_bytes(cfg: ModelConfig, counts: ParamCounts, layout: Layout, work: Workload) -> float:
+    """What autograd keeps for backward from one micro-batch's forward through this rank's layers."""
+    bf16 = work.precision == "bf16"
+    tokens = work.micro_batch_size * work.seq_length / layout.cp
+    per_token, residual = activation_elements_per_token(cfg, layout, layout.activation_checkpointing, work.compile)
+    per_token += counts.adapter_targets_per_layer * work.peft_rank / layout.tp  # x·A of each adapter
+    element = 2 if bf16 else 4
+    # Without FSDP, autocast leaves the residual stream (embedding output, layer inputs) in fp32.
+    residual_extra = 2 * residual if bf16 and not layout.fsdp else 0
+    rope_tables = 2 * tokens * cfg.head_dim * 4  # cos and sin (fp32), shared by every layer
+    return tokens * (cfg.num_layers // layout.pp) * (per_token * element + residual_extra) + rope_tables
 
 
 def estimate_memory(cfg: ModelConfig, counts: ParamCounts, layout: Layout, work: Workload, gpu: GpuKind) -> MemoryEstimate:
@@ -231,14 +247,9 @@ def estimate_memory(cfg: ModelConfig, counts: ParamCounts, layout: Layout, work:
 
     tokens = work.micro_batch_size * work.seq_length / layout.cp
     mode = layout.activation_checkpointing
-    per_token, residual = activation_elements_per_token(cfg, layout, mode)
-    per_token += counts.adapter_targets_per_layer * work.peft_rank / layout.tp  # x·A of each adapter
     element = 2 if bf16 else 4
-    # Without FSDP, autocast leaves the residual stream (embedding output, layer inputs) in fp32.
-    residual_extra = 2 * residual if bf16 and not layout.fsdp else 0
-    layers = cfg.num_layers // layout.pp
     in_flight = min(layout.pp, max(micro_batches, 1)) if layout.pp > 1 else 1  # 1F1B: stage 0 holds pp micro-batches
-    activations = tokens * layers * in_flight * (per_token * element + residual_extra)
+    activations = in_flight * saved_activation_bytes(cfg, counts, layout, work)
     recompute = 0.0
     if mode == "full":  # one layer's activations exist again while it is recomputed in backward
         recompute = tokens * activation_elements_per_token(cfg, layout, "none")[0] * element
