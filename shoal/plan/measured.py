@@ -50,7 +50,7 @@ MEASUREMENTS: list[Measurement] = [
     _m("1b_fsdp2_h100", "bench/results/scale_h100x4_1b_and_hf8b.jsonl", "h100", "llama32_1b", "pretrain", "none",
        4096, 4, 8, 2, 1, "none", "auto", 0.5090, 55777, 34.74),
     _m("1b_fsdp4_h100", "bench/results/scale_h100x4_1b_and_hf8b.jsonl", "h100", "llama32_1b", "pretrain", "none",
-       4096, 4, 16, 4, 1, "none", "auto", 0.4744, 51980, 31.30),
+       4096, 4, 16, 4, 1, "none", "auto", 0.4744, 51980, 31.29),
     _m("8b_fsdp4_full_h100", "bench/results/scale_h100x4_shoal8b.jsonl", "h100", "llama31_8b", "pretrain", "none",
        8192, 1, 4, 4, 1, "full", "auto", 0.4802, 7777, 35.23),
     _m("8b_tp2fsdp2_full_h100", "bench/results/scale_h100x4_shoal8b.jsonl", "h100", "llama31_8b", "pretrain", "none",
@@ -58,7 +58,8 @@ MEASUREMENTS: list[Measurement] = [
     _m("8b_fsdp4_selective_h100", "bench/results/scale_h100x4_shoal8b.jsonl", "h100", "llama31_8b", "pretrain",
        "none", 8192, 1, 4, 4, 1, "selective", "auto", 0.5679, 9198, 52.13),
     # bench/seed_recipe.sh: the seed's 8B command lines (TP2, recipe llama31_8b: selective, compiled),
-    # medians after the first step of shoal's own metrics.jsonl.
+    # from shoal's own metrics.jsonl: the peak memory, and the throughput RESULTS.md quotes (a value
+    # within the steps after the first; RESULTS.md calls it the median, which it is not for every row).
     _m("seed_pretrain_tp2_h200", "bench/results/seed_pretrain_tp2_h200x2.jsonl", "h200", "llama31_8b", "pretrain",
        "none", 8192, 1, 16, 2, 2, "selective", "auto", 0.513, 8301, 81.12),
     _m("seed_pretrain_tp2dp2_h200", "bench/results/seed_pretrain_tp2dp2_h200x4.jsonl", "h200", "llama31_8b",
