@@ -223,6 +223,10 @@ def estimate_memory(cfg: ModelConfig, counts: ParamCounts, layout: Layout, work:
 
     parameters = 4 * p_rank / shards  # fp32 master weights
     gradients = 4 * t_rank if deferred else 4 * t_rank / shards
+    if layout.tp > 1 and not layout.fsdp and counts.trainable == counts.total:
+        # Under tensor parallelism alone the vocabulary-sharded embedding gets a whole (Replicate)
+        # gradient on every rank (seen in tests/unit/plan on 2 gloo ranks).
+        gradients += 4 * counts.embed * (1 - 1 / layout.tp)
     optimizer = 8 * t_rank / shards  # AdamW exp_avg + exp_avg_sq, fp32
 
     # bf16 copies of weights for compute, at the loss (forward done) and at the end of backward.
