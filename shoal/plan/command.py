@@ -186,8 +186,12 @@ def render_text(plan: Plan) -> str:
             flags = " ".join(cand.flags(plan.parallel, w))
             out.append(f"  {i}. {_summary_line(cand.estimate, cand.work)}\n     change: {flags}")
     elif est is None or not est.memory.fits:
-        out.append("no layout of these GPUs fits this model, batch and sequence: use more GPUs, a shorter "
-                   "--seq_length, --peft lora, or a larger GPU kind")
+        # Weights, gradients and AdamW state alone (16 bytes per trained parameter, 4 per frozen one)
+        # shard at best over every GPU: a floor on how many are needed.
+        floor = (16 * c.trainable + 4 * c.frozen) / (0.9 * plan.gpu.memory_bytes)
+        out.append(f"no layout of {plan.world_size} GPUs fits this model, batch and sequence. Weights, gradients and "
+                   f"AdamW state alone need at least {max(1, -int(-floor // 1))} × {plan.gpu.name}; use more GPUs "
+                   "(--num_nodes), --peft lora, a shorter --seq_length, or a larger GPU kind (--gpu)")
     return "\n".join(out)
 
 
