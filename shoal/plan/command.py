@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import importlib
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,6 +192,17 @@ def render_text(plan: Plan) -> str:
                    f"AdamW state alone need at least {max(1, -int(-floor // 1))} × {plan.gpu.name}; use more GPUs "
                    "(--num_nodes), --peft lora, a shorter --seq_length, or a larger GPU kind (--gpu)")
     return "\n".join(out)
+
+
+def brief(plan: Plan) -> str:
+    """One line for a training run's log: planned peak memory and speed, to set beside the measured."""
+    est = plan.estimate
+    if est is None:
+        return f"shoal plan: this layout cannot run: {plan.refusal}"
+    m, s = est.memory, est.speed
+    return (f"shoal plan: estimated {m.allocated / GIB:.1f} GiB/GPU allocated ({m.total / GIB:.1f} with overhead, "
+            f"{'fits' if m.fits else 'DOES NOT FIT'} in {m.capacity / GIB:.0f}), {s.tokens_per_s_per_gpu:,.0f} tokens/s/GPU "
+            f"(MFU {100 * s.mfu:.1f}% from {s.reference.name})")
 
 
 def plan_dict(plan: Plan) -> dict[str, Any]:
