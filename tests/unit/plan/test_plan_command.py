@@ -117,3 +117,22 @@ def test_one_epoch_of_the_dataset(tmp_path):
     result = json.loads(out)
     # 80% of 10,000 tokens for training, 1,000 tokens per step: 8 steps.
     assert result["estimate"]["steps"] == 8 and "one epoch" in result["steps_source"]
+
+
+def test_the_model_comes_from_the_starting_checkpoint(tmp_path):
+    """--nemo_model on this machine: the shape is its shoal.json's, whatever the recipe's preset."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+    from training_runs import write_small_hf_model
+    from transformers import AutoModelForCausalLM
+
+    hf = write_small_hf_model(tmp_path / "hf")
+    assert main(["import", "--source", str(hf), "--output_path", str(tmp_path / "ckpt")]) == 0
+    rc, out, _ = plan("finetune", "--recipe", "tiny", "--nemo_model", str(tmp_path / "ckpt"), "--max_steps", "2",
+                      "--dataset_path", str(tmp_path), "--gpu", "h100", "--json")
+    result = json.loads(out)
+    assert rc == 0 and result["model_source"] == f"checkpoint {tmp_path / 'ckpt'}"
+    expected = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(hf).parameters())
+    assert result["parameters"] == expected
