@@ -34,8 +34,9 @@ CONTEXT_BYTES = int(1.5 * GIB)
 # Allocator slack (reserved − allocated), as a fraction of the allocated peak.
 FRAGMENTATION = 0.05
 # Bytes per logit per token in the loss: the bf16 logits and their bf16 gradient when the loss is
-# compiled with the model (upcast and softmax fused); eager adds an fp32 copy and its gradient.
-LOGIT_BYTES = {"compiled": 4, "eager": 12, "fp32": 12}
+# compiled with the model (upcast and softmax fused). Eager (or fp32) cross-entropy holds four fp32
+# tensors during its backward: the logits, their log-softmax, and the gradients of both.
+LOGIT_BYTES = {"compiled": 4, "eager": 16, "fp32": 16}
 # Shares of one step that survive sharding the data-parallel work over S FSDP ranks, measured by
 # bench/scale.py (Llama-3.2-1B: 94% of one GPU's MFU on 2 GPUs, 88% on 4): 1 − 0.06·log2(S).
 FSDP_LOSS_PER_DOUBLING = 0.06
