@@ -21,7 +21,7 @@ FP8 and mixture-of-experts models are not modelled: `check_modelled` refuses the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from shoal.errors import ShoalError
 from shoal.models import ModelConfig
@@ -237,7 +237,7 @@ def estimate_memory(cfg: ModelConfig, counts: ParamCounts, layout: Layout, work:
         # its forward to its backward; a tied embedding lives in the root unit, never resharded.
         per_layer = 2 * 2 * layer_rank + 2 * (counts.lm_head or counts.embed) / layout.tp
         everything = 2 * p_rank
-        if layout.pp > 1 and layout.reshard_after_forward != "always" or layout.reshard_after_forward == "never":
+        if (layout.pp > 1 and layout.reshard_after_forward != "always") or layout.reshard_after_forward == "never":
             at_loss = end_of_backward = everything  # nothing is resharded after forward
         elif deferred:
             # Resharded after each forward, but kept gathered after backward until the last micro-batch.
@@ -381,7 +381,3 @@ def estimate(cfg: ModelConfig, counts: ParamCounts, layout: Layout, work: Worklo
     speed = estimate_speed(cfg, layout, work, gpu, memory, exclude=exclude)
     run = steps * speed.step_seconds if steps else None
     return Estimate(layout, memory, speed, checkpoint_bytes(counts, work), steps, run)
-
-
-def with_changes(layout: Layout, **changes) -> Layout:
-    return replace(layout, **changes)
