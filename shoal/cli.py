@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("shoal.data.preprocess", "tokenize JSONL into Megatron .bin/.idx files"),
     "pretrain": ("shoal.train.pretrain", "continual pretraining on .bin/.idx data"),
     "finetune": ("shoal.train.finetune", "instruction fine-tuning, full or LoRA/DoRA"),
+    "report": ("shoal.report", "plots and a summary table of a training run (PNG and HTML)"),
+    "plan": ("shoal.plan", "memory, speed and layouts of a training command line, before running it"),
     "demo": ("shoal.demo.run", "run the four stages end to end on the embedded tiny default"),
 }
 

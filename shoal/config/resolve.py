@@ -26,14 +26,16 @@ from shoal.peft.config import LoraConfig
 STAGES = ("pretrain", "finetune")
 
 
-def resolve_recipe(args: argparse.Namespace, stage: str) -> Recipe:
-    """The frozen recipe of a parsed `shoal pretrain|finetune` command line."""
+def resolve_recipe(args: argparse.Namespace, stage: str, locate_start: bool = True) -> Recipe:
+    """The frozen recipe of a parsed `shoal pretrain|finetune` command line. `locate_start` False
+    (`shoal plan`) leaves fine-tuning's start checkpoint unset instead of looking for it here."""
     return build_recipe(
         stage,
         args.recipe or default_recipe_name(args.model, args.model_size),
         settings=settings_from_flags(args),
         overrides=getattr(args, "overrides", None) or [],
         launch=launch_config_from_args(args),
+        locate_start=locate_start,
     )
 
 
@@ -58,6 +60,7 @@ def build_recipe(
     settings: Mapping[str, Any] | None = None,
     overrides: Sequence[str] = (),
     launch: LaunchConfig | None = None,
+    locate_start: bool = True,
 ) -> Recipe:
     """The frozen recipe for `stage` from a recipe name or file, {dotted key: value} settings and
     `key=value` override strings; `launch` None means one local process."""
@@ -77,7 +80,7 @@ def build_recipe(
     apply_overrides(tree, list(overrides))
     peft = _peft_config(tree.pop("peft", None))
     recipe = from_dict(Recipe, {**tree, "stage": stage}, "")
-    recipe = _derive(dataclasses.replace(recipe, peft=peft), launch or LaunchConfig())
+    recipe = _derive(dataclasses.replace(recipe, peft=peft), launch or LaunchConfig(), locate_start)
     recipe.validate()
     return recipe
 
@@ -86,7 +89,7 @@ def experiment_dir(recipe: Recipe) -> Path:
     return Path(recipe.checkpoint.results_dir) / recipe.checkpoint.experiment
 
 
-def _derive(recipe: Recipe, launch: LaunchConfig) -> Recipe:
+def _derive(recipe: Recipe, launch: LaunchConfig, locate_start: bool) -> Recipe:
     exp = experiment_dir(recipe)
     launch = dataclasses.replace(launch, experiment_dir=str(exp.absolute()))
     parallel = recipe.parallel
@@ -101,7 +104,7 @@ def _derive(recipe: Recipe, launch: LaunchConfig) -> Recipe:
     if recipe.stage == "finetune":
         if data.pack_sequences:  # packed examples must not see each other
             data = dataclasses.replace(data, document_mask=True)
-        if model.checkpoint is None and not _has_checkpoints(exp):
+        if locate_start and model.checkpoint is None and not _has_checkpoints(exp):
             # Fine-tuning starts from trained weights, never from a random preset.
             model = dataclasses.replace(model, checkpoint=str(find_pretraining_checkpoint(recipe)))
     return dataclasses.replace(recipe, launch=launch, parallel=parallel, data=data, model=model)

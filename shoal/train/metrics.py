@@ -118,7 +118,10 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, **record}
-        self.jsonl.write(json.dumps(record) + "\n")
+        # Seconds since this process started logging: it drops where a resumed run begins a new
+        # segment, which is how `shoal report` marks resumes and adds up wall time.
+        elapsed = round(time.perf_counter() - self.start_time, 3)
+        self.jsonl.write(json.dumps({**record, "elapsed_s": elapsed}) + "\n")
         self.jsonl.flush()
         if self.tb is not None:
             for key, value in record.items():
