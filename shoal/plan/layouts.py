@@ -12,7 +12,7 @@ import itertools
 from dataclasses import dataclass
 
 from shoal.config.parallel import ParallelConfig
-from shoal.distributed.mesh import check_parallel_layout
+from shoal.distributed.layout_checks import check_parallel_layout
 from shoal.errors import ShoalError
 from shoal.models import ModelConfig
 from shoal.plan.counts import ParamCounts
