@@ -1,4 +1,5 @@
-"""Learning-rate schedule: linear warmup, then cosine, linear or constant decay to `min_lr`.
+"""Learning-rate schedule: linear warmup, then cosine, linear or constant decay to `min_lr`, as NeMo's
+`CosineAnnealing` / `WarmupAnnealing` / `WarmupPolicy` compute it (tests/unit/train/test_schedule.py).
 
 The rate is a pure function of the step, so resuming needs only the step count: nothing else of the
 scheduler has to be saved for the resumed run to follow the same curve.
@@ -16,7 +17,9 @@ def lr_at(step: int, cfg: TrainSection, total_steps: int) -> float:
     peak = cfg.lr
     floor = cfg.min_lr if cfg.min_lr is not None else peak / 10
     if cfg.warmup_steps and step < cfg.warmup_steps:
-        return peak * (step + 1) / cfg.warmup_steps
+        # NeMo's warmup (WarmupPolicy): (s + 1) / (W + 1), so step W is the first at the peak, where
+        # the decay starts from, and the ramp has no flat step at its top.
+        return peak * (step + 1) / (cfg.warmup_steps + 1)
     if cfg.lr_schedule == "constant":
         return peak
     decay_steps = max(1, total_steps - cfg.warmup_steps)

@@ -47,10 +47,16 @@ def test_metrics_tensorboard_wandb_and_no_secrets(train_assets: TrainAssets, tmp
     # metrics.jsonl: one record per step with the four training numbers, validation every 2 steps.
     records = train_records(exp)
     assert sorted(records) == list(range(1, steps + 1))
+    # Cosine from 2e-3 to 5e-4 over 4 steps, no warmup: half-amplitude 7.5e-4; record k is step k - 1.
+    expected_lr = {
+        1: 2e-3,  # cos 0 = 1
+        2: 5e-4 + 7.5e-4 * (1 + math.sqrt(0.5)),  # cos(pi/4): 1.78033e-3
+        3: 1.25e-3,  # cos(pi/2) = 0: the midpoint
+        4: 5e-4 + 7.5e-4 * (1 - math.sqrt(0.5)),  # cos(3pi/4): 7.19670e-4 (min_lr would be step 5)
+    }
     for step, record in records.items():
         assert math.isfinite(record["loss"]) and record["grad_norm"] > 0 and record["tokens_per_s_per_gpu"] > 0
-        expected_lr = min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (step - 1) / steps))
-        assert record["lr"] == pytest.approx(expected_lr, rel=1e-12)
+        assert record["lr"] == pytest.approx(expected_lr[step], rel=1e-12)
     vals = val_records(exp)
     assert sorted(vals) == [2, 4] and all(math.isfinite(v) for v in vals.values())
     (last,) = (exp / "checkpoints").iterdir()
