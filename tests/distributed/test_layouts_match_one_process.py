@@ -22,8 +22,8 @@ import functools
 import pytest
 import torch
 
-from distributed_harness import run_distributed
-from distributed_workers import LR, assert_matches_reference, model_config, reference_run, train_layout
+from tests.helpers.distributed import run_distributed
+from tests.helpers.distributed_workers import LR, assert_matches_reference, model_config, reference_run, train_layout
 
 # (id, world size, spec). A spec names the ParallelConfig fields it sets; "preset", "num_layers",
 # "documents" (packed sequences with a document mask), "micro_batch_size" and

@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distributed_harness import run_distributed
-from distributed_workers import (
+from tests.helpers.distributed import run_distributed
+from tests.helpers.distributed_workers import (
     ADAPTED_MLP_SEED, AdaptedMLP, adapted_mlp_backward, adapted_mlp_inputs, adapted_mlp_under_tp,
 )
 from shoal.peft import adapter_state_dict, init_lora_weights, load_adapter_state_dict

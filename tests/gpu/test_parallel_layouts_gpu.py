@@ -24,9 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
-from distributed_harness import run_distributed  # noqa: E402
-from distributed_workers import (  # noqa: E402
+from tests.helpers.distributed import run_distributed
+from tests.helpers.distributed_workers import (
     LR, SEQ_LENGTH, assert_matches_reference, model_config, reference_run, train_layout,
 )
 

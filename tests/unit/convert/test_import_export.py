@@ -17,12 +17,10 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_tiny_checkpoints import FAMILY_CONFIGS, VOCAB_SIZE, save_hf_checkpoint  # noqa: E402
-
-from shoal.checkpoint.format import load_model_state, read_metadata, read_model_config  # noqa: E402
-from shoal.cli import main as shoal  # noqa: E402
-from shoal.models import build_model  # noqa: E402
+from shoal.checkpoint.format import load_model_state, read_metadata, read_model_config
+from shoal.cli import main as shoal
+from shoal.models import build_model
+from tests.helpers.hf_models import FAMILY_CONFIGS, VOCAB_SIZE, save_hf_checkpoint
 
 torch.set_num_threads(1)
 

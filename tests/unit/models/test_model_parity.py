@@ -14,11 +14,9 @@ import pytest
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "convert"))
-from hf_tiny_checkpoints import FAMILY_CONFIGS, VOCAB_SIZE, make_hf_model  # noqa: E402
-
-from shoal.models import PRESETS, Transformer, build_model, from_hf_config, to_hf_config  # noqa: E402
-from shoal.models.model import rope_inverse_frequencies  # noqa: E402
+from shoal.models import PRESETS, Transformer, build_model, from_hf_config, to_hf_config
+from shoal.models.model import rope_inverse_frequencies
+from tests.helpers.hf_models import FAMILY_CONFIGS, VOCAB_SIZE, make_hf_model
 
 torch.set_num_threads(1)
 FAMILIES = sorted(FAMILY_CONFIGS)

@@ -21,7 +21,8 @@ from shoal.peft import (
     save_peft_adapter,
 )
 
-from peft_tiny_models import peft_twin, randomize_adapters, shoal_twin, tiny_hf, tokens
+from tests.helpers.hf_models import tiny_peft_hf as tiny_hf
+from tests.helpers.peft_twins import peft_twin, randomize_adapters, shoal_twin, tokens
 
 TIGHT = dict(atol=1e-5, rtol=1e-5)
 

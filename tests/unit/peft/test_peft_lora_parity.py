@@ -20,13 +20,13 @@ from shoal.peft import (
     merge_lora,
 )
 
-from peft_tiny_models import (
+from tests.helpers.hf_models import tiny_peft_hf as tiny_hf
+from tests.helpers.peft_twins import (
     copy_adapters_to_peft,
     peft_adapter_params,
     peft_twin,
     randomize_adapters,
     shoal_twin,
-    tiny_hf,
     tokens,
 )
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 import shoal.checkpoint.training as training
-from training_runs import TrainAssets, checkpoint_names, shoal, train_args
+from tests.helpers.cli import shoal
+from tests.helpers.training import TrainAssets, checkpoint_names, train_args
 
 
 def fails_with(capsys: pytest.CaptureFixture, args: list, *fragments: str) -> str:

@@ -19,7 +19,7 @@ from shoal.config.flags import recipe_from_args
 from shoal.config.loader import to_dict
 from shoal.config.recipe import Recipe
 from shoal.models.presets import get_preset
-from training_runs import shoal
+from tests.helpers.cli import shoal
 
 RECIPES = sorted(p.name[:-5] for p in (resources.files("shoal") / "recipes").iterdir() if p.name.endswith(".yaml"))
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training_runs import TrainAssets, read_dcp, shoal, train_args
+from tests.helpers.cli import shoal
+from tests.helpers.training import TrainAssets, read_dcp, train_args
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]  # attention and MLP projections
 RANK, ALPHA = 4, 8.0

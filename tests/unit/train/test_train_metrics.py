@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training_runs import TrainAssets, read_metrics, shoal, subprocess_env, train_args, train_records, val_records
+from tests.helpers.cli import shoal, subprocess_env
+from tests.helpers.training import TrainAssets, read_metrics, train_args, train_records, val_records
 
 HF_SECRET, WANDB_SECRET = "hf_SECRET_4f9a1c", "wandb_SECRET_7b2e0d"
 

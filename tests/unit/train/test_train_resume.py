@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training_runs import (
-    TrainAssets, read_dcp, read_metrics, run_shoal_process, subprocess_env, train_args, train_records, val_records,
-)
+from tests.helpers.cli import run_shoal_process, subprocess_env
+from tests.helpers.training import TrainAssets, read_dcp, read_metrics, train_args, train_records, val_records
 
 # Runs shoal, but stalls (to be killed) once the step-6 checkpoint's weights are on disk under
 # their temporary name: a kill in the middle of a checkpoint write, at a moment the test can see.

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import shoal.train.trainer as trainer
-from training_runs import TrainAssets, checkpoint_names, shoal, train_args, train_records, val_records
+from tests.helpers.cli import shoal
+from tests.helpers.training import TrainAssets, checkpoint_names, train_args, train_records, val_records
 
 
 def expected_names(val_losses: dict[int, float], top_k: int) -> list[str]:

@@ -10,11 +10,11 @@ import math
 import subprocess
 import sys
 
-from tests.slurm_cluster import slurm_cluster  # noqa: F401  (a fixture: pytest finds it by name)
-from training_runs import checkpoint_names, run_shoal_process, subprocess_env, train_args, train_records
+from tests.helpers.cli import run_shoal_process, subprocess_env
+from tests.helpers.training import checkpoint_names, train_args, train_records
 
 
-def test_slurm_job_trains_on_two_nodes_like_one_process(slurm_cluster, train_assets, tmp_path):  # noqa: F811
+def test_slurm_job_trains_on_two_nodes_like_one_process(slurm_cluster, train_assets, tmp_path):
     results = tmp_path / "results"
     args = train_args(train_assets, "pretrain", results, "slurm_run", "--max_steps", "2",
                       "--checkpoint.save_interval=2")

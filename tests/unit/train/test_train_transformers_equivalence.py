@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training_runs import TrainAssets, shoal, train_args, train_records
+from tests.helpers.cli import shoal
+from tests.helpers.training import TrainAssets, train_args, train_records
 
 STEPS, GBS, MBS, SEQ = 5, 4, 2, 32
 LR, WEIGHT_DECAY, BETAS, EPS = 5e-3, 0.5, (0.9, 0.95), 1e-8  # a large decay, so its rule shows in the loss

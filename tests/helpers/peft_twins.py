@@ -1,4 +1,5 @@
-"""Tiny Hugging Face models (the oracle side) and their shoal twins, plus adapter-copying helpers.
+"""The PEFT tests' side by side: a tiny Hugging Face model (the oracle side, from
+`tests.helpers.hf_models.tiny_peft_hf`), its shoal twin and its PEFT twin, plus adapter-copying helpers.
 
 The correspondence between shoal's adapter names and PEFT's in-memory parameter names is written
 out here by hand (`peft_param_to_shoal`), independently of `shoal.peft.adapter`'s file mapping,
@@ -11,29 +12,12 @@ import copy
 
 import peft
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from shoal.models.config import from_hf_config
 from shoal.models.model import Transformer, build_model
+from tests.helpers.hf_models import PEFT_SHAPE
 
-VOCAB = 96
-
-
-def tiny_hf(family: str, seed: int = 0) -> torch.nn.Module:
-    """A 2-layer HF model; "llama", "llama_tied" or "qwen2" (q/k/v biases, made non-zero here
-    because HF initialises them to zero and a zero bias would hide bias mistakes)."""
-    torch.manual_seed(seed)
-    shape = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    if family == "qwen2":
-        hf = Qwen2ForCausalLM(Qwen2Config(**shape, tie_word_embeddings=False))
-    else:
-        hf = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=family == "llama_tied"))
-    with torch.no_grad():
-        for name, param in hf.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0.0, 0.1)
-    return hf.eval()
+VOCAB = PEFT_SHAPE["vocab_size"]
 
 
 def shoal_twin(hf: torch.nn.Module) -> Transformer:

@@ -6,9 +6,7 @@ and log folders, so two test sessions on one machine do not collide and nothing 
 touched. Needs root: the job
 runs as the submitting user, which `slurmd` can only do when it runs as root.
 
-Use the session fixture from a test module or a conftest:
-
-    from tests.slurm_cluster import slurm_cluster  # noqa: F401  (pytest finds it by name)
+Tests take the session fixture `slurm_cluster` (tests/conftest.py), which calls `slurm_cluster_for_session`:
 
     def test_job(slurm_cluster):
         subprocess.run(["sbatch", ...], env=slurm_cluster.env)
@@ -262,9 +260,8 @@ def start_slurm_cluster(root: Path | None = None) -> SlurmCluster:
     return cluster
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[SlurmCluster]:
-    """A running two-node cluster for the whole session; stopped at the end."""
+def slurm_cluster_for_session() -> Iterator[SlurmCluster]:
+    """A running two-node cluster until the generator is closed (the fixture's body); stopped then."""
     required = os.environ.get("SHOAL_REQUIRE_SLURM") == "1"
     reason = why_slurm_cannot_start()
     if reason and not required:
