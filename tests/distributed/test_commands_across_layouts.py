@@ -6,7 +6,7 @@ command in one process on the same data (same global batch, same imported starti
 per-step losses, gradient norms and validation losses of every layout must equal it within fp32
 rounding (RTOL), and a checkpoint written by one layout must resume in another on the same curve.
 A rank that fails mid-training must end the whole run with its error shown (the launcher's own
-test, tests/unit/launch/test_launch_local.py, does this with a selftest program; here it is the
+test, tests/unit/launch/test_local.py, does this with a selftest program; here it is the
 training loop, with the other rank waiting in a collective).
 """
 

@@ -2,7 +2,7 @@
 
 Each case runs 3 AdamW steps (with gradient clipping active) of a tiny model on CPU in several
 gloo processes, and compares against the same 3 steps in this process with plain PyTorch (see
-distributed_workers.py). Tolerances, fp32 throughout:
+tests/helpers/distributed_workers.py). Tolerances, fp32 throughout:
 
 * loss and gradient norm, rtol 1e-5: the layouts only reorder fp32 sums (sharded matmuls,
   reduce-scatters, micro-batch accumulation), which moves results by a few 1e-7 relative;

@@ -1,8 +1,8 @@
 """GPU variant of tests/distributed: layouts on 2 or 4 GPUs with NCCL train like one GPU.
 
 Run on a GPU machine: `python -m pytest -m gpu tests/gpu/test_parallel_layouts_gpu.py`.
-The same workers as the CPU tests (distributed_workers.py) run 3 AdamW steps per layout; the
-oracle is the same steps in this process on one GPU. Two groups:
+The same workers as the CPU tests (tests/helpers/distributed_workers.py) run 3 AdamW steps per
+layout; the oracle is the same steps in this process on one GPU. Two groups:
 
 * fp32 (TF32 off), rtol 1e-5 like on CPU, adding what only runs on GPUs: NCCL, PyTorch's ring
   attention for context parallelism (CUDA only), and torch.compile with selective checkpointing.

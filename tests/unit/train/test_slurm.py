@@ -1,5 +1,5 @@
 """`shoal pretrain --executor slurm` through a real Slurm (munge, slurmctld and two slurmd on this
-machine, from tests/slurm_cluster.py): the job trains the tiny model as 2 CPU ranks, one per
+machine, from tests/helpers/slurm_cluster.py): the job trains the tiny model as 2 CPU ranks, one per
 node, and checkpoints. The oracle is the same run in one local process: the data-parallel job
 must log the same losses. Skips without Slurm, except under `.ci/run` (SHOAL_REQUIRE_SLURM=1).
 """

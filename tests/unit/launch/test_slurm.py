@@ -2,7 +2,7 @@
 
 The script is checked the way Slurm and bash read it: `bash -n` for syntax, the `#SBATCH` header
 for what is asked of the scheduler, the body for what runs. The real cluster test is
-test_launch_slurm_real.py.
+test_slurm_real.py.
 """
 
 from __future__ import annotations
