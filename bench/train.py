@@ -16,7 +16,6 @@ import argparse
 import gc
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -82,7 +81,7 @@ def bench_shoal(args, compile_: bool, device: torch.device) -> dict:
     sec, mem = time_steps(step, args.warmup, args.steps)
     if args.profile:
         print_profile(step)
-    del engine
+    engine = None  # frees its memory before the next variant (the closure `step` holds it too)
     return {"seconds_per_step": sec, "memory_gib": mem}
 
 
@@ -121,7 +120,7 @@ def bench_hf(args, compile_: bool, device: torch.device) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     sec, mem = time_steps(step, args.warmup, args.steps)
-    del model, optimizer, forward
+    model = optimizer = forward = None  # frees their memory before the next variant
     return {"seconds_per_step": sec, "memory_gib": mem}
 
 
@@ -163,10 +162,11 @@ def main() -> int:
             r["mfu"] = r["tokens_per_s_per_gpu"] * flops_per_token / peak if peak else None
         results[name] = r
         print(f"{name}: {r}", flush=True)
-    peers = [r["tokens_per_s_per_gpu"] for n, r in results.items() if n.startswith("hf") and "tokens_per_s_per_gpu" in r]
+    peers = [r["tokens_per_s_per_gpu"] for n, r in results.items()
+             if n.startswith("hf") and "tokens_per_s_per_gpu" in r]
     best_peer = max(peers) if peers else None
-    print(f"\n{args.preset} seq {args.seq_length} micro batch {args.micro_batch_size} on {torch.cuda.get_device_name(device)}"
-          f" (torch {torch.__version__})")
+    print(f"\n{args.preset} seq {args.seq_length} micro batch {args.micro_batch_size}"
+          f" on {torch.cuda.get_device_name(device)} (torch {torch.__version__})")
     print(f"{'variant':15s} {'tokens/s/GPU':>13s} {'MFU':>6s} {'mem GiB':>8s} {'vs best HF':>10s}")
     for name, r in results.items():
         if "tokens_per_s_per_gpu" not in r:

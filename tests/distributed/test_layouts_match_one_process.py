@@ -55,7 +55,7 @@ LAYOUTS = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(preset: str, num_layers: int, documents: bool) -> dict:
     torch.manual_seed(0)
     return reference_run(model_config(preset, num_layers), documents)

@@ -18,15 +18,18 @@ layout; the oracle is the same steps in this process on one GPU. Two groups:
 from __future__ import annotations
 
 import functools
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.helpers.distributed import run_distributed
 from tests.helpers.distributed_workers import (
-    LR, SEQ_LENGTH, assert_matches_reference, model_config, reference_run, train_layout,
+    LR,
+    SEQ_LENGTH,
+    assert_matches_reference,
+    model_config,
+    reference_run,
+    train_layout,
 )
 
 pytestmark = pytest.mark.gpu
@@ -66,7 +69,7 @@ def _params(layouts, dtype):
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(preset: str, num_layers: int, documents: bool, dtype: str | None, seq_length: int) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False
     compute = torch.bfloat16 if dtype == "bfloat16" else None

@@ -199,9 +199,9 @@ def train_layout(spec: dict[str, Any]) -> dict[str, Any]:
             with context_parallel_context(
                 dims, [batch[n] for n in names], [1] * 4, document_ids=docs if cp > 1 else None,
                 backend=spec.get("cp_backend", "auto"),
-            ) as (t, l, m, p):
+            ) as (t, lab, m, p):
                 model_docs = docs if cp == 1 else None
-                total = pipeline_step(pipe, t, l, m, global_tokens, position_ids=p, document_ids=model_docs)
+                total = pipeline_step(pipe, t, lab, m, global_tokens, position_ids=p, document_ids=model_docs)
         else:
             total = torch.zeros((), device=device)
             for i in range(batch["tokens"].shape[0] // micro):
@@ -210,11 +210,11 @@ def train_layout(spec: dict[str, Any]) -> dict[str, Any]:
                 with context_parallel_context(
                     dims, [mb[n] for n in names], [1] * 4, document_ids=mb_docs if cp > 1 else None,
                     backend=spec.get("cp_backend", "auto"),
-                ) as (t, l, m, p):
+                ) as (t, lab, m, p):
                     kwargs = {"position_ids": p} if explicit_positions or cp > 1 else {}
                     if mb_docs is not None and cp == 1:
                         kwargs["document_ids"] = mb_docs
-                    s = loss_sum(parts[0](t, **kwargs), l, m)
+                    s = loss_sum(parts[0](t, **kwargs), lab, m)
                     (s / global_tokens).backward()
                 total += s.detach()
         loss = dims.all_reduce_over_batch(total.double()).item() / global_tokens
@@ -327,7 +327,10 @@ def adapted_mlp_under_tp(dora: bool, sequence_parallel: bool) -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor.parallel import (
-        ColwiseParallel, PrepareModuleInput, RowwiseParallel, parallelize_module,
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        parallelize_module,
     )
 
     from shoal.distributed.lora_parallel import complete_adapter_grads, lora_aware_plan

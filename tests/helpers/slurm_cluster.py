@@ -24,9 +24,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -73,7 +73,8 @@ class SlurmCluster:
         parts = []
         for path in sorted((self.root / "log").glob("*.log")) + [self.root / "munge" / "munged.log"]:
             if path.exists():
-                parts.append(f"--- {path.name} (tail)\n" + "\n".join(path.read_text(errors="replace").splitlines()[-30:]))
+                tail = path.read_text(errors="replace").splitlines()[-30:]
+                parts.append(f"--- {path.name} (tail)\n" + "\n".join(tail))
         return "\n".join(parts)
 
     def stop(self) -> None:
@@ -246,7 +247,8 @@ def start_slurm_cluster(root: Path | None = None) -> SlurmCluster:
         # -i: ignore state left by another cluster; each daemon forks and writes its pid file.
         subprocess.run(["slurmctld", "-i", "-f", str(conf)], env=env, check=True, capture_output=True, timeout=30)
         for name in nodes:
-            subprocess.run(["slurmd", "-N", name, "-f", str(conf)], env=env, check=True, capture_output=True, timeout=30)
+            subprocess.run(["slurmd", "-N", name, "-f", str(conf)], env=env, check=True, capture_output=True,
+                           timeout=30)
 
         def nodes_idle() -> bool:
             states = cluster.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.split()

@@ -15,8 +15,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from shoal.checkpoint.format import (
-    FORMAT_VERSION, copy_tokenizer, load_model_state, model_state_info, model_state_keys, read_metadata,
-    read_model_config, resolve_checkpoint, save_model_state, write_metadata,
+    FORMAT_VERSION,
+    copy_tokenizer,
+    load_model_state,
+    model_state_info,
+    model_state_keys,
+    read_metadata,
+    read_model_config,
+    resolve_checkpoint,
+    save_model_state,
+    write_metadata,
 )
 from shoal.errors import ShoalError
 from shoal.models import build_model, get_preset
@@ -42,7 +50,8 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 def test_metadata_round_trip(tmp_path):
     cfg = get_preset("llama_tiny")
-    write_metadata(tmp_path, cfg, torch.bfloat16, progress={"step": 7, "consumed_samples": 56, "consumed_tokens": 57344},
+    write_metadata(tmp_path, cfg, torch.bfloat16,
+                   progress={"step": 7, "consumed_samples": 56, "consumed_tokens": 57344},
                    made_by={"command": "shoal pretrain", "source": "/data/x"}, extra={"note": "hi"})
     meta = read_metadata(tmp_path)
     assert meta["format_version"] == FORMAT_VERSION and meta["family"] == "llama" and meta["dtype"] == "bfloat16"
@@ -104,7 +113,8 @@ def test_load_converts_dtype_and_reads_partially(tmp_path):
     assert model_state_info(tmp_path / "model")["model.norm.weight"].dtype == torch.bfloat16
     target = {"model.layers.1.mlp.down_proj.weight": torch.empty(64, 128, dtype=torch.float32)}
     load_model_state(target, tmp_path / "model")
-    assert torch.equal(target["model.layers.1.mlp.down_proj.weight"], model.model.layers["1"].mlp.down_proj.weight.float())
+    assert torch.equal(target["model.layers.1.mlp.down_proj.weight"],
+                       model.model.layers["1"].mlp.down_proj.weight.float())
 
 
 def test_load_reports_missing_and_misshapen_tensors(tmp_path):
@@ -163,8 +173,12 @@ def test_copy_tokenizer_copies_only_tokenizer_files_byte_for_byte(tmp_path):
     for name, data in files.items():
         (src / name).write_bytes(data)
     copied = copy_tokenizer(src, tmp_path / "ckpt")
-    assert sorted(copied) == ["additional_chat_templates", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "additional_chat_templates/tool.jinja"):
+    assert sorted(copied) == [
+        "additional_chat_templates", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json",
+    ]
+    for name in (
+        "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "additional_chat_templates/tool.jinja",
+    ):
         assert (tmp_path / "ckpt" / "tokenizer" / name).read_bytes() == files[name]
     assert not (tmp_path / "ckpt" / "tokenizer" / "config.json").exists()
     assert copy_tokenizer(tmp_path / "empty-does-not-exist", tmp_path / "c2") == []

@@ -48,7 +48,8 @@ def test_best_k_by_val_loss_plus_last(train_assets: TrainAssets, tmp_path: Path,
     assert checkpoint_names(exp) == expected_names(by_step, top_k)
     assert "step=000006-val_loss=1.000" in checkpoint_names(exp)  # the best is kept though not last
     for name in checkpoint_names(exp):
-        assert {"shoal.json", "trainer.json", "model", "optim"} <= {p.name for p in (exp / "checkpoints" / name).iterdir()}
+        files = {p.name for p in (exp / "checkpoints" / name).iterdir()}
+        assert {"shoal.json", "trainer.json", "model", "optim"} <= files
 
 
 def test_fine_tuning_starts_from_latest_pretraining_checkpoint(train_assets: TrainAssets, tmp_path: Path,

@@ -8,7 +8,6 @@ in its dtype; the tokenizer gives the same ids and the same chat rendering.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,7 +33,8 @@ MESSAGES = [
 def hf_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of an HF folder, read with the safetensors library (the format's oracle)."""
     index = model_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+             else ["model.safetensors"])
     tensors = {}
     for file in files:
         tensors.update(load_file(model_dir / file))

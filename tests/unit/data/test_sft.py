@@ -18,7 +18,12 @@ from tokenizers import Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
 
 from shoal.data.sft import (
-    PackedSFTDataset, SFTDataset, build_sft_dataset, load_sft_split, read_prompt_template, truncate_example,
+    PackedSFTDataset,
+    SFTDataset,
+    build_sft_dataset,
+    load_sft_split,
+    read_prompt_template,
+    truncate_example,
 )
 from shoal.errors import ShoalError
 from shoal.models.document_attention import attention_mask

@@ -39,7 +39,7 @@ def _answer_by_reading(text: str) -> str:
     """Answer one task input the way a person would: find the question, then the matching fact."""
     zh = not text.isascii()
     questions, facts = (_ZH_QUESTION, _ZH_FACT) if zh else (_EN_QUESTION, _EN_FACT)
-    for pattern, kind in questions:
+    for pattern, kind in questions:  # noqa: B007 (`kind` is read after the loop's break)
         asked = pattern.search(text)
         if asked:
             break

@@ -73,7 +73,8 @@ def test_chat_template_renders_llama3_format(tok):
     assert prompt == expected[: expected.index("台南")]
     with_system = tok.apply_chat_template(
         [{"role": "system", "content": "Answer briefly."}] + messages[:1], tokenize=False)
-    assert with_system.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nAnswer briefly.<|eot_id|>")
+    assert with_system.startswith(
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nAnswer briefly.<|eot_id|>")
     # Tokenised, the rendering holds one BOS and the special tokens as single ids.
     ids = tok(expected, add_special_tokens=False)["input_ids"]
     assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id

@@ -104,7 +104,8 @@ def test_container_options_only_with_an_image_and_only_on_srun(tmp_path, capsys)
 
 
 def test_cpu_only_job_asks_for_no_gpu(tmp_path, capsys):
-    _, script, _ = launch(["--executor", "slurm", "-G", "2", "--gpus_per_node", "0", "--dryrun"], tmp_path / "e", capsys)
+    flags = ["--executor", "slurm", "-G", "2", "--gpus_per_node", "0", "--dryrun"]
+    _, script, _ = launch(flags, tmp_path / "e", capsys)
     assert not any("gpu" in option for option in header(script))
     assert "--cpus-per-task=2" in header(script) and "--nproc_per_node=2" in script
 
@@ -150,7 +151,8 @@ def test_missing_sbatch_is_a_clear_error_and_writes_nothing(tmp_path, capsys, mo
 
 
 def test_refused_submission_shows_what_sbatch_said(tmp_path, capsys, monkeypatch):
-    fake_sbatch(tmp_path / "bin", 'echo "sbatch: error: Invalid account or account/partition combination specified" >&2; exit 1')
+    fake_sbatch(tmp_path / "bin",
+                'echo "sbatch: error: Invalid account or account/partition combination specified" >&2; exit 1')
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     with pytest.raises(ShoalError) as err:
         launch(SEED, tmp_path / "exp", capsys)

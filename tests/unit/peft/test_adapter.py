@@ -20,7 +20,6 @@ from shoal.peft import (
     lora_config_dict,
     save_peft_adapter,
 )
-
 from tests.helpers.hf_models import tiny_peft_hf as tiny_hf
 from tests.helpers.peft_twins import peft_twin, randomize_adapters, shoal_twin, tokens
 

@@ -71,7 +71,7 @@ def _worker(rank: int, port: int, dora: bool, out: str) -> None:
         adapters = adapter_state_dict(model)  # collective: every rank gathers
         base_after = {n: p.full_tensor() for n, p in model.state_dict().items() if "lora_" not in n}
         if rank == 0:
-            torch.save({"losses": [l / WORLD for l in losses], "adapters": adapters,
+            torch.save({"losses": [loss / WORLD for loss in losses], "adapters": adapters,
                         "base_unchanged": all(torch.equal(base_after[n], v) for n, v in base_before.items())}, out)
         # Leave together: a rank tearing gloo down while its peer still talks to it aborts the peer.
         dist.barrier()

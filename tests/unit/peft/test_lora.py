@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from shoal.models import get_preset
+from shoal.models.model import Transformer
 from shoal.peft import (
     ALL_LINEAR,
     LoraConfig,
@@ -20,8 +22,6 @@ from shoal.peft import (
     merge_adapter_state_dict,
     merge_lora,
 )
-from shoal.models import get_preset
-from shoal.models.model import Transformer
 from shoal.peft.lora import lora_modules
 from tests.helpers.hf_models import tiny_peft_hf as tiny_hf
 from tests.helpers.peft_twins import (

@@ -63,7 +63,8 @@ def test_adapter_finetune_changes_only_adapters_and_exports(train_assets: TrainA
         assert torch.equal(start[name], tuned[name]), f"{name} changed, but only adapters train"
     expected = {f"model.layers.{i}.{'self_attn' if t in ('q_proj', 'v_proj') else 'mlp'}.{t}.{part}"
                 for i in range(2) for t in TARGETS
-                for part in ("lora_A.weight", "lora_B.weight", *(["lora_magnitude_vector"] if method == "dora" else []))}
+                for part in ("lora_A.weight", "lora_B.weight",
+                             *(["lora_magnitude_vector"] if method == "dora" else []))}
     assert adapters == expected
     # B starts at zero: non-zero values show the adapters were trained and saved.
     assert all(tuned[k].abs().sum() > 0 for k in adapters if "lora_B" in k)

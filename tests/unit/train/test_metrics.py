@@ -9,7 +9,6 @@ spec for the one-epoch step count; a byte search of every file the run wrote for
 from __future__ import annotations
 
 import math
-import os
 import struct
 import subprocess
 import sys
@@ -98,7 +97,8 @@ def read_idx_sequence_lengths(idx: Path) -> np.ndarray:
 def test_one_epoch_when_max_steps_is_unset(train_assets: TrainAssets, tmp_path: Path):
     seq, gbs = 32, 64
     # No --max_steps, and the tiny recipe's own max_steps unset too.
-    args = train_args(train_assets, "pretrain", tmp_path / "res", "epoch", "-g", gbs, "-m", 32, "--train.max_steps=null")
+    args = train_args(train_assets, "pretrain", tmp_path / "res", "epoch", "-g", gbs, "-m", 32,
+                      "--train.max_steps=null")
     assert "--max_steps" not in args
     assert shoal(*args) == 0
 

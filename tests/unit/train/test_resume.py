@@ -94,7 +94,8 @@ def test_killed_run_resumes_on_the_same_curve(train_assets: TrainAssets, tmp_pat
     assert sorted(got) == sorted(expected) == [1, 2, 3, 4, 5, 6]
     for step in expected:
         for key in ("loss", "grad_norm", "lr", "consumed_samples"):
-            assert got[step][key] == expected[step][key], f"step {step}: {key} {got[step][key]} != {expected[step][key]}"
+            assert got[step][key] == expected[step][key], (
+                f"step {step}: {key} {got[step][key]} != {expected[step][key]}")
     assert val_records(exp) == val_records(ref_exp) and sorted(val_records(exp)) == [2, 4, 6]
     assert len(read_metrics(exp)) == len(read_metrics(ref_exp))  # re-done steps are logged once
 
