@@ -58,10 +58,10 @@ def test_warmup_then_cosine():
     assert got == pytest.approx(list(decay.values()), rel=1e-12, abs=1e-15)
 
 
-def test_warmup_longer_than_the_run_never_reaches_the_peak():
-    # W = 10, T = 4: every step is in warmup, (s + 1) / 11 of the peak 0.11.
-    expected = [0.01, 0.02, 0.03, 0.04]
-    assert curve(range(4), 4, lr=0.11, warmup_steps=10) == pytest.approx(expected, rel=1e-12)
+def test_warmup_of_one_step_starts_at_half_the_peak():
+    # W = 1, T = 3: s=0 is (0 + 1) / 2 = 0.5 of the peak 0.4, s=1 the peak, then the cosine over
+    # 2 steps: its midpoint (0.4 + 0.04) / 2 = 0.22 at s=2 and the floor 0.04 (lr / 10) at s=3.
+    assert curve(range(4), 3, lr=0.4, warmup_steps=1) == pytest.approx([0.2, 0.4, 0.22, 0.04], rel=1e-12)
 
 
 def test_min_lr_unset_floors_at_a_tenth_of_the_peak():
