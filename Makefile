@@ -18,5 +18,7 @@ install: $(BIN)/shoal
 demo: $(BIN)/shoal
 	$(BIN)/shoal demo
 
+# The linter first (configured in pyproject.toml): a lint failure is cheaper to see than a test failure.
 test: $(BIN)/shoal
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests

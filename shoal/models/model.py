@@ -178,7 +178,9 @@ class Transformer(nn.Module):
         """The one place initial values are set: HF's normal(0, initializer_range), zero biases, unit norms."""
         std = self.config.initializer_range
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            # A module swapped in for an nn.Linear from outside (LoRA's) keeps `weight`/`bias` and
+            # sets `replaces_linear`; without this its base weight would stay as `to_empty` left it.
+            if isinstance(module, (nn.Linear, nn.Embedding)) or getattr(module, "replaces_linear", False):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)

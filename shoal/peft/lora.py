@@ -88,7 +88,11 @@ class LoraLinear(nn.Module):
 
     Not a subclass of `nn.Linear` on purpose: code that swaps or shards `nn.Linear` by type
     (tensor-parallel styles, float8 conversion) must not mistake it for a plain matmul.
+    `replaces_linear` tells the model's `init_weights` to initialise `weight`/`bias` as a linear
+    layer's (docs/model-contract.md); the adapters start in `reset_lora_parameters`.
     """
+
+    replaces_linear = True
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, use_dora: bool):
         super().__init__()

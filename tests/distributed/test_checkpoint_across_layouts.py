@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.distributed.checkpoint as dcp
 
-from distributed_harness import run_distributed
-from distributed_workers import dcp_across_layouts, initial_state, model_config
 from shoal.models.model import Transformer
+from tests.helpers.distributed import run_distributed
+from tests.helpers.distributed_workers import dcp_across_layouts, initial_state, model_config
 
 
 def test_checkpoint_moves_between_layouts_and_to_one_process(tmp_path) -> None:

@@ -6,7 +6,7 @@ command in one process on the same data (same global batch, same imported starti
 per-step losses, gradient norms and validation losses of every layout must equal it within fp32
 rounding (RTOL), and a checkpoint written by one layout must resume in another on the same curve.
 A rank that fails mid-training must end the whole run with its error shown (the launcher's own
-test, tests/unit/launch/test_launch_local.py, does this with a selftest program; here it is the
+test, tests/unit/launch/test_local.py, does this with a selftest program; here it is the
 training loop, with the other rank waiting in a collective).
 """
 
@@ -25,9 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.unit.train.training_runs import (
-    TrainAssets, read_dcp, shoal, subprocess_env, train_args, train_records, val_records, write_small_hf_model,
-)
+from tests.helpers.cli import shoal, subprocess_env
+from tests.helpers.training import TrainAssets, make_train_assets, read_dcp, train_args, train_records, val_records
 
 # fp32 with the batch reduced in another order (across ranks, across sequence or weight shards):
 # the curves agree to about 1e-6 relative; 1e-5 leaves room for that and for nothing else (a wrong
@@ -46,16 +45,7 @@ RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SHOAL_LA
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> TrainAssets:
     """A small untied Llama imported with `shoal import`, a preprocessed corpus and an instruction set."""
-    from shoal.demo.corpus import write_instruction_set, write_pretraining_corpus
-
-    root = tmp_path_factory.mktemp("layout_assets")
-    hf = write_small_hf_model(root / "hf")  # untied embeddings: a pipeline can split it
-    assert shoal("import", "--source", hf, "--output_path", root / "ckpt") == 0
-    write_pretraining_corpus(root / "corpus.jsonl", num_documents=200)
-    assert shoal("preprocess", "--input", root / "corpus.jsonl", "--json-keys", "text", "--tokenizer", root / "ckpt",
-                 "--output-prefix", root / "data" / "corpus", "--append-eod", "--workers", "1") == 0
-    write_instruction_set(root / "sft", sizes=(48, 16, 16))
-    return TrainAssets(root, hf, root / "ckpt", root / "data", root / "sft")
+    return make_train_assets(tmp_path_factory.mktemp("layout_assets"))
 
 
 def user_env(extra_pythonpath: Path | None = None) -> dict[str, str]:

@@ -105,8 +105,8 @@ def test_context_parallel_shards_partition_the_sequence_and_balance_causal_work(
 def test_context_parallel_context_is_a_no_op_without_context_parallelism() -> None:
     dims = build_mesh(ParallelConfig(), 1, "cpu")
     tokens, labels = torch.arange(8).view(1, 8), torch.ones(1, 8)
-    with context_parallel_context(dims, [tokens, labels], [1, 1]) as (t, l):
-        assert t is tokens and l is labels
+    with context_parallel_context(dims, [tokens, labels], [1, 1]) as (t, lab):
+        assert t is tokens and lab is labels
     with pytest.raises(ShoalError, match="2 buffers but 1 seq_dims"):
         with context_parallel_context(dims, [tokens, labels], [1]):
             pass

@@ -2,7 +2,7 @@
 
 Each case runs 3 AdamW steps (with gradient clipping active) of a tiny model on CPU in several
 gloo processes, and compares against the same 3 steps in this process with plain PyTorch (see
-distributed_workers.py). Tolerances, fp32 throughout:
+tests/helpers/distributed_workers.py). Tolerances, fp32 throughout:
 
 * loss and gradient norm, rtol 1e-5: the layouts only reorder fp32 sums (sharded matmuls,
   reduce-scatters, micro-batch accumulation), which moves results by a few 1e-7 relative;
@@ -22,8 +22,8 @@ import functools
 import pytest
 import torch
 
-from distributed_harness import run_distributed
-from distributed_workers import LR, assert_matches_reference, model_config, reference_run, train_layout
+from tests.helpers.distributed import run_distributed
+from tests.helpers.distributed_workers import LR, assert_matches_reference, model_config, reference_run, train_layout
 
 # (id, world size, spec). A spec names the ParallelConfig fields it sets; "preset", "num_layers",
 # "documents" (packed sequences with a document mask), "micro_batch_size" and
@@ -55,7 +55,7 @@ LAYOUTS = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(preset: str, num_layers: int, documents: bool) -> dict:
     torch.manual_seed(0)
     return reference_run(model_config(preset, num_layers), documents)

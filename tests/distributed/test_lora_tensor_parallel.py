@@ -13,11 +13,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distributed_harness import run_distributed
-from distributed_workers import (
-    ADAPTED_MLP_SEED, AdaptedMLP, adapted_mlp_backward, adapted_mlp_inputs, adapted_mlp_under_tp,
-)
 from shoal.peft import adapter_state_dict, init_lora_weights, load_adapter_state_dict
+from tests.helpers.distributed import run_distributed
+from tests.helpers.distributed_workers import (
+    ADAPTED_MLP_SEED,
+    AdaptedMLP,
+    adapted_mlp_backward,
+    adapted_mlp_inputs,
+    adapted_mlp_under_tp,
+)
 
 # Reordered fp32 sums over at most 24 terms.
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
@@ -61,7 +65,8 @@ def test_adapted_projections_under_tp_match_one_process(dora: bool, sequence_par
             placement, grad_placement, whole = got["grads"][name]
             # A replicated adapter's gradient is made whole on every rank, not left a partial sum.
             assert grad_placement == placement, (name, placement, grad_placement)
-            torch.testing.assert_close(whole, grad, **TOLERANCE, msg=lambda m, name=name: f"rank {rank} {name}: {m}")
+            torch.testing.assert_close(whole, grad, **TOLERANCE,
+                                       msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")
     for name, local in results[0]["local_grads"].items():
         if "Replicate" in results[0]["grads"][name][0]:
             assert torch.equal(local, results[1]["local_grads"][name]), f"{name}: ranks hold different gradients"

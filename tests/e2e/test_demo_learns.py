@@ -23,7 +23,8 @@ def test_demo_runs_every_stage_and_the_export_learns_the_task(tmp_path) -> None:
     assert (work / "ckpt" / "tiny-llama" / "shoal.json").exists()
     assert list((work / "data" / "pretrain" / "preprocessed").glob("*_text_document.idx"))
     for experiment in ("demo_pretraining", "demo_finetuning"):
-        records = [json.loads(line) for line in (work / "results" / experiment / "metrics.jsonl").read_text().splitlines()]
+        metrics = work / "results" / experiment / "metrics.jsonl"
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
         assert any("val_loss" in r for r in records)
     assert (work / "hf_export" / "tiny-llama-sft" / "config.json").exists()
     # Learned: far above the untuned model on questions it never saw.

@@ -1,8 +1,8 @@
 """GPU variant of tests/distributed: layouts on 2 or 4 GPUs with NCCL train like one GPU.
 
 Run on a GPU machine: `python -m pytest -m gpu tests/gpu/test_parallel_layouts_gpu.py`.
-The same workers as the CPU tests (distributed_workers.py) run 3 AdamW steps per layout; the
-oracle is the same steps in this process on one GPU. Two groups:
+The same workers as the CPU tests (tests/helpers/distributed_workers.py) run 3 AdamW steps per
+layout; the oracle is the same steps in this process on one GPU. Two groups:
 
 * fp32 (TF32 off), rtol 1e-5 like on CPU, adding what only runs on GPUs: NCCL, PyTorch's ring
   attention for context parallelism (CUDA only), and torch.compile with selective checkpointing.
@@ -18,16 +18,18 @@ oracle is the same steps in this process on one GPU. Two groups:
 from __future__ import annotations
 
 import functools
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
-from distributed_harness import run_distributed  # noqa: E402
-from distributed_workers import (  # noqa: E402
-    LR, SEQ_LENGTH, assert_matches_reference, model_config, reference_run, train_layout,
+from tests.helpers.distributed import run_distributed
+from tests.helpers.distributed_workers import (
+    LR,
+    SEQ_LENGTH,
+    assert_matches_reference,
+    model_config,
+    reference_run,
+    train_layout,
 )
 
 pytestmark = pytest.mark.gpu
@@ -67,7 +69,7 @@ def _params(layouts, dtype):
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(preset: str, num_layers: int, documents: bool, dtype: str | None, seq_length: int) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False
     compute = torch.bfloat16 if dtype == "bfloat16" else None

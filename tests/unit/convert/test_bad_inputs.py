@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_tiny_checkpoints import save_hf_checkpoint  # noqa: E402
-
-from shoal.checkpoint.format import save_model_state, write_metadata  # noqa: E402
-from shoal.cli import main as shoal  # noqa: E402
-from shoal.models import build_model, get_preset  # noqa: E402
+from shoal.checkpoint.format import save_model_state, write_metadata
+from shoal.cli import main as shoal
+from shoal.models import build_model, get_preset
+from tests.helpers.hf_models import save_hf_checkpoint
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,6 @@ in its dtype; the tokenizer gives the same ids and the same chat rendering.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,12 +16,10 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_tiny_checkpoints import FAMILY_CONFIGS, VOCAB_SIZE, save_hf_checkpoint  # noqa: E402
-
-from shoal.checkpoint.format import load_model_state, read_metadata, read_model_config  # noqa: E402
-from shoal.cli import main as shoal  # noqa: E402
-from shoal.models import build_model  # noqa: E402
+from shoal.checkpoint.format import load_model_state, read_metadata, read_model_config
+from shoal.cli import main as shoal
+from shoal.models import build_model
+from tests.helpers.hf_models import FAMILY_CONFIGS, VOCAB_SIZE, save_hf_checkpoint
 
 torch.set_num_threads(1)
 
@@ -36,7 +33,8 @@ MESSAGES = [
 def hf_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of an HF folder, read with the safetensors library (the format's oracle)."""
     index = model_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+             else ["model.safetensors"])
     tensors = {}
     for file in files:
         tensors.update(load_file(model_dir / file))

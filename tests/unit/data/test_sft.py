@@ -14,16 +14,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
 
 from shoal.data.sft import (
-    PackedSFTDataset, SFTDataset, build_sft_dataset, load_sft_split, read_prompt_template, truncate_example,
+    PackedSFTDataset,
+    SFTDataset,
+    build_sft_dataset,
+    load_sft_split,
+    read_prompt_template,
+    truncate_example,
 )
 from shoal.errors import ShoalError
 from shoal.models.document_attention import attention_mask
 from shoal.models.model import build_model
 from shoal.models.presets import get_preset
+from tests.helpers.tokenizers import byte_level_bpe
 
 torch.set_num_threads(1)
 
@@ -56,13 +62,7 @@ SEED_TEMPLATE = (
 
 
 def _bpe(specials: list[str]) -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
-    return tok
+    return byte_level_bpe(CORPUS, specials, vocab_size=400)
 
 
 @pytest.fixture(scope="module")

@@ -7,18 +7,14 @@ or bias shoal ignored would change the logits.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "convert"))
-from hf_tiny_checkpoints import FAMILY_CONFIGS, VOCAB_SIZE, make_hf_model  # noqa: E402
-
-from shoal.models import PRESETS, Transformer, build_model, from_hf_config, to_hf_config  # noqa: E402
-from shoal.models.model import rope_inverse_frequencies  # noqa: E402
+from shoal.models import PRESETS, Transformer, build_model, from_hf_config, to_hf_config
+from shoal.models.model import rope_inverse_frequencies
+from tests.helpers.hf_models import FAMILY_CONFIGS, VOCAB_SIZE, make_hf_model
 
 torch.set_num_threads(1)
 FAMILIES = sorted(FAMILY_CONFIGS)
@@ -75,7 +71,8 @@ def test_packed_documents_match_separate_runs(family):
     hf = make_hf_model(family)
     ours = shoal_twin(hf)
     gen = torch.Generator().manual_seed(4)
-    first, second = torch.randint(0, VOCAB_SIZE, (1, 20), generator=gen), torch.randint(0, VOCAB_SIZE, (1, 12), generator=gen)
+    first = torch.randint(0, VOCAB_SIZE, (1, 20), generator=gen)
+    second = torch.randint(0, VOCAB_SIZE, (1, 12), generator=gen)
     packed = torch.cat([first, second], dim=1)
     positions = torch.cat([torch.arange(20), torch.arange(12)])[None]
     documents = torch.cat([torch.zeros(20, dtype=torch.long), torch.ones(12, dtype=torch.long)])[None]

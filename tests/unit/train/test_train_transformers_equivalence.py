@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training_runs import TrainAssets, shoal, train_args, train_records
+from tests.helpers.cli import shoal
+from tests.helpers.training import TrainAssets, train_args, train_records
 
 STEPS, GBS, MBS, SEQ = 5, 4, 2, 32
 LR, WEIGHT_DECAY, BETAS, EPS = 5e-3, 0.5, (0.9, 0.95), 1e-8  # a large decay, so its rule shows in the loss
@@ -37,7 +38,8 @@ def transformers_losses(assets: TrainAssets, samples: list[dict[str, torch.Tenso
         loss_tokens = sum(s["loss_mask"].sum() for s in batch).item()
         total = 0.0
         for first in range(0, GBS, MBS):
-            micro = {k: torch.stack([s[k] for s in batch[first:first + MBS]]) for k in ("tokens", "labels", "loss_mask")}
+            micro = {k: torch.stack([s[k] for s in batch[first:first + MBS]])
+                     for k in ("tokens", "labels", "loss_mask")}
             logits = model(input_ids=micro["tokens"]).logits
             per_token = F.cross_entropy(logits.flatten(0, 1).float(), micro["labels"].flatten(), reduction="none")
             loss_sum = (per_token * micro["loss_mask"].flatten()).sum()
