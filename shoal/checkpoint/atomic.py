@@ -11,8 +11,8 @@ import contextlib
 import os
 import shutil
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from shoal.errors import ShoalError, write_failure
 

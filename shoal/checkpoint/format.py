@@ -26,9 +26,10 @@ import os
 import pickle
 import shutil
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -107,7 +108,7 @@ def write_metadata(
         "shoal_version": __version__,
         "command": None,
         "source": None,
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     made.update(made_by or {})
     meta = {
@@ -243,11 +244,11 @@ def write_tokenizer_snapshot(files: dict[str, bytes], ckpt_dir: str | os.PathLik
 # ---------------------------------------------------------------------------------------------
 
 
-def write_peft_config(ckpt_dir: str | os.PathLike, config: "LoraConfig") -> None:
+def write_peft_config(ckpt_dir: str | os.PathLike, config: LoraConfig) -> None:
     (Path(ckpt_dir) / PEFT_FILE).write_text(json.dumps(config.to_dict(), indent=1))
 
 
-def read_peft_config(ckpt_dir: str | os.PathLike) -> "LoraConfig | None":
+def read_peft_config(ckpt_dir: str | os.PathLike) -> LoraConfig | None:
     """The adapter settings of a checkpoint whose model carries LoRA/DoRA adapters; None without."""
     from shoal.peft.config import LoraConfig
 

@@ -10,8 +10,9 @@ stages), each with its own optimizer; their states are the union of the parts'.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist

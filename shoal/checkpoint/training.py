@@ -14,21 +14,17 @@ import base64
 import json
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from shoal.checkpoint.catalog import (
-    apply_retention,
-    checkpoint_name,
-    list_checkpoints,
-    remove_checkpoint,
-)
+from shoal.checkpoint.catalog import apply_retention, checkpoint_name, list_checkpoints, remove_checkpoint
 from shoal.checkpoint.format import (
     MODEL_DIR,
     OPTIM_DIR,

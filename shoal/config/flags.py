@@ -76,7 +76,7 @@ def recipe_path(name: str) -> Path:
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", "-r", help="recipe name (shoal/recipes/NAME.yaml) or YAML file; "
                                                "default: the --model preset's recipe")
-    for flags, key, options in SEED_FLAGS:
+    for flags, _key, options in SEED_FLAGS:
         dest = flags[0].lstrip("-")
         parser.add_argument(*flags, dest=dest, **({"default": None} | options))
     parser.add_argument("--hf_token", help="Hugging Face token (or HF_TOKEN); never saved")

@@ -85,7 +85,7 @@ class LaunchConfig:
             raise ShoalError(f"--gpus_per_node must be 0 or more, got {self.gpus_per_node}")
         if self.master_port is not None and not 0 < self.master_port < 65536:
             raise ShoalError(f"--master_port must be between 1 and 65535, got {self.master_port}")
-        for name, value in self.env.items():
+        for name in self.env:
             if not _ENV_NAME.match(name):
                 raise ShoalError(f"--env {name}=...: {name!r} is not a valid environment variable name")
             if looks_like_secret_name(name):  # secrets travel in the environment, never a file

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from shoal.config.flags import SEED_FLAGS, default_recipe_name, recipe_path
 from shoal.config.launch import LaunchConfig, launch_config_from_args

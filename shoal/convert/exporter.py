@@ -27,7 +27,13 @@ import torch
 
 from shoal.checkpoint.atomic import atomic_directory
 from shoal.checkpoint.format import (
-    MODEL_DIR, TOKENIZER_DIR, TensorInfo, dtype_name, parse_dtype, read_metadata, read_model_config,
+    MODEL_DIR,
+    TOKENIZER_DIR,
+    TensorInfo,
+    dtype_name,
+    parse_dtype,
+    read_metadata,
+    read_model_config,
 )
 from shoal.convert.adapters import get_adapter
 from shoal.convert.options import add_overwrite_argument, check_output, parse_size

@@ -25,8 +25,9 @@ import random
 import re
 import sys
 import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Iterator, Sequence
+from typing import IO
 
 from shoal.checkpoint.atomic import atomic_directory, check_output_dir, normalize_output, refuse_overlap
 from shoal.errors import ShoalError, io_error
@@ -49,7 +50,7 @@ def _open_text(path: Path) -> IO[str]:
     # utf-8-sig: files saved by spreadsheet tools often start with a byte-order mark.
     if path.name.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
-    return open(path, "r", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def _read_json(path: Path) -> Rows:

@@ -18,8 +18,8 @@ import shutil
 import struct
 import uuid
 from array import array
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -201,7 +201,7 @@ class IndexedDatasetWriter:
         self._tmp_idx.unlink(missing_ok=True)
         self._done = True
 
-    def __enter__(self) -> "IndexedDatasetWriter":
+    def __enter__(self) -> IndexedDatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

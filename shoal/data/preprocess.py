@@ -26,9 +26,10 @@ import sys
 import time
 import zlib
 from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Iterator, Sequence
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
@@ -106,7 +107,7 @@ def expand_inputs(patterns: Sequence[str | os.PathLike]) -> list[Path]:
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer: "PreTrainedTokenizerBase", keys: Sequence[str], bos: int | None,
+def _init_worker(tokenizer: PreTrainedTokenizerBase, keys: Sequence[str], bos: int | None,
                  eod: int | None) -> None:
     _WORKER.update(tokenizer=tokenizer, keys=list(keys), bos=bos, eod=eod)
 
@@ -242,7 +243,7 @@ def _clock(seconds: float) -> str:
 
 
 def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str | os.PathLike,
-               tokenizer: "str | os.PathLike | PreTrainedTokenizerBase",
+               tokenizer: str | os.PathLike | PreTrainedTokenizerBase,
                json_keys: Sequence[str] = ("text",), *, append_eod: bool = False,
                add_bos: bool = False, workers: int = 1, skip_bad_lines: bool = False,
                overwrite: bool = False, log_interval: int = 1000, batch_size: int = 256,

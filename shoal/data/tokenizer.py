@@ -44,7 +44,7 @@ def resolve_tokenizer_dir(path: str | os.PathLike) -> Path | None:
     return local
 
 
-def load_tokenizer(path: str | os.PathLike, token: str | None = None) -> "PreTrainedTokenizerBase":
+def load_tokenizer(path: str | os.PathLike, token: str | None = None) -> PreTrainedTokenizerBase:
     """Load a `transformers` tokenizer from a folder, a shoal checkpoint or a Hub id.
 
     `token` (or HF_TOKEN in the environment) is used only for gated Hub repositories and never
@@ -75,14 +75,14 @@ def load_tokenizer(path: str | os.PathLike, token: str | None = None) -> "PreTra
             f"a shoal checkpoint") from None
 
 
-def eod_token_id(tokenizer: "PreTrainedTokenizerBase") -> int:
+def eod_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The end-of-document id appended by `--append-eod`: the tokenizer's eos id, as NeMo does."""
     if tokenizer.eos_token_id is None:
         raise ShoalError("the tokenizer has no eos_token, so --append-eod has no id to append")
     return int(tokenizer.eos_token_id)
 
 
-def bos_token_id(tokenizer: "PreTrainedTokenizerBase") -> int:
+def bos_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The id `--add-bos` puts in front of each document."""
     if tokenizer.bos_token_id is None:
         raise ShoalError("the tokenizer has no bos_token, so --add-bos has no id to prepend "

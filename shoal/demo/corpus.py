@@ -22,9 +22,9 @@ import argparse
 import json
 import os
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from shoal.checkpoint.atomic import atomic_directory, check_output_dir
 

@@ -8,7 +8,7 @@ hold copies); the squares are added, then summed over pipeline ranks.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist

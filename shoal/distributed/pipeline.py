@@ -17,8 +17,9 @@ so the gradient is the one-process gradient of `Σ CE · mask / N_global`, as wi
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist

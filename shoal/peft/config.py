@@ -18,8 +18,9 @@ interchangeable tensor for tensor.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from shoal.errors import ShoalError
 
@@ -105,7 +106,7 @@ class LoraConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "peft.json") -> "LoraConfig":
+    def from_dict(cls, data: Any, where: str = "peft.json") -> LoraConfig:
         """Read `to_dict()`'s output back, naming `where` and the key at fault on bad input."""
         if not isinstance(data, dict):
             raise ShoalError(f"{where}: expected a JSON object with the adapter settings, got {type(data).__name__}")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F

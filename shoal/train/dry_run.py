@@ -11,7 +11,6 @@ machine's GPUs, the data as the ranks would read it. So an error shows once, bef
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import yaml
 

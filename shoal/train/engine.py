@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,13 +23,14 @@ from shoal.checkpoint.state import load_model_into
 from shoal.config.parallel import ParallelConfig
 from shoal.config.recipe import TrainSection
 from shoal.distributed import ParallelDims, parallelize_model
-from shoal.distributed.grad_norm import clip_grad_norm_
 from shoal.distributed.float8 import Float8Plan, float8_plan, precompute_float8_scales
+from shoal.distributed.grad_norm import clip_grad_norm_
 from shoal.distributed.parallelize import autocast_context
 from shoal.models import ModelConfig
 from shoal.models.model import Transformer
 from shoal.peft.config import LoraConfig
 from shoal.train.step import build_optimizer, masked_cross_entropy_sum, model_inputs
+
 
 @dataclass
 class Engine:

@@ -326,9 +326,7 @@ def adapted_mlp_under_tp(dora: bool, sequence_parallel: bool) -> dict[str, Any]:
     `adapted_mlp_inputs`' adapters and run forward/backward on this rank's part of the batch."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate, Shard
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-    )
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
 
     from shoal.distributed.parallelize import apply_tp, complete_partial_grads
     from shoal.peft import adapter_state_dict, init_lora_weights, load_adapter_state_dict

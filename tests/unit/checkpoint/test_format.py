@@ -15,8 +15,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from shoal.checkpoint.format import (
-    FORMAT_VERSION, copy_tokenizer, load_model_state, model_state_info, model_state_keys, read_metadata,
-    read_model_config, save_model_state, write_metadata,
+    FORMAT_VERSION,
+    copy_tokenizer,
+    load_model_state,
+    model_state_info,
+    model_state_keys,
+    read_metadata,
+    read_model_config,
+    save_model_state,
+    write_metadata,
 )
 from shoal.errors import ShoalError
 from shoal.models import build_model, get_preset

@@ -22,6 +22,7 @@ from shoal.config.resolve import resolve_recipe
 from shoal.models.presets import get_preset
 from tests.helpers.cli import shoal
 
+
 @pytest.fixture(autouse=True)
 def pretraining_experiment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A complete pretraining checkpoint under ./results, where fine-tuning without --nemo_model looks."""

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import stat
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,13 +22,16 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_tiny_checkpoints import save_hf_checkpoint  # noqa: E402
-
-from shoal.checkpoint.format import load_model_state, read_metadata, read_model_config, save_model_state  # noqa: E402
-from shoal.checkpoint.format import write_metadata  # noqa: E402
+from shoal.checkpoint.format import (  # noqa: E402
+    load_model_state,
+    read_metadata,
+    read_model_config,
+    save_model_state,
+    write_metadata,  # noqa: E402
+)
 from shoal.cli import main as shoal  # noqa: E402
 from shoal.models import build_model  # noqa: E402
+from tests.helpers.hf_models import save_hf_checkpoint
 
 torch.set_num_threads(1)
 

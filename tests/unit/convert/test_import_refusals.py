@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_tiny_checkpoints import SPECIAL_TOKENS, WORDS, make_tokenizer, save_hf_checkpoint  # noqa: E402
-
 from shoal.cli import main as shoal  # noqa: E402
+from tests.helpers.hf_models import save_hf_checkpoint
+from tests.helpers.tokenizers import SPECIAL_TOKENS, WORDS
+from tests.helpers.tokenizers import word_level_tokenizer as make_tokenizer
 
 torch.set_num_threads(1)
 TOKENS = len(SPECIAL_TOKENS) + len(WORDS)  # the tiny tokenizer's size

@@ -11,16 +11,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_tiny_checkpoints import save_hf_checkpoint  # noqa: E402
-
 from shoal.cli import main as shoal  # noqa: E402
+from tests.helpers.hf_models import save_hf_checkpoint
 
 torch.set_num_threads(1)
 

@@ -13,8 +13,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import pytest
-
 from shoal.checkpoint.format import write_metadata
 from shoal.cli import main as cli_main
 from shoal.models import get_preset

@@ -29,8 +29,8 @@ from shoal.distributed.float8 import (
     worth_float8,
 )
 from shoal.errors import ShoalError
-from shoal.models.presets import get_preset
 from shoal.models.model import Transformer
+from shoal.models.presets import get_preset
 from shoal.peft import apply_lora
 from shoal.train.metrics import FP8_PEAK_FLOPS, PEAK_FLOPS
 

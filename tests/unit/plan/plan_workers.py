@@ -7,6 +7,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from shoal.config.recipe import Recipe
+from shoal.config.resolve import build_recipe
 from shoal.distributed import build_mesh
 from shoal.models import get_preset
 from shoal.train.engine import build_engine
@@ -19,17 +20,20 @@ def _local_bytes(t: torch.Tensor) -> int:
     return local.numel() * local.element_size()
 
 
-def recipe_for(spec: dict) -> Recipe:
-    recipe = Recipe()
-    recipe.model.preset = "llama_tiny"
-    recipe.data.seq_length = SEQ
-    recipe.train.micro_batch_size = MICRO_BATCH
-    recipe.train.global_batch_size = MICRO_BATCH * MICRO_BATCHES * spec["dp"]
-    recipe.parallel.tensor_model_parallel_size = spec["tp"]
-    recipe.parallel.fsdp_gradient_sync = "every_micro_batch"
-    recipe.peft.method = spec["peft"]
-    recipe.peft.rank = 4
-    return recipe
+def recipe_for(spec: dict, seq_length: int = SEQ, micro_batch: int = MICRO_BATCH, checkpointing: str = "none") -> Recipe:
+    """The recipe through the commands' own resolution (fine-tuning from a preset: no start is looked for)."""
+    return build_recipe("finetune", "default", {
+        "model.preset": "llama_tiny", "model.checkpoint": "unused", "data.seq_length": seq_length,
+        "train.micro_batch_size": micro_batch, "train.global_batch_size": micro_batch * MICRO_BATCHES * spec["dp"],
+        "parallel.tensor_model_parallel_size": spec["tp"], "parallel.fsdp_gradient_sync": "every_micro_batch",
+        "parallel.activation_checkpointing": checkpointing, "peft.method": spec["peft"], "peft.rank": 4,
+        "peft.target_modules": "q_proj,k_proj,v_proj,o_proj", "peft.alpha": 32,
+    })
+
+
+def engine_for(recipe: Recipe, cfg, dims):
+    return build_engine(cfg, train=recipe.train, parallel=recipe.parallel, peft=recipe.peft, dims=dims,
+                        device=torch.device("cpu"), compute_dtype=torch.float32, micro_batches_per_step=MICRO_BATCHES)
 
 
 def held_bytes(spec: dict) -> dict[str, int]:
@@ -39,7 +43,7 @@ def held_bytes(spec: dict) -> dict[str, int]:
     cfg = get_preset("llama_tiny")
     world = spec["tp"] * spec["dp"]
     dims = build_mesh(recipe.parallel, world, "cpu")
-    engine = build_engine(recipe, cfg, dims, torch.device("cpu"), torch.float32, MICRO_BATCHES, None)
+    engine = engine_for(recipe, cfg, dims)
     gen = torch.Generator().manual_seed(dims.dp_rank)
     mbs = []
     for _ in range(MICRO_BATCHES):
@@ -77,10 +81,7 @@ def step_peak_bytes(spec: dict) -> int:
     import gc
 
     ctypes.CDLL("libc.so.6").mallopt(-3, 16384)  # M_MMAP_THRESHOLD
-    recipe = recipe_for(spec)
-    recipe.data.seq_length, recipe.train.micro_batch_size = PEAK_SEQ, PEAK_MICRO_BATCH
-    recipe.train.global_batch_size = PEAK_MICRO_BATCH * MICRO_BATCHES * spec["dp"]
-    recipe.parallel.activation_checkpointing = spec["mode"]
+    recipe = recipe_for(spec, PEAK_SEQ, PEAK_MICRO_BATCH, spec["mode"])
     cfg = dataclasses.replace(get_preset("llama_tiny"), **PEAK_SHAPE)
     dims = build_mesh(recipe.parallel, spec["tp"] * spec["dp"], "cpu")
     gen = torch.Generator().manual_seed(dims.dp_rank)
@@ -92,7 +93,7 @@ def step_peak_bytes(spec: dict) -> int:
     tokens = float(PEAK_MICRO_BATCH * PEAK_SEQ * MICRO_BATCHES * spec["dp"])
 
     def steps(recipe, cfg, mbs, tokens, count: int) -> None:
-        engine = build_engine(recipe, cfg, dims, torch.device("cpu"), torch.float32, MICRO_BATCHES, None)
+        engine = engine_for(recipe, cfg, dims)
         for _ in range(count):  # the second step is the steady state: AdamW's moments exist from the first
             engine.forward_backward(mbs, tokens)
             engine.clip_and_step(1.0, 1e-3)

@@ -94,7 +94,7 @@ def planned(name: str, config: tuple, gpu: str):
 def test_table_matches_the_raw_benchmark_files_and_the_estimators_references():
     references = {m.name: m for m in MEASUREMENTS}
     assert set(references) == {row[0] for row in TABLE}
-    for name, file, selector, config, memory, tokens in TABLE:
+    for name, file, selector, _config, memory, tokens in TABLE:
         raw_memory, (low, high) = raw_figures(file, selector)
         assert raw_memory == pytest.approx(memory, abs=0.01), name
         assert low - 1 <= tokens <= high + 1, name
@@ -107,7 +107,7 @@ def test_estimates_against_every_measured_figure(capsys):
     lines = ["| benchmark | memory measured | estimated | error | tokens/s/GPU measured | estimated (leave-one-out) | error |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     failures = []
-    for name, file, _, config, memory, tokens in TABLE:
+    for name, _file, _, config, memory, tokens in TABLE:
         gpu = name.rsplit("_", 1)[1]
         est = planned(name, config, gpu)
         mem_err = est.memory.allocated / GIB / memory - 1

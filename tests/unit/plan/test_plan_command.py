@@ -123,12 +123,10 @@ def test_one_epoch_of_the_dataset(tmp_path):
 
 def test_the_model_comes_from_the_starting_checkpoint(tmp_path):
     """--nemo_model on this machine: the shape is its shoal.json's, whatever the recipe's preset."""
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
-    from training_runs import write_small_hf_model
     from transformers import AutoModelForCausalLM
+
+    from tests.helpers.hf_models import write_small_hf_model
 
     hf = write_small_hf_model(tmp_path / "hf")
     assert main(["import", "--source", str(hf), "--output_path", str(tmp_path / "ckpt")]) == 0

@@ -13,22 +13,24 @@ whose kept outputs live in the checkpoint's own cache where saved-tensor hooks d
 from __future__ import annotations
 
 import dataclasses
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "distributed"))
-
-from plan_workers import (  # noqa: E402
-    MICRO_BATCH, MICRO_BATCHES, PEAK_MICRO_BATCH, PEAK_SEQ, PEAK_SHAPE, SEQ, held_bytes, step_peak_bytes,
-)
 
 from shoal.models import get_preset  # noqa: E402
 from shoal.plan.counts import count_parameters  # noqa: E402
 from shoal.plan.estimate import Layout, Workload, estimate_memory, saved_activation_bytes  # noqa: E402
 from shoal.plan.hardware import GpuKind  # noqa: E402
+from tests.unit.plan.plan_workers import (  # noqa: E402
+    MICRO_BATCH,
+    MICRO_BATCHES,
+    PEAK_MICRO_BATCH,
+    PEAK_SEQ,
+    PEAK_SHAPE,
+    SEQ,
+    held_bytes,
+    step_peak_bytes,
+)
 
 CPU_DEVICE = GpuKind("cpu", 1 << 40, 1e12)  # capacity only decides "auto" gradient sync, set explicitly here
 
@@ -60,7 +62,7 @@ def test_one_process_holds_what_is_planned():
     {"tp": 1, "dp": 2, "peft": "lora"},  # LoRA under FSDP2: frozen base sharded, adapters trained
 ])
 def test_two_gloo_ranks_hold_what_is_planned(spec):
-    from distributed_harness import run_distributed
+    from tests.helpers.distributed import run_distributed
 
     per_rank = run_distributed(held_bytes, 2, spec)
     busiest = {key: max(r[key] for r in per_rank) for key in per_rank[0]}
@@ -117,7 +119,7 @@ def test_saved_activations_are_what_is_planned(shape, mode):
 def test_peak_of_whole_steps_is_what_is_planned(spec):
     """Full training only: with LoRA, eager autograd keeps fewer inputs (frozen weights need no weight
     gradient) and the plan is ~20% high on CPU; see docs/planning.md."""
-    from distributed_harness import run_distributed
+    from tests.helpers.distributed import run_distributed
 
     spec = {**spec, "peft": "none"}
     world = spec["tp"] * spec["dp"]

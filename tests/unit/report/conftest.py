@@ -1,24 +1,12 @@
-"""The report tests train tiny real runs with the training tests' helpers (tests/unit/train)."""
+"""The report tests train tiny real runs with the shared training helpers (tests/helpers)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
-
-from training_runs import TrainAssets, shoal, write_small_hf_model  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from tests.helpers.cli import shoal
+from tests.helpers.hf_models import write_small_hf_model
+from tests.helpers.training import TrainAssets
 
 
 @pytest.fixture(scope="session")

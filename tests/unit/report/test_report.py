@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from training_runs import TrainAssets, shoal, train_args
+from tests.helpers.cli import shoal
+from tests.helpers.training import TrainAssets, train_args
 
 pytest.importorskip("matplotlib")
 

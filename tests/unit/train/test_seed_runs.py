@@ -23,7 +23,8 @@ from shoal.data.indexed import IndexedDatasetWriter
 from shoal.models.presets import get_preset
 from shoal.train.run_plan import validation_interval, warmup_steps
 from shoal.train.schedule import lr_at
-from training_runs import TrainAssets, read_metrics, shoal, train_args, val_records
+from tests.helpers.cli import shoal
+from tests.helpers.training import TrainAssets, read_metrics, train_args, val_records
 
 SEED_PRETRAIN = [
     "pretrain", "--executor", "local", "--experiment", "llama31_pretraining", "--num_nodes", "1", "--num_gpus", "8",
