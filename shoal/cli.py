@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("shoal.data.preprocess", "tokenize JSONL into Megatron .bin/.idx files"),
     "pretrain": ("shoal.train.pretrain", "continual pretraining on .bin/.idx data"),
     "finetune": ("shoal.train.finetune", "instruction fine-tuning, full or LoRA/DoRA"),
+    "generate": ("shoal.generate.command", "generate text from a checkpoint, an experiment or a Hugging Face folder"),
     "demo": ("shoal.demo.run", "run the four stages end to end on the embedded tiny default"),
 }
 
