@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("shoal.train.pretrain", "continual pretraining on .bin/.idx data"),
     "finetune": ("shoal.train.finetune", "instruction fine-tuning, full or LoRA/DoRA"),
     "generate": ("shoal.generate.command", "generate text from a checkpoint, an experiment or a Hugging Face folder"),
+    "chat": ("shoal.generate.chat", "talk with a checkpoint in the terminal, turn by turn"),
     "demo": ("shoal.demo.run", "run the four stages end to end on the embedded tiny default"),
 }
 

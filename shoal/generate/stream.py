@@ -1,8 +1,9 @@
 """Text of a growing list of token ids, printed as it grows.
 
-Decoding token by token would cut multi-byte characters and merge-sensitive spaces wrongly, so the
-whole completion is decoded each time and only the new end is printed; a trailing U+FFFD means a
-character is still incomplete, and is held back until its next byte arrives.
+Decoding token by token would cut multi-byte characters and lose the spaces some tokenizers only
+produce between tokens, so each new token is decoded together with the one before it and only the
+difference is printed; a trailing U+FFFD means a character is still incomplete, and it waits for
+the next token. Each step decodes two or three tokens, whatever the answer's length.
 """
 
 from __future__ import annotations
@@ -21,21 +22,36 @@ class TextStream:
         self.tokenizer = tokenizer
         self.out = out or sys.stdout
         self.tokens: list[int] = []
-        self.printed = 0  # characters of the decoded text already written
+        self.start = 0  # first token of the decoding window
+        self.done = 0  # tokens whose text has been printed
+        self.printed = ""
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def push(self, token_id: int) -> None:
         self.tokens.append(token_id)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return
-        self.out.write(text[self.printed:])
-        self.out.flush()
-        self.printed = len(text)
+        before = self._decode(self.tokens[self.start:self.done])
+        after = self._decode(self.tokens[self.start:])
+        if after.endswith("\ufffd") or not after.startswith(before):
+            return  # an incomplete character: wait for the next token
+        piece = after[len(before):]
+        self._write(piece)
+        if piece:  # a token that printed nothing (a skipped special) stays in the window
+            self.start = self.done
+        self.done = len(self.tokens)
+
+    def _write(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.out.flush()
+            self.printed += text
 
     def finish(self) -> str:
         """Write whatever is left and a newline; return the full text."""
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        self.out.write(text[self.printed:] + "\n")
+        text = self._decode(self.tokens)
+        if text.startswith(self.printed):
+            self._write(text[len(self.printed):])
+        self.out.write("\n")
         self.out.flush()
-        self.printed = len(text)
         return text

@@ -3,7 +3,6 @@ folder written by `transformers`, then `shoal import`. `transformers` is the ora
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,17 +40,13 @@ def shoal(*args: object) -> int:
     return main([str(a) for a in args])
 
 
-def write_model(root: Path, family: str, stop_ids: list[int] | None = None) -> TinyModel:
-    """An HF folder (with a generation_config naming `stop_ids` as its end tokens) and its import."""
+def write_model(root: Path, family: str, **config) -> TinyModel:
+    """An HF folder written by transformers (config.json changes in `config`) and its shoal import."""
     hf_dir = root / f"{family}-hf"
     # A wide initialisation: at HF's default (0.02) a random tiny model repeats one token forever,
     # which would let a wrong cache or wrong positions go unseen; at 0.3 every step's choice depends
     # on the whole context.
-    save_hf_checkpoint(hf_dir, family, initializer_range=0.3)
-    if stop_ids is not None:
-        config = json.loads((hf_dir / "generation_config.json").read_text())
-        config["eos_token_id"] = stop_ids
-        (hf_dir / "generation_config.json").write_text(json.dumps(config))
+    save_hf_checkpoint(hf_dir, family, **{"initializer_range": 0.3, **config})
     assert shoal("import", "--source", hf_dir, "--output_path", root / f"{family}-ckpt") == 0
     return TinyModel(family, hf_dir, root / f"{family}-ckpt")
 
