@@ -76,7 +76,7 @@ def is_hf_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file() and not (path / METADATA_FILE).is_file()
 
 
-def _empty_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, peft: Any = None) -> Transformer:
+def empty_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, peft: Any = None) -> Transformer:
     """The model (with adapters when `peft` is a LoraConfig) in `dtype` on `device`, weights unset."""
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -102,7 +102,7 @@ def _load_hf_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> t
     entries = find_weight_files(folder)
     adapter = get_adapter(cfg)
     plan = adapter.import_plan({n: TensorInfo(e.shape, e.dtype) for n, e in entries.items()}, where=folder)
-    model = _empty_model(cfg, device, dtype)
+    model = empty_model(cfg, device, dtype)
     params = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for shoal_name, hf_name in plan.items():
@@ -127,7 +127,7 @@ def _load_checkpoint(ckpt: Path, device: torch.device, dtype: torch.dtype) -> tu
         peft = read_peft_config(ckpt)
     if not (ckpt / "model").is_dir():
         raise ShoalError(f"{ckpt}: model/ is missing (an incomplete checkpoint?)")
-    model = _empty_model(cfg, device, dtype, peft)
+    model = empty_model(cfg, device, dtype, peft)
     load_model_into(model, ckpt, allow_missing=())  # adapters too: every tensor must be there
     if peft is not None:
         from shoal.peft import merge_lora

@@ -124,7 +124,7 @@ class KVCache:
         positions = self.next_position[:, None] + real.long().cumsum(1) - 1
         positions = positions.clamp(min=0)  # padding before a row's first token: any valid position
         self.next_position += real.long().sum(1)
-        if start == 0 and bool(real.all()):
+        if start == 0 and (attention_mask is None or bool(real.all())):  # (no device sync when unpadded)
             return positions, None  # a first chunk without padding: causal attention as in training
         query = torch.arange(start, end, device=device)
         key = torch.arange(end, device=device)
