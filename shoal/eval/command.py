@@ -29,6 +29,8 @@ def _bool(text: str) -> bool:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", "--path", dest="source", required=True,
                         help="shoal checkpoint, experiment (its latest checkpoint) or Hugging Face model folder")
+    parser.add_argument("--checkpoint", default="latest", choices=["latest", "best"],
+                        help="for an experiment: its latest checkpoint (default) or the best by validation loss")
     parser.add_argument("--dataset_path", "--dataset-path", dest="dataset_path", nargs="+", required=True,
                         help=".bin/.idx folder or prefix(es), or a fine-tuning folder of JSONL splits")
     parser.add_argument("--split_name", "--split-name", dest="split_name", default="validation",
@@ -57,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
     if args.max_samples is not None and args.max_samples < 1:
         raise ShoalError(f"--max_samples must be >= 1, got {args.max_samples}")
     output = check_output_file(args.output, args.overwrite)
-    loaded = load_for_generation(args.source, device=args.device, dtype=args.dtype)
+    loaded = load_for_generation(args.source, device=args.device, dtype=args.dtype, which=args.checkpoint)
     for note in loaded.notes:
         print(f"shoal eval: {note}", file=sys.stderr)
     print(f"shoal eval: {loaded.description}", file=sys.stderr)

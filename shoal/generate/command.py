@@ -30,6 +30,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags `generate` and `chat` share: what to load, where, and how to pick tokens."""
     parser.add_argument("--source", "--path", dest="source", required=True,
                         help="shoal checkpoint, experiment (its latest checkpoint) or Hugging Face model folder")
+    parser.add_argument("--checkpoint", default="latest", choices=["latest", "best"],
+                        help="for an experiment: its latest checkpoint (default) or the best by validation loss")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", default=None, help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
     parser.add_argument("--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int,
@@ -132,7 +134,7 @@ def main(args: argparse.Namespace) -> int:
         raise ShoalError(f"--batch_size must be >= 1, got {args.batch_size}")
     prompts = collect_prompts(args)
     output = check_output_file(args.output, args.overwrite)
-    loaded = load_for_generation(args.source, device=args.device, dtype=args.dtype)
+    loaded = load_for_generation(args.source, device=args.device, dtype=args.dtype, which=args.checkpoint)
     settings = sampling_settings(args, loaded.generation_config)
     stops = loaded.stop_token_ids(chat=args.chat or any(p.messages is not None for p in prompts))
     for note in loaded.notes:

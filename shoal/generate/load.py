@@ -16,9 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from shoal.checkpoint.format import (
-    METADATA_FILE, is_checkpoint, parse_dtype, read_metadata, read_model_config, resolve_checkpoint,
-)
+from shoal.checkpoint.format import METADATA_FILE, is_checkpoint, parse_dtype, read_metadata, read_model_config
 from shoal.errors import ShoalError
 from shoal.models.config import ModelConfig
 from shoal.models.model import Transformer, rope_inverse_frequencies
@@ -70,6 +68,20 @@ def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name is None or name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return parse_dtype(name, where="--dtype")
+
+
+def resolve_source_checkpoint(path: Path, which: str = "latest") -> Path:
+    """The checkpoint an experiment (or checkpoints/ folder) stands for: its latest or best one."""
+    try:  # main's checkpoint catalog (it also knows "best", by validation loss)
+        from shoal.checkpoint.catalog import resolve_checkpoint
+
+        return resolve_checkpoint(path, which=which)
+    except ImportError:  # before the catalog existed: latest only
+        from shoal.checkpoint.format import resolve_checkpoint
+
+        if which != "latest" and not is_checkpoint(path):
+            raise ShoalError("--checkpoint best needs shoal's checkpoint catalog; use --checkpoint latest") from None
+        return resolve_checkpoint(path)
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -136,7 +148,8 @@ def _load_checkpoint(ckpt: Path, device: torch.device, dtype: torch.dtype) -> tu
     return model, generation_config(meta), peft is not None
 
 
-def load_for_generation(source: str | os.PathLike, device: str = "auto", dtype: str | None = None) -> LoadedModel:
+def load_for_generation(source: str | os.PathLike, device: str = "auto", dtype: str | None = None,
+                        which: str = "latest") -> LoadedModel:
     """Load what `--source` names for generation; `description` says what was picked."""
     from shoal.data.tokenizer import load_tokenizer
 
@@ -149,9 +162,9 @@ def load_for_generation(source: str | os.PathLike, device: str = "auto", dtype: 
         tokenizer = load_tokenizer(path)
         what, ckpt = f"Hugging Face model {path} (converted in memory)", None
     else:
-        ckpt = resolve_checkpoint(path)
+        ckpt = resolve_source_checkpoint(path, which)
         if not is_checkpoint(path):
-            notes.append(f"{path} is an experiment; using its latest checkpoint {ckpt.name}")
+            notes.append(f"{path} is an experiment; using its {which} checkpoint {ckpt.name}")
         model, generation, adapted = _load_checkpoint(ckpt, target, weights_dtype)
         if not (ckpt / "tokenizer").is_dir():
             raise ShoalError(f"{ckpt} has no tokenizer/ folder, so its prompts cannot be tokenized")
