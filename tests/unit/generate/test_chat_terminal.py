@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import EOT_ID, TinyModel, write_model
+from tiny_generation_models import EOT_ID, TinyModel, write_model
 from test_generate_matches_transformers import hf_generate
 
 VOCAB = 33  # exactly the test tokenizer's, so that every generated id prints as a word

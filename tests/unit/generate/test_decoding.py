@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TinyModel, shoal
+from tiny_generation_models import TinyModel, shoal
 from shoal.generate.decode import generate_tokens
 from shoal.generate.load import load_for_generation
 from shoal.generate.sampling import SamplingSettings, filter_logits

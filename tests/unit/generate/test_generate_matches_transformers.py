@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import EOT_ID, TinyModel, shoal
+from tiny_generation_models import EOT_ID, TinyModel, shoal
 
 PROMPTS = ["hello world how are you", "the quick brown fox jumps over the lazy dog and the fish swim", "what is shoal"]
 MAX_NEW = 12

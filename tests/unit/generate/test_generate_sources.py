@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import EOT_ID, TinyModel, shoal
+from tiny_generation_models import EOT_ID, TinyModel, shoal
 from test_generate_matches_transformers import PROMPTS, chat_ids, hf_generate
 
 
