@@ -14,6 +14,7 @@ and is itself imported only by `shoal eval --tasks`.
 from __future__ import annotations
 
 import difflib
+import functools
 from typing import Any
 
 import torch
@@ -139,6 +140,14 @@ class ShoalLM(TemplateLM):
         return ids[-room:]
 
 
+@functools.lru_cache(maxsize=4)
+def task_index(include_path: str | None, with_builtin: bool):
+    """lm-eval's TaskManager, built once per process (the built-in index takes a minute to scan)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path, include_defaults=with_builtin)
+
+
 def check_task_names(names: list[str], task_manager) -> None:
     """Every name must be a task, group or tag lm-eval knows (including --include_path ones)."""
     known = set(task_manager.all_tasks)
@@ -172,9 +181,13 @@ def run_tasks(loaded: LoadedModel, tasks: list[str], num_fewshot: int | None, in
               seed: int) -> dict:
     """lm-eval's `simple_evaluate` with the shoal backend; returns its results dict."""
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
-    task_manager = TaskManager(include_path=include_path)
+    task_manager = None
+    if include_path:  # indexing lm-eval's ~15k built-in tasks takes a minute: skip it when yours suffice
+        task_manager = task_index(include_path, with_builtin=False)
+        if any(name not in task_manager.all_tasks for name in tasks):
+            task_manager = None
+    task_manager = task_manager or task_index(include_path, with_builtin=True)
     check_task_names(tasks, task_manager)
     load_tasks(tasks, task_manager)
     return simple_evaluate(

@@ -53,7 +53,7 @@ def evaluate(model, tasks: list[str], include: Path, **options) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    return simple_evaluate(model=model, tasks=tasks, task_manager=TaskManager(include_path=str(include)),
+    return simple_evaluate(model=model, tasks=tasks, task_manager=TaskManager(include_path=str(include), include_defaults=False),
                            log_samples=True, random_seed=0, numpy_random_seed=1234, torch_random_seed=1234,
                            fewshot_random_seed=1234, batch_size=2, **options)
 
@@ -109,14 +109,15 @@ def test_command_writes_results_beside_the_checkpoint(train_assets: TrainAssets,
 
 
 def test_unknown_and_offline_tasks_are_refused(train_assets: TrainAssets, tmp_path: Path, capsys, monkeypatch):
+    include = write_tasks(tmp_path / "tasks")
     assert shoal("eval", "--source", train_assets.checkpoint, "--tasks", "shoal_chioce", "--include_path",
-                 write_tasks(tmp_path / "tasks"), "--device", "cpu") == 2
+                 include, "--device", "cpu") == 2
     err = capsys.readouterr().err
     assert "unknown lm-eval task(s): 'shoal_chioce' (did you mean shoal_choice" in err
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert shoal("eval", "--source", train_assets.checkpoint, "--tasks", "arc_easy", "--device", "cpu",
-                 "--output", tmp_path / "r.json") == 2
+    assert shoal("eval", "--source", train_assets.checkpoint, "--tasks", "arc_easy", "--include_path", include,
+                 "--device", "cpu", "--output", tmp_path / "r.json") == 2
     err = capsys.readouterr().err
     assert "could not load the data of task(s) arc_easy" in err and "--include_path" in err
     assert not (tmp_path / "r.json").exists()
