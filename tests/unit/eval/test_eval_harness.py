@@ -108,6 +108,7 @@ def test_command_writes_results_beside_the_checkpoint(train_assets: TrainAssets,
     assert sorted(p.name for p in ckpt.iterdir()) == sorted(p.name for p in train_assets.checkpoint.iterdir())
 
 
+@pytest.mark.slow  # the unknown name makes lm-eval index its ~15k built-in tasks (about a minute)
 def test_unknown_and_offline_tasks_are_refused(train_assets: TrainAssets, tmp_path: Path, capsys, monkeypatch):
     include = write_tasks(tmp_path / "tasks")
     assert shoal("eval", "--source", train_assets.checkpoint, "--tasks", "shoal_chioce", "--include_path",
