@@ -198,7 +198,8 @@ class DecoderLayer(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | DocumentSpans | None,
         kv: LayerCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
+        # kv by keyword: tensor-parallel input plans describe the four positional inputs only.
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv=kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -287,7 +288,7 @@ class Transformer(nn.Module):
         if document_ids is not None:
             mask = document_attention_spec(document_ids, h, self.config.head_dim)
         for name, layer in self.model.layers.items():
-            h = layer(h, cos, sin, mask, cache.layers[name] if cache is not None else None)
+            h = layer(h, cos, sin, mask, kv=cache.layers[name] if cache is not None else None)
         if cache is not None:
             cache.advance(s)
         if self.model.norm is not None:
