@@ -122,3 +122,14 @@ def test_unknown_and_offline_tasks_are_refused(train_assets: TrainAssets, tmp_pa
     err = capsys.readouterr().err
     assert "could not load the data of task(s) arc_easy" in err and "--include_path" in err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_without_lm_eval_tasks_say_how_to_install(train_assets: TrainAssets, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # an import of it now fails as if it were absent
+    assert shoal("eval", "--source", train_assets.checkpoint, "--tasks", "anything", "--device", "cpu") == 2
+    assert "pip install 'shoal[eval]'" in capsys.readouterr().err
+    # The loss mode does not need it.
+    assert shoal("eval", "--source", train_assets.checkpoint, "--dataset_path", train_assets.sft_dir,
+                 "--seq_length", 64, "--max_samples", 2, "--device", "cpu") == 0
