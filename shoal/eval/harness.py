@@ -113,22 +113,36 @@ class ShoalLM(TemplateLM):
 
     # -- generation ------------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Batches of requests with the same generation settings, each row stopping at an end token
+        or once one of its stop strings appears; the text is then cut at the first stop string."""
         eos_text = self.tokenizer.decode(self.eot_token_id, skip_special_tokens=False)
-        answers = []
-        for context, gen_kwargs in [r.args for r in requests]:
-            kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
+        args = [r.args for r in requests]
+        answers: list[str | None] = [None] * len(args)
+        groups: dict[str, list[int]] = {}
+        for index, (_, gen_kwargs) in enumerate(args):
+            groups.setdefault(repr(sorted(gen_kwargs.items())), []).append(index)
+        for indices in groups.values():
+            kwargs = normalize_gen_kwargs(dict(args[indices[0]][1]), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
             max_new = kwargs.pop("max_gen_toks")
             settings = SamplingSettings(do_sample=bool(kwargs.get("do_sample")),
                                         temperature=float(kwargs.get("temperature") or 1.0),
                                         top_p=float(kwargs.get("top_p") or 1.0), top_k=int(kwargs.get("top_k") or 0),
                                         seed=kwargs.get("seed"))
-            prompt = self._encode_context(context, self.max_length - max_new)
-            (done,) = generate_tokens(self.model, [prompt], max_new, settings, self.stop_token_ids)
-            text = self.tokenizer.decode(done.token_ids, skip_special_tokens=True)
-            text = postprocess_generated_text(generation=text, stop=until, think_end_token=None)
-            answers.append(text)
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+
+            def seen_stop(row: int, ids: list[int]) -> bool:
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                return any(stop in text for stop in until)
+
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start:start + self.batch_size]
+                prompts = [self._encode_context(args[i][0], self.max_length - max_new) for i in chunk]
+                done = generate_tokens(self.model, prompts, max_new, settings, self.stop_token_ids,
+                                       is_finished=seen_stop)
+                for i, completion in zip(chunk, done):
+                    text = self.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+                    answers[i] = postprocess_generated_text(generation=text, stop=until, think_end_token=None)
+                    self.cache_hook.add_partial("generate_until", args[i], answers[i])
         return answers
 
     def _encode_context(self, context: str, room: int) -> list[int]:

@@ -20,6 +20,8 @@ from shoal.models.model import KVCache
 
 # Called as on_token(row, token_id) for each generated token that is not a stop token.
 TokenCallback = Callable[[int, int], None]
+# Called as is_finished(row, token_ids so far) after each token; True ends that row (a stop string seen).
+FinishCheck = Callable[[int, list[int]], bool]
 
 
 @dataclass
@@ -57,6 +59,7 @@ def generate_tokens(
     stop_token_ids: Sequence[int] = (),
     on_token: TokenCallback | None = None,
     use_cache: bool = True,
+    is_finished: FinishCheck | None = None,
 ) -> list[Completion]:
     """Generate for each prompt (lists of token ids) in one batch.
 
@@ -96,6 +99,9 @@ def generate_tokens(
             completions[row].token_ids.append(token)
             if on_token is not None:
                 on_token(row, token)
+            if is_finished is not None and is_finished(row, completions[row].token_ids):
+                done[row] = True
+                completions[row].finish_reason = "stop"
         if all(done) or all(len(c.token_ids) == max_new_tokens for c, d in zip(completions, done) if not d):
             break
         if use_cache:
