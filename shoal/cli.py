@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("shoal.train.finetune", "instruction fine-tuning, full or LoRA/DoRA"),
     "generate": ("shoal.generate.command", "generate text from a checkpoint, an experiment or a Hugging Face folder"),
     "chat": ("shoal.generate.chat", "talk with a checkpoint in the terminal, turn by turn"),
-    "eval": ("shoal.eval.command", "mean loss and perplexity of a checkpoint on a split of training data"),
+    "eval": ("shoal.eval.command", "loss and perplexity on training data, or lm-eval-harness tasks"),
     "demo": ("shoal.demo.run", "run the four stages end to end on the embedded tiny default"),
 }
 

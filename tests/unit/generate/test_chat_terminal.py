@@ -14,7 +14,6 @@ import select
 import signal
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch

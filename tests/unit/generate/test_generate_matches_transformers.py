@@ -11,7 +11,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 
 from tiny_generation_models import EOT_ID, TinyModel, shoal

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from tiny_generation_models import EOT_ID, TinyModel, shoal
 from test_generate_matches_transformers import PROMPTS, chat_ids, hf_generate
