@@ -12,6 +12,9 @@ Nothing here knows about parallelism; `docs/model-contract.md` lists the few con
 * `embed_tokens`, `norm` and `lm_head` may be set to None on pipeline stages that do not own them;
   the forward pass then takes or returns hidden states;
 * reshapes use `-1` for the head count, so a tensor-parallel shard with fewer local heads just works.
+
+Generation passes a `KVCache` to `forward` (prefill, then one token per step); training passes none
+and runs exactly the code it ran before the cache existed: one `is None` test per layer.
 """
 
 from __future__ import annotations
@@ -74,6 +77,66 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+class LayerCache:
+    """One layer's keys and values [B, K, L, D] in buffers preallocated for the whole generation."""
+
+    def __init__(self, owner: KVCache, keys: torch.Tensor, values: torch.Tensor):
+        self.owner, self.keys, self.values = owner, keys, values
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k, v [B, K, S, D]; return every key and value so far [B, K, start+S, D]."""
+        start, end = self.owner.length, self.owner.length + k.shape[2]
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class KVCache:
+    """Keys and values of the tokens already seen, so that each new token costs one position.
+
+    Rows of a batch may hold prompts of different lengths, left-padded: `attention_mask` marks the
+    real tokens, padding is never attended to, and each row's positions count its real tokens only
+    (as Hugging Face's generate does), so a padded row computes what it computes alone.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_length: int, device: torch.device | str,
+                 dtype: torch.dtype):
+        shape = (batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
+        self.layers = {
+            str(i): LayerCache(self, torch.zeros(shape, device=device, dtype=dtype),
+                               torch.zeros(shape, device=device, dtype=dtype))
+            for i in range(cfg.num_layers)
+        }
+        self.max_length = max_length
+        self.length = 0  # positions filled, the same for every row (padding included)
+        self.valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)  # real tokens
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def begin(self, attention_mask: torch.Tensor | None, s: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Record S new tokens (attention_mask [B, S], True for real ones); return their positions
+        [B, S] and the attention mask [B, 1, S, start+S] (None where plain causal attention is right)."""
+        b, start, end = self.valid.shape[0], self.length, self.length + s
+        if end > self.max_length:
+            raise ValueError(f"KVCache holds {self.max_length} positions; {end} requested")
+        device = self.valid.device
+        real = torch.ones(b, s, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+        self.valid[:, start:end] = real
+        positions = self.next_position[:, None] + real.long().cumsum(1) - 1
+        positions = positions.clamp(min=0)  # padding before a row's first token: any valid position
+        self.next_position += real.long().sum(1)
+        if start == 0 and (attention_mask is None or bool(real.all())):  # (no device sync when unpadded)
+            return positions, None  # a first chunk without padding: causal attention as in training
+        query = torch.arange(start, end, device=device)
+        key = torch.arange(end, device=device)
+        causal = key[None, :] <= query[:, None]  # [S, start+S]
+        # Padding is never a key, except for itself: a padding query must see something (no NaN).
+        visible = self.valid[:, None, :end] | (key[None, None, :] == query[None, :, None])
+        return positions, (causal[None] & visible)[:, None]
+
+    def advance(self, s: int) -> None:
+        self.length += s
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -88,7 +151,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | DocumentSpans | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | DocumentSpans | None,
+        kv: LayerCache | None = None,
     ) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, -1, self.head_dim)  # [B, S, H, D]
@@ -98,6 +162,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, S, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            k, v = kv.update(k, v)
         if isinstance(mask, DocumentSpans):
             return self.o_proj(varlen_causal_attention(q, k, v, mask).reshape(b, s, -1))
         if mask is None:
@@ -129,9 +195,11 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | DocumentSpans | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | DocumentSpans | None,
+        kv: LayerCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        # kv by keyword: tensor-parallel input plans describe the four positional inputs only.
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv=kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -199,24 +267,32 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens: ids [B, S], or hidden states [B, S, E] on a pipeline stage without the embedding.
 
         position_ids [B, S] default to 0..S-1; pass them restarting per document for packed sequences.
         document_ids [B, S], when given, keep tokens from attending across documents.
+        cache (generation): the tokens follow those already in it; positions come from it, and
+        attention_mask [B, S] (True for real tokens) marks left padding.
         Returns logits [B, S, V], or hidden states on a stage without `lm_head`.
         """
         emb = self.model.embed_tokens
         h = emb(tokens) if emb is not None else tokens
         b, s = h.shape[:2]
-        if position_ids is None:
+        mask = None
+        if cache is not None:
+            position_ids, mask = cache.begin(attention_mask, s)
+        elif position_ids is None:
             position_ids = torch.arange(s, device=h.device)[None].expand(b, s)
         cos, sin = self.rope(position_ids, h.dtype)
-        mask = None
         if document_ids is not None:
             mask = document_attention_spec(document_ids, h, self.config.head_dim)
-        for layer in self.model.layers.values():
-            h = layer(h, cos, sin, mask)
+        for name, layer in self.model.layers.items():
+            h = layer(h, cos, sin, mask, kv=cache.layers[name] if cache is not None else None)
+        if cache is not None:
+            cache.advance(s)
         if self.model.norm is not None:
             h = self.model.norm(h)
         return self.lm_head(h) if self.lm_head is not None else h

@@ -1,0 +1,1 @@
+"""Judging a checkpoint: mean loss and perplexity on a split of the training data (`shoal eval`)."""
