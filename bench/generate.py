@@ -94,12 +94,12 @@ def main() -> int:
         prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_length), generator=gen).to(device)
 
         @torch.no_grad()
-        def run_hf():
+        def run_hf(prompts=prompts):  # bound now: the loop moves on
             out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.new_tokens,
                               min_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
             return out[:, args.prompt_length:].tolist()
 
-        def run_shoal():
+        def run_shoal(prompts=prompts):
             done = generate_tokens(ours, prompts.tolist(), args.new_tokens, greedy, stop_token_ids=())
             return [c.token_ids for c in done]
 

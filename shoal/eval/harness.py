@@ -134,7 +134,7 @@ class ShoalLM(TemplateLM):
                                         top_p=float(kwargs.get("top_p") or 1.0), top_k=int(kwargs.get("top_k") or 0),
                                         seed=kwargs.get("seed"))
 
-            def seen_stop(row: int, ids: list[int]) -> bool:
+            def seen_stop(row: int, ids: list[int], until: list[str] = until) -> bool:
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 return any(stop in text for stop in until)
 

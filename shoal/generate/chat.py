@@ -95,7 +95,7 @@ def main(args: argparse.Namespace) -> int:
         stream = TextStream(tokenizer)
         try:
             generate_tokens(loaded.model, [ids], args.max_new_tokens, settings, stops,
-                            on_token=lambda row, token: stream.push(token))
+                            on_token=lambda row, token, stream=stream: stream.push(token))
             answer = stream.finish()
         except KeyboardInterrupt:
             answer = stream.finish()
