@@ -24,10 +24,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from shoal.checkpoint.training import save_training_checkpoint
-from shoal.config.recipe import Recipe
+from shoal.checkpoint.training import CheckpointRecord, Progress, restore_training_checkpoint, save_training_checkpoint
+from shoal.config.parallel import ParallelConfig
+from shoal.config.recipe import TrainSection
 from shoal.distributed import build_mesh
 from shoal.models.presets import get_preset
+from shoal.peft.config import LoraConfig
 from shoal.train.engine import build_engine
 
 pytestmark = pytest.mark.gpu
@@ -66,16 +68,21 @@ def data() -> list[dict[str, torch.Tensor]]:
     return batches(STEPS)
 
 
-def make_engine(fp8_recipe: str | None, peft: str = "none", start: Path | None = None):
-    recipe = Recipe()
-    recipe.train.micro_batch_size = recipe.train.global_batch_size = MBS
-    if fp8_recipe:
-        recipe.train.fp8, recipe.train.fp8_recipe = "hybrid", fp8_recipe
-    if peft != "none":
-        recipe.peft.method = peft
-        recipe.peft.target_modules = ["all-linear"]
-    dims = build_mesh(recipe.parallel, 1, "cuda")
-    return build_engine(recipe, CFG, dims, torch.device("cuda"), torch.bfloat16, 1, start)
+def make_engine(fp8_recipe: str | None, peft: str = "none", start: Path | None = None,
+                parallel: ParallelConfig | None = None):
+    fp8 = {"fp8": "hybrid", "fp8_recipe": fp8_recipe} if fp8_recipe else {}
+    train = TrainSection(micro_batch_size=MBS, global_batch_size=MBS, **fp8)
+    adapters = None if peft == "none" else LoraConfig(rank=16, alpha=32.0, target_modules=("all-linear",),
+                                                      use_dora=peft == "dora")
+    parallel = parallel or ParallelConfig()
+    dims = build_mesh(parallel, 1, "cuda")
+    return build_engine(CFG, train=train, parallel=parallel, peft=adapters, dims=dims, device=torch.device("cuda"),
+                        compute_dtype=torch.bfloat16, start=start)
+
+
+def save(engine, root: Path, step: int) -> Path:
+    return save_training_checkpoint(root, engine.parts, engine.optimizers, Progress(step), CheckpointRecord(CFG),
+                                    max_steps=step, val_loss=None, save_top_k=1)
 
 
 def train(engine, data, steps: int, lr: float, first: int = 0) -> list[float]:
@@ -156,14 +163,12 @@ def test_fp8_checkpoint_resumes_in_bf16_and_back(data, tmp_path):
     first, then = 60, 40
     fp8 = make_engine("tensorwise")
     train(fp8, data, first, 3e-4)
-    ckpt = save_training_checkpoint(tmp_path / "fp8", first, None, fp8.model_state(), fp8.optimizer_state(),
-                                    {"step": first}, lambda _: None, 1)
+    ckpt = save(fp8, tmp_path / "fp8", first)
     continued = train(fp8, data, then, 3e-4, first)
     resumed = {}
     for name in ("bf16", "tensorwise"):
         engine = make_engine(None if name == "bf16" else name, start=None)
-        engine.load_model(ckpt)
-        engine.load_optimizer(ckpt)
+        restore_training_checkpoint(ckpt, engine.parts, engine.optimizers)
         resumed[name] = train(engine, data, then, 3e-4, first)
     # The same engine continued, and a fresh FP8 engine loaded from the checkpoint: equal up to
     # run-to-run nondeterminism; the BF16 resume within the curves' tolerance of both.
@@ -174,12 +179,10 @@ def test_fp8_checkpoint_resumes_in_bf16_and_back(data, tmp_path):
     # And the reverse: a BF16 checkpoint starts an FP8 run at the BF16 loss.
     bf16 = make_engine(None)
     train(bf16, data, first, 3e-4)
-    ckpt16 = save_training_checkpoint(tmp_path / "bf16", first, None, bf16.model_state(), bf16.optimizer_state(),
-                                      {"step": first}, lambda _: None, 1)
+    ckpt16 = save(bf16, tmp_path / "bf16", first)
     after16 = train(bf16, data, then, 3e-4, first)
     engine = make_engine("tensorwise")
-    engine.load_model(ckpt16)
-    engine.load_optimizer(ckpt16)
+    restore_training_checkpoint(ckpt16, engine.parts, engine.optimizers)
     worst, final = gaps(after16, train(engine, data, then, 3e-4, first))
     print(f"resume bf16 -> fp8: max smoothed gap {worst:.4f}, final {final:.4f}")
     assert worst <= MAX_GAP and final <= FINAL_GAP
@@ -194,9 +197,4 @@ def test_compiled_selective_checkpointing_matches_eager(data):
 
 
 def make_engine_with(compile_: bool, ac: str):
-    recipe = Recipe()
-    recipe.train.micro_batch_size = recipe.train.global_batch_size = MBS
-    recipe.train.fp8, recipe.train.fp8_recipe = "hybrid", "tensorwise"
-    recipe.parallel.compile, recipe.parallel.activation_checkpointing = compile_, ac
-    dims = build_mesh(recipe.parallel, 1, "cuda")
-    return build_engine(recipe, CFG, dims, torch.device("cuda"), torch.bfloat16, 1, None)
+    return make_engine("tensorwise", parallel=ParallelConfig(compile=compile_, activation_checkpointing=ac))
