@@ -18,9 +18,13 @@ import os
 import socket
 import sys
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
+from shoal.checkpoint.catalog import CHECKPOINTS_DIR, remove_leftovers
 from shoal.errors import ShoalError
 
 LOCK_FILE = ".lock"
@@ -34,17 +38,19 @@ class ExperimentLock:
     # refused before writing anything else, so a refused run leaves nothing behind.
     created: list[Path]
 
-    def release(self, *, refused: bool = False) -> None:
+    def release(self) -> None:
+        """Unlock; a folder this run created and left holding nothing but the lock is removed."""
         if self.fd is None:
             return
         import fcntl
 
         try:
-            if refused and self.created:
-                self.path.unlink(missing_ok=True)
-                for folder in self.created:  # innermost first; only if nothing else appeared there
+            folder = self.path.parent
+            if self.created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+                self.path.unlink()  # a run refused before writing anything leaves nothing
+                for made in self.created:  # innermost first, while empty
                     try:
-                        folder.rmdir()
+                        made.rmdir()
                     except OSError:
                         break
             else:
@@ -95,6 +101,13 @@ def acquire_experiment_lock(experiment_dir: Path) -> ExperimentLock:
             f"experiment {experiment_dir} is in use by another run ({_describe(holder)}); wait for it to end, "
             "or use another --experiment"
         ) from None
+    try:
+        replaced = os.stat(path).st_ino != os.fstat(fd).st_ino
+    except FileNotFoundError:
+        replaced = True
+    if replaced:  # a refused run removed the file between our open and our lock: lock the new one
+        os.close(fd)
+        return acquire_experiment_lock(experiment_dir)
     previous = _holder(fd)
     if previous:
         # The lock was free, yet the file names a holder: that process ended without releasing it.
@@ -104,3 +117,29 @@ def acquire_experiment_lock(experiment_dir: Path) -> ExperimentLock:
     os.ftruncate(fd, 0)
     os.pwrite(fd, (mine + "\n").encode(), 0)
     return ExperimentLock(path, fd, created)
+
+
+@contextmanager
+def hold_experiment(experiment_dir: Path) -> Iterator[str]:
+    """Hold the experiment for a run (rank 0 takes the lock); yields the run's id, the same on
+    every rank, which names its temporary checkpoint folders. Every rank raises the refusal."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    lock, verdict = None, [None, uuid.uuid4().hex[:12]]
+    if rank == 0:
+        try:
+            lock = acquire_experiment_lock(experiment_dir)
+            remove_leftovers(experiment_dir / CHECKPOINTS_DIR)  # no other run can be writing them now
+        except ShoalError as err:
+            verdict[0] = str(err)
+    if distributed:
+        dist.broadcast_object_list(verdict, src=0)
+    try:
+        if verdict[0] is not None:
+            raise ShoalError(verdict[0])
+        yield verdict[1]
+    finally:
+        if lock is not None:
+            lock.release()

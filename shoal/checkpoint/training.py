@@ -28,6 +28,7 @@ from shoal.checkpoint.catalog import (
     checkpoint_name,
     list_checkpoints,
     remove_checkpoint,
+    temporary_name,
 )
 from shoal.checkpoint.format import (
     MODEL_DIR,
@@ -69,6 +70,8 @@ class CheckpointRecord:
     made_by: dict[str, Any] = field(default_factory=dict)
     # Carried from the start checkpoint as it came (generation config, the source's dtype, ...).
     extra: dict[str, Any] = field(default_factory=dict)
+    # The run's id, agreed by all ranks: it names the run's temporary checkpoint folders.
+    run_id: str = ""
 
 
 def _distributed() -> bool:
@@ -124,7 +127,7 @@ def save_training_checkpoint(
     """Write a complete checkpoint of the live model (and optimizers, unless None), then apply
     retention (the best `save_top_k` by validation loss plus the newest); every rank calls this."""
     final = root / checkpoint_name(progress.step, val_loss)
-    tmp = root / f".{final.name}.tmp"  # the same name on every rank, so all shards meet
+    tmp = root / temporary_name(final.name, record.run_id)  # the same on every rank, so all shards meet
     rank = _rank()
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -141,11 +144,11 @@ def save_training_checkpoint(
         if rank == 0:
             (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=1))
             _write_record(tmp, record, progress)
-    except BaseException as err:
+    except BaseException as err:  # KeyboardInterrupt too: the CLI says "interrupted", nothing is left half-written
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError):  # a full disk or a lost mount: the user's problem, said plainly
-            raise ShoalError(f"could not write checkpoint {final}: {err}; earlier checkpoints are kept") from err
+        if isinstance(err, OSError) or _is_write_failure(err):
+            raise ShoalError(_write_failure_message(final, root, err)) from err
         raise
     _barrier()
     if rank == 0:
@@ -158,6 +161,31 @@ def save_training_checkpoint(
         apply_retention(root, save_top_k)
     _barrier()
     return final
+
+
+# torch.save reports a failed write (a full disk, mostly) as a RuntimeError of its zip writer.
+_WRITE_FAILURES = ("inline_container", "unexpected pos", "PytorchStreamWriter", "file write failed")
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    return isinstance(err, RuntimeError) and any(mark in str(err) for mark in _WRITE_FAILURES)
+
+
+def _write_failure_message(final: Path, root: Path, err: BaseException) -> str:
+    """Name the path and the likely cause: a full disk is said so when the free space shows it."""
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = None
+    errno_ = getattr(err, "errno", None)
+    if errno_ == 28 or (free is not None and free < 64 * 2**20):  # ENOSPC, or under 64 MiB left
+        cause = f"disk full? {free / 2**20:.0f} MiB free on its file system" if free is not None else "disk full"
+    elif errno_ == 13:
+        cause = "permission denied"
+    else:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        cause = f"{first}; disk full? {free / 2**30:.1f} GiB free" if free is not None else first
+    return f"could not write checkpoint {final} ({cause}); earlier checkpoints are kept"
 
 
 def _write_record(ckpt: Path, record: CheckpointRecord, progress: Progress) -> None:
