@@ -13,7 +13,9 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -133,6 +135,7 @@ def save_training_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
+    interrupts = _InterruptWatch()
     try:
         save_model_state(parts_model_state(parts), tmp / MODEL_DIR)
         if optimizers is not None:
@@ -145,11 +148,16 @@ def save_training_checkpoint(
             (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=1))
             _write_record(tmp, record, progress)
     except BaseException as err:  # KeyboardInterrupt too: the CLI says "interrupted", nothing is left half-written
+        interrupts.stop()
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+        if interrupts.seen and not isinstance(err, KeyboardInterrupt):
+            # Ctrl-C inside torch.save's C++ writer comes out as its RuntimeError: it was an interrupt.
+            raise KeyboardInterrupt from err
         if isinstance(err, OSError) or _is_write_failure(err):
             raise ShoalError(_write_failure_message(final, root, err)) from err
         raise
+    interrupts.stop()
     _barrier()
     if rank == 0:
         for old in list_checkpoints(root):
@@ -163,6 +171,27 @@ def save_training_checkpoint(
     return final
 
 
+class _InterruptWatch:
+    """Notes a Ctrl-C (SIGINT) during a save while letting Python raise KeyboardInterrupt as usual,
+    so an error it turns into further down (torch's writer) is still reported as an interrupt."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.seen = True
+        signal.default_int_handler(signum, frame)
+
+    def stop(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 # torch.save reports a failed write (a full disk, mostly) as a RuntimeError of its zip writer.
 _WRITE_FAILURES = ("inline_container", "unexpected pos", "PytorchStreamWriter", "file write failed")
 
@@ -172,20 +201,20 @@ def _is_write_failure(err: BaseException) -> bool:
 
 
 def _write_failure_message(final: Path, root: Path, err: BaseException) -> str:
-    """Name the path and the likely cause: a full disk is said so when the free space shows it."""
+    """The path, what the system said, and the likely cause: free space is checked to say "disk full"."""
     try:
         free = shutil.disk_usage(root).free
     except OSError:
         free = None
-    errno_ = getattr(err, "errno", None)
-    if errno_ == 28 or (free is not None and free < 64 * 2**20):  # ENOSPC, or under 64 MiB left
-        cause = f"disk full? {free / 2**20:.0f} MiB free on its file system" if free is not None else "disk full"
-    elif errno_ == 13:
-        cause = "permission denied"
+    text = str(err).strip()
+    said = text.splitlines()[0] if text else type(err).__name__
+    if getattr(err, "errno", None) == 28 or (free is not None and free < 64 * 2**20):  # ENOSPC, under 64 MiB
+        hint = "disk full" + (f": {free / 2**20:.0f} MiB free" if free is not None else "")
+    elif getattr(err, "errno", None) == 13:
+        hint = "permission denied"
     else:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        cause = f"{first}; disk full? {free / 2**30:.1f} GiB free" if free is not None else first
-    return f"could not write checkpoint {final} ({cause}); earlier checkpoints are kept"
+        hint = "disk full?" + (f" {free / 2**30:.1f} GiB free" if free is not None else "")
+    return f"could not write checkpoint {final}: {said} ({hint}); earlier checkpoints are kept"
 
 
 def _write_record(ckpt: Path, record: CheckpointRecord, progress: Progress) -> None:
