@@ -50,12 +50,23 @@ def truncate_metrics(path: Path, after_step: int) -> None:
         if step <= after_step:
             kept.append(line)
     # Written beside and renamed over: a kill now leaves the old file or the new one, never half of it.
+    for left in path.parent.glob(f".{path.name}.tmp-*"):  # a killed truncation's (the run holds the lock)
+        left.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in kept))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            from shoal.errors import ShoalError
+
+            raise ShoalError(f"could not rewrite {path} for the resumed run: {err.strerror or err} "
+                             "(disk full?); it is kept as it was") from None
+        raise
 
 
 class MetricsLogger:
