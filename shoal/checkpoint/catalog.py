@@ -118,11 +118,18 @@ def remove_checkpoint(path: Path) -> None:
     shutil.rmtree(hidden, ignore_errors=True)
 
 
+def temporary_name(final_name: str, run_id: str) -> str:
+    """The hidden name a save is written under: the run's id in it, so two runs never share one."""
+    return f".{final_name}.tmp-{run_id}" if run_id else f".{final_name}.tmp"
+
+
 def remove_leftovers(root: Path) -> None:
-    """Finish deletions a killed process left behind (hidden `.deleting-*` folders)."""
+    """Finish deletions a killed process left behind (hidden `.deleting-*` folders) and drop the
+    temporary folders of saves that never finished. Called only by the run holding the experiment
+    lock, between its own saves, so no other save can be in progress."""
     if root.is_dir():
         for child in root.iterdir():
-            if child.name.startswith(".deleting-"):
+            if child.name.startswith(".deleting-") or (child.name.startswith(".step=") and ".tmp" in child.name):
                 shutil.rmtree(child, ignore_errors=True)
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from shoal.checkpoint.catalog import apply_retention, checkpoint_name, list_checkpoints, remove_checkpoint
+from shoal.checkpoint.catalog import (
+    apply_retention,
+    checkpoint_name,
+    list_checkpoints,
+    remove_checkpoint,
+    temporary_name,
+)
 from shoal.checkpoint.format import (
     MODEL_DIR,
     OPTIM_DIR,
@@ -65,6 +73,8 @@ class CheckpointRecord:
     made_by: dict[str, Any] = field(default_factory=dict)
     # Carried from the start checkpoint as it came (generation config, the source's dtype, ...).
     extra: dict[str, Any] = field(default_factory=dict)
+    # The run's id, agreed by all ranks: it names the run's temporary checkpoint folders.
+    run_id: str = ""
 
 
 def _distributed() -> bool:
@@ -120,12 +130,13 @@ def save_training_checkpoint(
     """Write a complete checkpoint of the live model (and optimizers, unless None), then apply
     retention (the best `save_top_k` by validation loss plus the newest); every rank calls this."""
     final = root / checkpoint_name(progress.step, val_loss)
-    tmp = root / f".{final.name}.tmp"  # the same name on every rank, so all shards meet
+    tmp = root / temporary_name(final.name, record.run_id)  # the same on every rank, so all shards meet
     rank = _rank()
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
+    interrupts = _InterruptWatch()
     try:
         save_model_state(parts_model_state(parts), tmp / MODEL_DIR)
         if optimizers is not None:
@@ -137,12 +148,17 @@ def save_training_checkpoint(
         if rank == 0:
             (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=1))
             _write_record(tmp, record, progress)
-    except BaseException as err:
+    except BaseException as err:  # KeyboardInterrupt too: the CLI says "interrupted", nothing is left half-written
+        interrupts.stop()
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError):  # a full disk or a lost mount: the user's problem, said plainly
-            raise ShoalError(f"could not write checkpoint {final}: {err}; earlier checkpoints are kept") from err
+        if interrupts.seen and not isinstance(err, KeyboardInterrupt):
+            # Ctrl-C inside torch.save's C++ writer comes out as its RuntimeError: it was an interrupt.
+            raise KeyboardInterrupt from err
+        if isinstance(err, OSError) or _is_write_failure(err):
+            raise ShoalError(_write_failure_message(final, root, err)) from err
         raise
+    interrupts.stop()
     _barrier()
     if rank == 0:
         for old in list_checkpoints(root):
@@ -154,6 +170,52 @@ def save_training_checkpoint(
         apply_retention(root, save_top_k)
     _barrier()
     return final
+
+
+class _InterruptWatch:
+    """Notes a Ctrl-C (SIGINT) during a save while letting Python raise KeyboardInterrupt as usual,
+    so an error it turns into further down (torch's writer) is still reported as an interrupt."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.seen = True
+        signal.default_int_handler(signum, frame)
+
+    def stop(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+# torch.save reports a failed write (a full disk, mostly) as a RuntimeError of its zip writer.
+_WRITE_FAILURES = ("inline_container", "unexpected pos", "PytorchStreamWriter", "file write failed")
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    return isinstance(err, RuntimeError) and any(mark in str(err) for mark in _WRITE_FAILURES)
+
+
+def _write_failure_message(final: Path, root: Path, err: BaseException) -> str:
+    """The path, what the system said, and the likely cause: free space is checked to say "disk full"."""
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = None
+    text = str(err).strip()
+    said = text.splitlines()[0] if text else type(err).__name__
+    if getattr(err, "errno", None) == 28 or (free is not None and free < 64 * 2**20):  # ENOSPC, under 64 MiB
+        hint = "disk full" + (f": {free / 2**20:.0f} MiB free" if free is not None else "")
+    elif getattr(err, "errno", None) == 13:
+        hint = "permission denied"
+    else:
+        hint = "disk full?" + (f" {free / 2**30:.1f} GiB free" if free is not None else "")
+    return f"could not write checkpoint {final}: {said} ({hint}); earlier checkpoints are kept"
 
 
 def _write_record(ckpt: Path, record: CheckpointRecord, progress: Progress) -> None:

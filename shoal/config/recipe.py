@@ -89,6 +89,12 @@ class CheckpointSection:
     save_interval: int | None = None  # steps between checkpoints; None: only at the end
     save_top_k: int = 1  # best k by validation loss are kept, plus the last
     resume: bool = True  # continue from the experiment's latest checkpoint when there is one
+    # Start a new run in an experiment that has checkpoints: the old run's checkpoints and records
+    # move to EXPERIMENT/runs/<n>/ first (resume=false alone is refused there; docs/training.md).
+    new_run: bool = False
+    # Resume although a setting that fixes what the saved data position means changed
+    # (global_batch_size, seq_length, dataset_path, data seed/split, packing); refused otherwise.
+    allow_changed_data: bool = False
     # False: checkpoints hold the model but not the optimizer (a third of the size for full
     # training in bf16); resuming from one restarts AdamW's moments from zero, with a warning.
     save_optimizer: bool = True

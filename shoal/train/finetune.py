@@ -59,6 +59,9 @@ def build_sft_data(recipe: Recipe, tokenizer_dir: Path | None, verbose: bool) ->
         raise ShoalError(f"{train_file} holds no usable examples")
     valid_file = folder / "validation.jsonl"
     valid = build(valid_file) if valid_file.is_file() else None
+    if valid is None and verbose:
+        print(f"shoal: warning: --dataset_path {folder} has no {valid_file.name}; training without validation "
+              "(checkpoints are ranked by recency)", file=sys.stderr)
     max_steps = t.max_steps
     if max_steps is None:
         max_steps = len(train) // t.global_batch_size

@@ -56,8 +56,36 @@ def truncate_metrics(path: Path, after_step: int) -> None:
     """Drop records past `after_step`: a resumed run re-does those steps and logs them again."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= after_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line).get("step", 0)
+        except json.JSONDecodeError:
+            # A kill in the middle of a write leaves a partial last line; anything else is damage.
+            print(f"shoal: warning: {path}:{number} is not a JSON record; dropped", file=sys.stderr)
+            continue
+        if step <= after_step:
+            kept.append(line)
+    # Written beside and renamed over: a kill now leaves the old file or the new one, never half of it.
+    for left in path.parent.glob(f".{path.name}.tmp-*"):  # a killed truncation's (the run holds the lock)
+        left.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            from shoal.errors import ShoalError
+
+            raise ShoalError(f"could not rewrite {path} for the resumed run: {err.strerror or err} "
+                             "(disk full?); it is kept as it was") from None
+        raise
 
 
 class MetricsLogger:

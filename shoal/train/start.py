@@ -14,9 +14,11 @@ from typing import Any
 
 from shoal.checkpoint import format as ckpt_format
 from shoal.checkpoint.catalog import CheckpointInfo, latest_checkpoint, resolve_checkpoint
-from shoal.config.recipe import CheckpointSection, ModelSection
+from shoal.checkpoint.runs import check_new_run, check_resumed_settings, segment_settings
+from shoal.config.recipe import CheckpointSection, ModelSection, Recipe
 from shoal.errors import ShoalError
 from shoal.models import ModelConfig, get_preset
+from shoal.train.vocabulary import check_data_fits, check_tokenizer_fits
 
 _SHAPE = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size")
 
@@ -50,7 +52,9 @@ def _given_weights(model: ModelSection) -> Path | None:
 
 
 def find_start(model: ModelSection, checkpoint: CheckpointSection, experiment_dir: Path) -> StartPoint:
-    resume = latest_checkpoint(experiment_dir / "checkpoints") if checkpoint.resume else None
+    # A new run (checkpoint.new_run) never continues the old one, whose records it moves aside.
+    resume_wanted = checkpoint.resume and not checkpoint.new_run
+    resume = latest_checkpoint(experiment_dir / "checkpoints") if resume_wanted else None
     weights = _given_weights(model)
     ckpt = resume.path if resume else weights
     if ckpt is not None:
@@ -90,3 +94,21 @@ def check_start(start: StartPoint, seq_length: int) -> None:
             f"--seq_length {seq_length} exceeds what the model supports "
             f"(max_position_embeddings {start.model_config.max_position_embeddings})"
         )
+
+
+def check_segment(recipe: Recipe, start: StartPoint, experiment_dir: Path, world_size: int,
+                  layout: dict[str, int], *, verbose: bool) -> dict[str, Any]:
+    """The checks a run segment passes before anything is built or written: a new run in an
+    experiment with checkpoints only when asked for, token ids the model can embed, and a resume
+    with the data settings its data position was counted in. Returns the segment's settings."""
+    check_new_run(recipe, experiment_dir)
+    if recipe.stage == "finetune" and start.checkpoint is None:
+        raise ShoalError("no model to fine-tune: a new run starts from given weights; pass --nemo_model CKPT")
+    vocab = start.model_config.vocab_size
+    check_tokenizer_fits(start.tokenizer_dir, vocab)
+    if recipe.stage == "pretrain" and recipe.data.dataset_path:
+        check_data_fits(list(recipe.data.dataset_path), vocab, verbose=verbose)
+    settings = segment_settings(recipe, world_size, layout)
+    if start.resume is not None:
+        check_resumed_settings(recipe, experiment_dir, settings, start.resume.step, verbose=verbose)
+    return settings

@@ -8,6 +8,7 @@ how they build their datasets.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +20,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from shoal import __version__
+from shoal.checkpoint.lock import hold_experiment
+from shoal.checkpoint.runs import begin_segment
 from shoal.checkpoint.training import CheckpointRecord, Progress, restore_training_checkpoint, save_training_checkpoint
 from shoal.config.loader import to_dict
 from shoal.config.recipe import DataSection, Recipe, TrainSection
@@ -31,7 +34,7 @@ from shoal.train.metrics import MetricsLogger, mfu_fields
 from shoal.train.run_plan import RunPlan, plan_run
 from shoal.train.runtime import Runtime
 from shoal.train.schedule import lr_at
-from shoal.train.start import StartPoint, check_start, find_start
+from shoal.train.start import StartPoint, check_segment, check_start, find_start
 from shoal.train.step import to_device
 
 
@@ -52,11 +55,18 @@ DatasetBuilder = Callable[[Path | None], Datasets]
 
 def train(recipe: Recipe, runtime: Runtime, build_datasets: DatasetBuilder, argv: list[str] | None = None) -> Path | None:
     """Train to the run's last step, resuming the experiment when it has checkpoints; returns the
-    last checkpoint."""
+    last checkpoint. The run holds the experiment's lock throughout (a second run is refused)."""
+    with hold_experiment(experiment_dir(recipe)) as run_id:
+        return _train(recipe, runtime, build_datasets, argv, run_id)
+
+
+def _train(recipe: Recipe, runtime: Runtime, build_datasets: DatasetBuilder, argv: list[str] | None,
+           run_id: str) -> Path | None:
     t = recipe.train
     exp = experiment_dir(recipe)
     start = find_start(recipe.model, recipe.checkpoint, exp)
     check_start(start, recipe.data.seq_length)
+    segment = check_segment(recipe, start, exp, runtime.world_size, _layout(runtime), verbose=runtime.is_main)
     # The layout is checked before data or model are built: a refusal costs nothing.
     check_parallel_layout(recipe.parallel, runtime.world_size, start.model_config, seq_length=recipe.data.seq_length,
                           global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size)
@@ -80,9 +90,10 @@ def train(recipe: Recipe, runtime: Runtime, build_datasets: DatasetBuilder, argv
     plan = plan_run(t, recipe.stage, datasets.max_steps, recipe.data.seq_length, runtime.dims.dp_size,
                     len(datasets.train))
     if runtime.is_main:  # only once every check has passed, so a refused run changes nothing
+        begin_segment(recipe, exp, segment, progress.step, to_dict(recipe))
         save_resolved_config(recipe, exp)
         _announce(recipe, start, datasets, plan, runtime)
-    record = _checkpoint_record(recipe, start, datasets, argv or [])
+    record = dataclasses.replace(_checkpoint_record(recipe, start, datasets, argv or []), run_id=run_id)
     logger = _metrics_logger(recipe, exp, runtime, datasets.max_steps, progress.step)
     try:
         return _loop(engine, datasets, recipe, runtime, progress, record, logger, plan)
@@ -113,6 +124,11 @@ def _announce(recipe: Recipe, start: StartPoint, datasets: Datasets, plan: RunPl
                   f"({recipe.train.global_batch_size}); validating on {used} of them", file=sys.stderr)
     elif valid is None:
         print("shoal: warning: no validation data; checkpoints are ranked by recency", file=sys.stderr)
+
+
+def _layout(runtime: Runtime) -> dict[str, int]:
+    d = runtime.dims
+    return {"pp": d.pp, "dp_replicate": d.dp_replicate, "dp_shard": d.dp_shard, "cp": d.cp, "tp": d.tp}
 
 
 def save_resolved_config(recipe: Recipe, exp: Path) -> None:
