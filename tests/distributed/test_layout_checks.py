@@ -72,10 +72,17 @@ def test_config_refuses_bad_values_and_loads_from_a_recipe_mapping() -> None:
         ParallelConfig(tensor_model_parallel_size=0)
     with pytest.raises(ShoalError, match="needs parallel.pipeline_schedule=interleaved_1f1b"):
         ParallelConfig(virtual_pipeline_model_parallel_size=2)
+    # HSDP's replica count is the launch's node count, decided when the recipe is resolved.
+    from shoal.config.launch import LaunchConfig
+    from shoal.config.resolve import build_recipe
+
     with pytest.raises(ShoalError, match="hsdp"):
-        ParallelConfig(hsdp=True, num_nodes=2, data_parallel_replicate_size=4)
-    cfg = from_dict(ParallelConfig, {"hsdp": True, "num_nodes": 4, "pipeline_schedule": "interleaved_1f1b",
-                                     "param_dtype": "bfloat16"})
+        build_recipe("pretrain", "tiny", {"parallel.hsdp": True, "parallel.data_parallel_replicate_size": 4},
+                     launch=LaunchConfig(executor="slurm", num_nodes=2))
+    recipe = build_recipe("pretrain", "tiny", {"parallel.hsdp": True, "parallel.pipeline_schedule": "interleaved_1f1b",
+                                               "parallel.param_dtype": "bfloat16"},
+                          launch=LaunchConfig(executor="slurm", num_nodes=4))
+    cfg = recipe.parallel
     assert (cfg.replicate_size, cfg.stages_per_rank, cfg.param_dtype) == (4, 2, "bfloat16")
     with pytest.raises(ShoalError, match="activation_checkpointing"):
         from_dict(ParallelConfig, {"activation_checkpointing": "sometimes"})
