@@ -103,6 +103,8 @@ class CheckpointSection:
 @dataclass(frozen=True)
 class LoggingSection:
     tensorboard: bool = True
+    # report.png / report.html of the run at its end (`shoal report`; needs the `report` extra).
+    report: bool = True
     wandb: bool = False
     wandb_project: str | None = None
     wandb_name: str | None = None

@@ -30,6 +30,7 @@ from shoal.config.secrets import redact_argv, secret
 from shoal.data.sampler import MicroBatchSampler
 from shoal.distributed import check_parallel_layout
 from shoal.train.engine import Engine, build_engine
+from shoal.train.expectations import compare, planned, write_run_report
 from shoal.train.metrics import MetricsLogger, mfu_fields
 from shoal.train.run_plan import RunPlan, plan_run
 from shoal.train.runtime import Runtime
@@ -94,11 +95,15 @@ def _train(recipe: Recipe, runtime: Runtime, build_datasets: DatasetBuilder, arg
         save_resolved_config(recipe, exp)
         _announce(recipe, start, datasets, plan, runtime)
     record = dataclasses.replace(_checkpoint_record(recipe, start, datasets, argv or []), run_id=run_id)
+    estimate = planned(recipe, runtime.device) if runtime.is_main else None
     logger = _metrics_logger(recipe, exp, runtime, datasets.max_steps, progress.step)
     try:
-        return _loop(engine, datasets, recipe, runtime, progress, record, logger, plan)
+        last = _loop(engine, datasets, recipe, runtime, progress, record, logger, plan, estimate)
     finally:
         logger.close()
+    if runtime.is_main and recipe.logging.report:
+        write_run_report(exp)
+    return last
 
 
 def _announce(recipe: Recipe, start: StartPoint, datasets: Datasets, plan: RunPlan, runtime: Runtime) -> None:
@@ -217,6 +222,7 @@ def _loop(
     record: CheckpointRecord,
     logger: MetricsLogger,
     plan: RunPlan,
+    estimate=None,
 ) -> Path | None:
     t, data, dims = recipe.train, recipe.data, runtime.dims
     max_steps = datasets.max_steps
@@ -265,6 +271,10 @@ def _loop(
                 metrics["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             logger.log(step, metrics)
             logger.progress(step, metrics)
+            if runtime.is_main and step - progress.step == min(3 * t.log_interval, max_steps - progress.step):
+                line = compare(estimate, metrics)  # after the first (compiling) steps
+                if line:
+                    print(line, file=sys.stderr)
             window_start, window_tokens = time.perf_counter(), 0
 
         is_last = step == max_steps

@@ -131,11 +131,13 @@ def test_seed_validation_interval():
 
 
 def test_a_warmup_longer_than_the_run_is_cut_to_a_tenth():
-    """Fails before issue 13: lr_at used the 2,000-step warmup, so 100 steps reached 5% of the peak."""
+    """Fails before issue 13: lr_at used the 2,000-step warmup, so 100 steps reached 5% of the peak."""  # noqa: E501
     t = TrainSection(lr=1e-5, min_lr=0.0, warmup_steps=2000, lr_schedule="linear")
     assert warmup_steps(t, 100) == 10
-    assert lr_at(0, t, 100) == pytest.approx(1e-6)  # 1/10 of the peak after the first of 10 warmup steps
-    assert lr_at(9, t, 100) == pytest.approx(1e-5)  # warmup done: the peak
+    # NeMo's warmup ramp over the 10 steps: (s + 1) / (10 + 1) of the peak; step 10 is the first at the peak.
+    assert lr_at(0, t, 100) == pytest.approx(1e-5 / 11)
+    assert lr_at(9, t, 100) == pytest.approx(1e-5 * 10 / 11)
+    assert lr_at(10, t, 100) == pytest.approx(1e-5)
     assert lr_at(55, t, 100) == pytest.approx(0.5e-5)  # linear decay: (55 - 10) / 90 of the way down
     assert warmup_steps(TrainSection(warmup_steps=50), 100) == 50
 
@@ -246,3 +248,11 @@ def test_lora_mfu_counts_the_flops_a_frozen_base_needs():
     n, attention = cfg.num_params, 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 32
     assert cfg.flops_per_token(32) == 6 * n + attention
     assert cfg.flops_per_token(32, frozen_params=n) == 4 * n + attention
+
+
+def test_a_run_writes_its_report_at_the_end(train_assets, tmp_path, capsys):
+    """Issue 17: `shoal pretrain/finetune` write report.png/report.html when they finish."""
+    results = tmp_path / "res"
+    assert shoal(*train_args(train_assets, "pretrain", results, "e", "--max_steps", 2, "--logging.report=true")) == 0
+    assert (results / "e" / "report.html").stat().st_size > 0 and (results / "e" / "report.png").stat().st_size > 0
+    assert f"report of the run: {results / 'e' / 'report.html'}" in capsys.readouterr().err
