@@ -13,6 +13,8 @@ import torch
 from shoal.config.recipe import Recipe
 
 GIB = 2**30
+# The estimate's speed comes from MFU measured on 1B-8B shapes; a much smaller model says nothing by it.
+MIN_PLANNED_PARAMETERS = 300_000_000
 
 
 def planned(recipe: Recipe, device: torch.device) -> Any | None:
@@ -26,8 +28,12 @@ def planned(recipe: Recipe, device: torch.device) -> Any | None:
     kind = next((gpu for key, gpu in GPUS.items() if key.split("-")[0] in name), None)
     if kind is None:
         return None
+    if recipe.model.preset is None and recipe.model.checkpoint is None:
+        return None
     try:
         plan = build_plan(recipe, recipe.stage, kind)
+        if plan.counts.total < MIN_PLANNED_PARAMETERS:
+            return None  # far below the benchmarked shapes, where the run is overhead-bound, not FLOP-bound
     except Exception as err:  # the estimate is advice: it never stops a run
         print(f"shoal: warning: no estimate for this run ({err})", file=sys.stderr)
         return None

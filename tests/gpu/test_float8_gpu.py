@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from shoal.checkpoint.state import parts_model_state
 from shoal.checkpoint.training import CheckpointRecord, Progress, restore_training_checkpoint, save_training_checkpoint
 from shoal.config.parallel import ParallelConfig
 from shoal.config.recipe import TrainSection
@@ -125,7 +126,7 @@ def test_float8_converts_the_big_linears_and_keeps_the_state_dict():
     kinds = {n: type(m) for n, m in fp8.parts[0].named_modules()}
     assert kinds["model.layers.0.mlp.gate_proj"] is Float8Linear and kinds["model.layers.0.self_attn.q_proj"] is Float8Linear
     assert kinds["lm_head"] is torch.nn.Linear and kinds["model.layers.0.self_attn.k_proj"] is torch.nn.Linear
-    a, b = bf16.model_state(), fp8.model_state()
+    a, b = parts_model_state(bf16.parts), parts_model_state(fp8.parts)
     assert list(a) == list(b)
     assert all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)
     assert all(type(b[k]) is torch.Tensor for k in b), "FP8 must not change what a checkpoint stores"
