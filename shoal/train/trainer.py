@@ -242,6 +242,9 @@ def _loop(
             metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s_per_gpu": tps,
                        "consumed_samples": consumed,
                        **mfu_fields(tps, flops_per_token, runtime.device, fp8=engine.float8 is not None)}
+            if engine.last_aux_loss is not None:  # MoE: the load-balancing loss, mean over the global batch
+                aux = dims.all_reduce_over_batch(engine.last_aux_loss.double().clone()).item() / dims.dp_size
+                metrics["aux_loss"] = aux
             if runtime.device.type == "cuda":
                 metrics["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             logger.log(step, metrics)
