@@ -31,6 +31,10 @@ from distributed_workers import LR, assert_matches_reference, model_config, refe
 LAYOUTS = [
     ("dp2_replicate", 2, {"parallel": {"data_parallel_replicate_size": 2}}),
     ("fsdp2", 2, {"parallel": {}, "micro_batch_size": 2}),
+    # Qwen3-MoE: grouped expert weights [X, I, E] sharded by FSDP2 along the expert axis, with full
+    # activation checkpointing around the routed layers.
+    ("fsdp2_moe_full_ac", 2, {"parallel": {"activation_checkpointing": "full"}, "preset": "qwen3_moe_tiny",
+                              "micro_batch_size": 2}),
     ("tp2_sp", 2, {"parallel": {"tensor_model_parallel_size": 2}, "explicit_positions": False}),
     ("tp2_no_sp", 2, {"parallel": {"tensor_model_parallel_size": 2, "sequence_parallel": False}}),
     # Qwen3: per-head q/k norms (replicated weights fed by head shards) and tied embeddings.
