@@ -190,10 +190,14 @@ class Transformer(nn.Module):
                 module.reset_parameters(std)
         self.init_buffers()
 
+    def moe_blocks(self) -> list[MoE]:
+        """The sparse layers' MoE blocks (none in a dense model), in layer order."""
+        return [layer.mlp for layer in self.model.layers.values() if isinstance(layer.mlp, MoE)]
+
     def aux_loss(self) -> torch.Tensor | None:
         """The load-balancing loss of the last forward's routing (None for a dense model or stage);
         training adds `router_aux_loss_coef` times it to the loss."""
-        return load_balancing_loss([layer.mlp for layer in self.model.layers.values() if isinstance(layer.mlp, MoE)])
+        return load_balancing_loss(self.moe_blocks())
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [B, 1, S, D] for the given positions, computed in fp32 as HF does."""

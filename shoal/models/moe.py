@@ -149,3 +149,12 @@ def load_balancing_loss(blocks: list[MoE]) -> torch.Tensor | None:
     counts = torch.stack([s.counts for s in stats]).sum(0)
     probs = torch.stack([s.prob_sum for s in stats]).sum(0)
     return counts.shape[0] * ((counts / rows) * (probs / rows)).sum()
+
+
+def expert_load(counts: torch.Tensor) -> dict[str, float]:
+    """Router health from routing counts [sparse layers, X] (summed over a global batch): each
+    expert's share relative to a perfectly even one, the worst layer reported. `expert_load_max`
+    is 1 when balanced and X/K when every token of a layer goes to the same K experts (a collapsed
+    router); `expert_load_min` 0 means some expert received no token at all."""
+    relative = counts / counts.mean(dim=1, keepdim=True).clamp(min=1e-12)
+    return {"expert_load_max": relative.max().item(), "expert_load_min": relative.min().item()}

@@ -49,6 +49,7 @@ class Engine:
     moe: bool = False
     aux_loss_coef: float = 0.0
     last_aux_loss: torch.Tensor | None = None
+    expert_counts: torch.Tensor | None = None  # [sparse layers, X]: last step's routing counts on this rank
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for part in self.parts for p in part.parameters() if p.requires_grad]
@@ -88,10 +89,13 @@ class Engine:
                     aux = self.parts[0].aux_loss()
                     objective = objective + self.aux_loss_coef * aux / (len(mbs) * self.dims.dp_size)
                     aux_total += aux.detach()
+                    counts = torch.stack([block.last_routing.counts for block in self.parts[0].moe_blocks()])
+                    counts_total = counts if i == 0 else counts_total + counts
                 objective.backward()
             total += loss_sum.detach()
         if aux_total is not None:
             self.last_aux_loss = aux_total / len(mbs)
+            self.expert_counts = counts_total
         return total
 
     def _gradient_sync(self, sync: bool) -> None:

@@ -25,6 +25,7 @@ from shoal.config.resolve import experiment_dir
 from shoal.config.secrets import redact_argv, secret
 from shoal.data.sampler import MicroBatchSampler
 from shoal.distributed import check_parallel_layout
+from shoal.models.moe import expert_load
 from shoal.train.engine import Engine, build_engine
 from shoal.train.metrics import MetricsLogger, mfu_fields
 from shoal.train.run_plan import RunPlan, plan_run
@@ -245,6 +246,8 @@ def _loop(
             if engine.last_aux_loss is not None:  # MoE: the load-balancing loss, mean over the global batch
                 aux = dims.all_reduce_over_batch(engine.last_aux_loss.double().clone()).item() / dims.dp_size
                 metrics["aux_loss"] = aux
+                counts = dims.all_reduce_over_batch(engine.expert_counts.double().clone())
+                metrics.update(expert_load(counts))  # router health: see shoal.models.moe.expert_load
             if runtime.device.type == "cuda":
                 metrics["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             logger.log(step, metrics)

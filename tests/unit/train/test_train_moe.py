@@ -63,8 +63,9 @@ def moe_args(assets: TrainAssets, ckpt: Path, stage: str, results: Path, experim
     return args
 
 
-def transformers_run(hf_dir: Path, samples: list[dict[str, torch.Tensor]]) -> tuple[list[float], list[float], list[float]]:
-    """Per step: CE per loss token, gradient norm, mean aux loss over the micro-batches."""
+def transformers_run(hf_dir: Path, samples: list[dict[str, torch.Tensor]]) -> tuple[list, list, list, list]:
+    """Per step: CE per loss token, gradient norm, mean aux loss over the micro-batches, and the
+    routing counts [sparse layers, X] of the step's tokens, from transformers' router logits."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
@@ -74,11 +75,11 @@ def transformers_run(hf_dir: Path, samples: list[dict[str, torch.Tensor]]) -> tu
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS)
     micro_batches = GBS // MBS
-    losses, norms, auxes = [], [], []
+    losses, norms, auxes, counts = [], [], [], []
     for step in range(STEPS):
         batch = samples[step * GBS:(step + 1) * GBS]
         loss_tokens = sum(s["loss_mask"].sum() for s in batch).item()
-        total, aux_total = 0.0, 0.0
+        total, aux_total, step_counts = 0.0, 0.0, 0
         for first in range(0, GBS, MBS):
             micro = {k: torch.stack([s[k] for s in batch[first:first + MBS]]) for k in ("tokens", "labels", "loss_mask")}
             out = model(input_ids=micro["tokens"], output_router_logits=True)
@@ -87,12 +88,17 @@ def transformers_run(hf_dir: Path, samples: list[dict[str, torch.Tensor]]) -> tu
             (loss_sum / loss_tokens + AUX_COEF * out.aux_loss / micro_batches).backward()
             total += loss_sum.item()
             aux_total += out.aux_loss.item()
+            chosen = [torch.topk(logits.softmax(-1), MOE_SHAPE["num_experts_per_tok"]).indices
+                      for logits in out.router_logits]
+            step_counts = step_counts + torch.stack(
+                [torch.bincount(c.flatten(), minlength=MOE_SHAPE["num_experts"]) for c in chosen]).double()
         norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm=1e9).item())
         optimizer.step()
         optimizer.zero_grad()
         losses.append(total / loss_tokens)
         auxes.append(aux_total / micro_batches)
-    return losses, norms, auxes
+        counts.append(step_counts)
+    return losses, norms, auxes, counts
 
 
 def test_pretrain_matches_transformers_adamw_with_the_aux_loss(train_assets, moe_checkpoint, tmp_path):
@@ -113,12 +119,18 @@ def test_pretrain_matches_transformers_adamw_with_the_aux_loss(train_assets, moe
                                           split="95,5,0", num_samples=(STEPS * GBS, None, 0),
                                           eod_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     samples = [train[i] for i in range(STEPS * GBS)]
-    losses, norms, auxes = transformers_run(hf_dir, samples)
+    losses, norms, auxes, counts = transformers_run(hf_dir, samples)
 
     assert sorted(records) == list(range(1, STEPS + 1))
-    for step, (loss, norm, aux) in enumerate(zip(losses, norms, auxes), start=1):
+    for step, (loss, norm, aux, count) in enumerate(zip(losses, norms, auxes, counts), start=1):
         assert records[step]["loss"] == pytest.approx(loss, rel=1e-5), f"step {step}"  # CE only
         assert records[step]["aux_loss"] == pytest.approx(aux, rel=1e-5), f"step {step}"
+        # Router health: the busiest and idlest expert of the worst layer, relative to an even share
+        # (GBS·SEQ·K / X routing slots per expert and layer).
+        even = GBS * SEQ * MOE_SHAPE["num_experts_per_tok"] / MOE_SHAPE["num_experts"]
+        assert count.sum(1).tolist() == [even * MOE_SHAPE["num_experts"]] * 2
+        assert records[step]["expert_load_max"] == pytest.approx(count.max().item() / even, rel=1e-9)
+        assert records[step]["expert_load_min"] == pytest.approx(count.min().item() / even, rel=1e-9)
         assert records[step]["grad_norm"] == pytest.approx(norm, rel=1e-4), f"step {step}"
     assert losses[-1] < losses[0]
 
