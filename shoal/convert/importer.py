@@ -32,7 +32,8 @@ from shoal.models.presets import NEMO_ALIASES, get_preset
 
 # ModelConfig fields compared with a `--model` preset: the architecture, not the token ids.
 _SHAPE_FIELDS = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                 "num_kv_heads", "head_dim", "tie_word_embeddings", "attention_bias", "qk_norm")
+                 "num_kv_heads", "head_dim", "tie_word_embeddings", "attention_bias", "qk_norm",
+                 "num_experts", "num_experts_per_tok", "moe_intermediate_size")
 
 
 def default_output_path(source: str) -> Path:
