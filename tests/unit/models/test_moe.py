@@ -139,3 +139,14 @@ def test_tiny_flavor_builds_and_counts_its_parameters():
     model = build_model(cfg)
     assert sum(p.numel() for p in model.parameters()) == cfg.num_params
     assert all(isinstance(layer.mlp, MoE) for layer in model.model.layers.values())
+
+
+def test_logits_match_transformers_bf16(tmp_path):
+    """bf16 end to end (the router's softmax still in fp32 on both sides): within bf16 rounding."""
+    hf, ours = imported(tmp_path, **LAYOUTS["mlp_only_layers"])
+    hf, ours = hf.to(torch.bfloat16), ours.to(torch.bfloat16).eval()
+    tokens = batch(4, (1, 32))
+    with torch.no_grad():
+        expected = hf(input_ids=tokens).logits.float()
+        got = ours(tokens).float()
+    assert (got - expected).abs().max().item() <= 2e-2 * expected.abs().max().item()

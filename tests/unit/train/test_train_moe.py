@@ -218,3 +218,20 @@ def test_seed_command_line_with_tensor_parallel_moe_is_refused_clearly(seed_moe_
     err = capsys.readouterr().err
     assert "mixture-of-experts" in err and "tensor_model_parallel_size 2" in err
     assert not (seed_moe_world / "results").exists()
+
+
+def test_full_finetune_on_packed_data_trains_routers_and_experts(train_assets, moe_checkpoint, tmp_path):
+    """Full fine-tuning (no adapters) on packed instruction data: the aux loss is logged, routers and
+    experts change, and the export loads in transformers."""
+    from transformers import AutoModelForCausalLM
+
+    hf_dir, ckpt = moe_checkpoint
+    assert shoal(*moe_args(train_assets, ckpt, "finetune", tmp_path / "res", "full", "--max_steps", 2,
+                           "--train.lr=1e-3")) == 0
+    records = train_records(tmp_path / "res" / "full")
+    assert all(records[s]["aux_loss"] > 0 and records[s]["expert_load_max"] >= 1 for s in (1, 2))
+    assert shoal("export", "--source", tmp_path / "res" / "full", "--output_path", tmp_path / "out") == 0
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    for name in ("mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"):
+        assert not torch.equal(tuned.model.layers[0].state_dict()[name], base.model.layers[0].state_dict()[name])
