@@ -173,7 +173,8 @@ def test_lora_finetune_adapts_attention_and_leaves_experts_untouched(train_asset
 SEED_MOE_PRETRAIN = [
     "pretrain", "--executor", "local", "--experiment", "qwen3_pretraining", "--num_nodes", "1", "--num_gpus", "8",
     "--model", "qwen3_30b_a3b", "--hf_model_id", "Qwen/Qwen3-30B-A3B", "--max_steps", "100",
-    "--global_batch_size", "2048", "--pipeline_model_parallel_size", "1", "--context_parallel_size", "1",
+    "--global_batch_size", "2048", "--tensor_model_parallel_size", "2", "--pipeline_model_parallel_size", "1",
+    "--context_parallel_size", "1",
     "--nemo_model", "nemo_ckpt/Qwen3-30B-A3B", "--dataset_path", "data/custom_dataset/preprocessed/",
 ]
 
@@ -208,15 +209,17 @@ def test_seed_command_line_with_qwen3_30b_a3b_resolves(seed_moe_world, monkeypat
     recipe = yaml.safe_load(out.split("# what would run")[0])
     assert recipe["model"]["preset"] == "qwen3_30b_a3b"
     assert recipe["train"]["lr"] == 1e-5 and recipe["train"]["global_batch_size"] == 2048
-    assert recipe["parallel"]["tensor_model_parallel_size"] == 1
+    assert recipe["parallel"]["tensor_model_parallel_size"] == 2  # the flag wins over the recipe's 1
     assert "model: qwen3_moe, 30.53B parameters (3.35B active: 8 of 128 experts per token), 48 layers" in out
 
 
-def test_seed_command_line_with_tensor_parallel_moe_is_refused_clearly(seed_moe_world, monkeypatch, capsys):
+def test_pipeline_parallel_moe_is_refused_clearly(seed_moe_world, monkeypatch, capsys):
     monkeypatch.chdir(seed_moe_world)
-    assert shoal(*SEED_MOE_PRETRAIN, "--tensor_model_parallel_size", "2", "--dryrun") != 0
+    argv = list(SEED_MOE_PRETRAIN)
+    argv[argv.index("--pipeline_model_parallel_size") + 1] = "2"
+    assert shoal(*argv, "--dryrun") != 0
     err = capsys.readouterr().err
-    assert "mixture-of-experts" in err and "tensor_model_parallel_size 2" in err
+    assert "mixture-of-experts" in err and "pipeline_model_parallel_size 2" in err
     assert not (seed_moe_world / "results").exists()
 
 
