@@ -24,7 +24,7 @@ from torch import nn
 
 from shoal.models.config import ModelConfig
 from shoal.models.document_attention import DocumentSpans, document_attention_spec, varlen_causal_attention
-from shoal.models.moe import MoE, GroupedExperts, Router, load_balancing_loss
+from shoal.models.moe import GroupedExperts, MoE, Router, load_balancing_loss
 
 
 class RMSNorm(nn.Module):

@@ -74,6 +74,7 @@ class Engine:
             return self._pipeline_run(mbs, global_tokens, backward=True)
         total = torch.zeros((), device=mbs[0]["tokens"].device)
         aux_total = torch.zeros((), device=total.device) if self.moe else None
+        counts_total = None
         for i, mb in enumerate(mbs):
             if self.defer_gradient_sync:
                 self._gradient_sync(i == len(mbs) - 1)
@@ -90,7 +91,7 @@ class Engine:
                     objective = objective + self.aux_loss_coef * aux / (len(mbs) * self.dims.dp_size)
                     aux_total += aux.detach()
                     counts = torch.stack([block.last_routing.counts for block in self.parts[0].moe_blocks()])
-                    counts_total = counts if i == 0 else counts_total + counts
+                    counts_total = counts if counts_total is None else counts_total + counts
                 objective.backward()
             total += loss_sum.detach()
         if aux_total is not None:

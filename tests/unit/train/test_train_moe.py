@@ -10,7 +10,6 @@ Trainer does); `peft.PeftModel` and `transformers` loading shoal's exports.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
