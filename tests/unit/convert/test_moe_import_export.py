@@ -132,3 +132,28 @@ def test_dense_layer_with_experts_is_refused(tmp_path, hf_dir, capsys):
     """Layer 1 is dense (mlp_only_layers): a router there is a tensor the model would ignore."""
     rewrite(hf_dir, lambda t: t.__setitem__("model.layers.1.mlp.gate.weight", torch.zeros(8, 64)))
     refused(tmp_path, hf_dir, capsys, "does not use", "model.layers.1.mlp.gate.weight")
+
+
+def test_export_loads_each_grouped_tensor_once_and_one_layer_at_a_time(tmp_path):
+    """The streaming bound the docs give: in one output file, every grouped expert tensor is read
+    from DCP once (not once per expert), and a read never takes experts of more than one layer."""
+    from shoal.convert.streaming import DCPWeightReader
+
+    hf_dir, ckpt = tmp_path / "hf", tmp_path / "ckpt"
+    save_hf_moe(hf_dir)  # three sparse layers
+    assert shoal(["import", "--source", str(hf_dir), "--output_path", str(ckpt)]) == 0
+    loads: list[list[str]] = []
+
+    class RecordingReader(DCPWeightReader):
+        def load(self, names):
+            loads.append(list(names))
+            return super().load(names)
+
+    export_checkpoint(ckpt, tmp_path / "out", weight_reader=lambda c: RecordingReader(c / "model"), load_budget=20_000)
+    grouped = [name for names in loads for name in names if ".mlp.experts." in name]
+    assert sorted(grouped) == sorted(set(grouped)) and len(grouped) == 3 * 3  # one file: each read once
+    for names in loads:
+        layers = {name.split(".")[2] for name in names if ".mlp.experts." in name}
+        assert len(layers) <= 1, names
+    assert torch.equal(hf_tensors(tmp_path / "out")["model.layers.2.mlp.experts.7.down_proj.weight"],
+                       hf_tensors(hf_dir)["model.layers.2.mlp.experts.7.down_proj.weight"])
