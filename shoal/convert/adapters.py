@@ -10,6 +10,13 @@ goes through the same checks:
 * every weight the model needs is present, with the shape its ModelConfig implies;
 * nothing unexpected is silently dropped (a weight the model would ignore means a wrong model);
 * a tied `lm_head.weight` is not stored (HF omits it; `model.embed_tokens.weight` serves both).
+
+Mixture-of-experts families store one tensor per expert in Hugging Face checkpoints
+(`mlp.experts.{x}.gate_proj.weight`, as the Hub's Qwen3-30B-A3B and `save_pretrained` write them)
+and one grouped `[X, out, in]` tensor per projection in shoal (`mlp.experts.gate_proj`). The
+adapter sees the Hugging Face side through `group_experts`, which stacks the per-expert entries
+into the grouped name; `expert_members` and `split_experts` say which on-disk tensors a grouped
+one is made of, for the importer to stack and the exporter to slice.
 """
 
 from __future__ import annotations
@@ -55,6 +62,15 @@ _QK_NORM_KEYS = {
 # Buffers some older HF checkpoints saved; derived from the config, so safe to skip on import.
 _DERIVED_HF_KEYS = ("model.rotary_emb.inv_freq", "model.layers.{}.self_attn.rotary_emb.inv_freq")
 
+# Qwen3-MoE: the grouped shoal tensors, named the same on the adapter's HF side (see group_experts).
+_ROUTER_KEYS = {"model.layers.{}.mlp.gate.weight": "model.layers.{}.mlp.gate.weight"}
+_GROUPED_EXPERT_KEYS = {
+    f"model.layers.{{}}.mlp.experts.{proj}": f"model.layers.{{}}.mlp.experts.{proj}"
+    for proj in ("gate_proj", "up_proj", "down_proj")
+}
+# One expert's weight in a Hugging Face checkpoint -> (grouped name, expert index).
+_PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
 Transform = Callable[[torch.Tensor, ModelConfig], torch.Tensor]
 
 
@@ -76,6 +92,8 @@ class StateDictAdapter:
     key_map: dict[str, str] = {}
     # HF template -> (HF tensor -> shoal tensor, shoal tensor -> HF tensor). Empty: see the module docstring.
     transforms: dict[str, tuple[Transform, Transform]] = {}
+    # Matches a per-expert HF tensor name, for families whose experts shoal groups (None: no experts).
+    per_expert: re.Pattern | None = None
 
     def __init__(self, cfg: ModelConfig):
         if cfg.family != self.family:
@@ -117,6 +135,48 @@ class StateDictAdapter:
     def to_hf(self, shoal_name: str, tensor: torch.Tensor) -> torch.Tensor:
         transform = self.transforms.get(self.inverse.get(_template(shoal_name), ""))
         return transform[1](tensor, self.cfg) if transform else tensor
+
+    # -- grouped experts ---------------------------------------------------------------------
+    def group_experts(self, found: dict[str, TensorInfo], where: str | Path) -> dict[str, TensorInfo]:
+        """An HF checkpoint's tensors with each projection's per-expert tensors replaced by one
+        grouped entry [X, out, in] (the experts must be 0..X-1, of one shape and dtype)."""
+        if self.per_expert is None:
+            return dict(found)
+        grouped: dict[str, dict[int, str]] = {}
+        view: dict[str, TensorInfo] = {}
+        for name, info in found.items():
+            match = self.per_expert.match(name)
+            if match is None:
+                view[name] = info
+                continue
+            grouped.setdefault(f"{match.group(1)}.{match.group(3)}", {})[int(match.group(2))] = name
+        self._members = {}
+        for group, by_index in grouped.items():
+            missing = sorted(set(range(max(by_index) + 1)) - set(by_index))
+            if missing:
+                raise ShoalError(f"{where}: experts {missing} of {group} are missing from the checkpoint")
+            names = [by_index[i] for i in range(len(by_index))]
+            first = found[names[0]]
+            for name in names[1:]:
+                if (found[name].shape, found[name].dtype) != (first.shape, first.dtype):
+                    raise ShoalError(f"{where}: tensor {name} is {list(found[name].shape)} {found[name].dtype}, "
+                                     f"but {names[0]} is {list(first.shape)} {first.dtype}; experts must agree")
+            view[group] = TensorInfo((len(names), *first.shape), first.dtype)
+            self._members[group] = names
+        return view
+
+    def expert_members(self, hf_name: str) -> list[str] | None:
+        """The on-disk per-expert tensors, in expert order, that `group_experts` stacked into `hf_name`."""
+        return getattr(self, "_members", {}).get(hf_name)
+
+    def split_experts(self, hf_name: str, num_experts: int) -> list[tuple[str, int | None]]:
+        """The on-disk tensors an export writes for `hf_name`: (name, expert index) per expert of a
+        grouped tensor, else (hf_name, None)."""
+        if self.per_expert is None or not hf_name.endswith(("experts.gate_proj", "experts.up_proj",
+                                                           "experts.down_proj")):
+            return [(hf_name, None)]
+        prefix, _, proj = hf_name.rpartition(".")
+        return [(f"{prefix}.{x}.{proj}.weight", x) for x in range(num_experts)]
 
     # -- validation --------------------------------------------------------------------------
     def expected_shoal(self) -> dict[str, tuple[int, ...]]:
@@ -197,8 +257,18 @@ class Qwen3Adapter(StateDictAdapter):
     key_map = {**_DECODER_KEYS, **_QKV_BIAS_KEYS, **_QK_NORM_KEYS}
 
 
+class Qwen3MoeAdapter(StateDictAdapter):
+    """Qwen3-MoE: Qwen3's attention; sparse layers hold a router (`mlp.gate.weight`) and per-expert
+    SwiGLU weights that shoal stacks into grouped tensors (no transform beyond the stacking); dense
+    layers (`mlp_only_layers`, `decoder_sparse_step`) keep the dense MLP's names."""
+
+    family = "qwen3_moe"
+    key_map = {**_DECODER_KEYS, **_QKV_BIAS_KEYS, **_QK_NORM_KEYS, **_ROUTER_KEYS, **_GROUPED_EXPERT_KEYS}
+    per_expert = _PER_EXPERT
+
+
 ADAPTERS: dict[str, type[StateDictAdapter]] = {
-    cls.family: cls for cls in (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter)
+    cls.family: cls for cls in (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, Qwen3MoeAdapter)
 }
 
 

@@ -105,28 +105,34 @@ def export_checkpoint(
     adapter = get_adapter(cfg)
     saved = reader.tensor_info()
     plan = adapter.export_plan(saved, where=ckpt / MODEL_DIR)  # {HF name: shoal name}, HF order
+    # {tensor written: (shoal name, expert index)}: a grouped expert tensor is written one expert
+    # at a time, under Hugging Face's per-expert names; every other tensor as it is (index None).
+    written = {disk: (name, expert) for hf, name in plan.items()
+               for disk, expert in adapter.split_experts(hf, cfg.num_experts)}
 
-    def out_info(shoal_name: str) -> TensorInfo:
-        info = saved[shoal_name]
-        return TensorInfo(info.shape, target_dtype or info.dtype)
+    def out_info(disk_name: str) -> TensorInfo:
+        name, expert = written[disk_name]
+        info = saved[name]
+        shape = tuple(info.shape) if expert is None else tuple(info.shape[1:])
+        return TensorInfo(shape, target_dtype or info.dtype)
 
-    shards = plan_shards([(hf, out_info(name).nbytes) for hf, name in plan.items()], max_bytes)
+    shards = plan_shards([(disk, out_info(disk).nbytes) for disk in written], max_bytes)
     files = shard_file_names(len(shards))
     config_dtype = dtype_name(target_dtype or meta["dtype"])
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
         weight_map = {}
         for shard, file in zip(shards, files):
-            specs = {hf: (out_info(plan[hf]).shape, out_info(plan[hf]).dtype) for hf in shard}
+            specs = {hf: (out_info(hf).shape, out_info(hf).dtype) for hf in shard}
             writer = SafetensorsWriter(tmp / file, specs, metadata={"format": "pt"})
             try:
-                _write_shard(writer, plan, reader, adapter, target_dtype, out_info, load_budget)
+                _write_shard(writer, written, reader, adapter, target_dtype, out_info, load_budget)
             finally:
                 writer.abort()
             weight_map.update({hf: file for hf in shard})
         if len(files) > 1:
-            total = sum(out_info(name).nbytes for name in plan.values())
-            params = sum(out_info(name).nbytes // out_info(name).dtype.itemsize for name in plan.values())
+            total = sum(out_info(disk).nbytes for disk in written)
+            params = sum(out_info(disk).nbytes // out_info(disk).dtype.itemsize for disk in written)
             write_index(tmp, weight_map, total, total_parameters=params)
         (tmp / "config.json").write_text(json.dumps(to_hf_config(cfg, dtype=config_dtype), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(meta), indent=2) + "\n")
@@ -144,23 +150,44 @@ def export_checkpoint(
     return out
 
 
-def _write_shard(writer: SafetensorsWriter, plan: dict[str, str], reader: WeightReader, adapter,
-                 target_dtype: torch.dtype | None, out_info: Callable[[str], TensorInfo], load_budget: int) -> None:
-    """Fill one shard in its data order, loading at most `load_budget` bytes of weights at a time."""
+def _write_shard(writer: SafetensorsWriter, written: dict[str, tuple[str, int | None]], reader: WeightReader,
+                 adapter, target_dtype: torch.dtype | None, out_info: Callable[[str], TensorInfo],
+                 load_budget: int) -> None:
+    """Fill one shard in its data order, loading at most `load_budget` bytes of weights at a time
+    (plus, for an MoE model, the grouped expert tensors whose experts are still being written:
+    one layer's worth, since each grouped tensor's experts are written one after another)."""
     group: list[str] = []
     group_bytes = 0
+    # Grouped expert tensors loaded whole, kept until their last expert is written.
+    pending = {}
+    for hf in writer.order:
+        name, expert = written[hf]
+        if expert is not None:
+            pending[name] = pending.get(name, 0) + 1
+    grouped: dict[str, torch.Tensor] = {}
 
     def flush() -> None:
-        tensors = reader.load([plan[hf] for hf in group])
+        plain = [written[hf][0] for hf in group if written[hf][1] is None]
+        new = list(dict.fromkeys(written[hf][0] for hf in group
+                                 if written[hf][1] is not None and written[hf][0] not in grouped))
+        tensors = reader.load(plain + new)
+        grouped.update({name: tensors.pop(name) for name in new})
         for hf in group:
-            tensor = adapter.to_hf(plan[hf], tensors.pop(plan[hf]))
+            name, expert = written[hf]
+            if expert is None:
+                tensor = adapter.to_hf(name, tensors.pop(name))
+            else:
+                tensor = adapter.to_hf(name, grouped[name][expert])
+                pending[name] -= 1
+                if not pending[name]:
+                    del grouped[name]
             if target_dtype is not None and tensor.dtype != target_dtype:
                 tensor = tensor.to(target_dtype)
             writer.write(hf, tensor)
             del tensor
 
     for hf in writer.order:
-        nbytes = out_info(plan[hf]).nbytes
+        nbytes = out_info(hf).nbytes
         if group and group_bytes + nbytes > load_budget:
             flush()
             group, group_bytes = [], 0

@@ -32,7 +32,8 @@ from shoal.models.presets import NEMO_ALIASES, get_preset
 
 # ModelConfig fields compared with a `--model` preset: the architecture, not the token ids.
 _SHAPE_FIELDS = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                 "num_kv_heads", "head_dim", "tie_word_embeddings", "attention_bias", "qk_norm")
+                 "num_kv_heads", "head_dim", "tie_word_embeddings", "attention_bias", "qk_norm",
+                 "num_experts", "num_experts_per_tok", "moe_intermediate_size")
 
 
 def default_output_path(source: str) -> Path:
@@ -159,7 +160,8 @@ def import_checkpoint(
     check_tokenizer_fits(model_dir, cfg.vocab_size)
     entries = find_weight_files(model_dir)
     adapter = get_adapter(cfg)
-    found = {name: TensorInfo(e.shape, e.dtype) for name, e in entries.items()}
+    # Per-expert tensors appear stacked, under the grouped name (a no-op for dense families).
+    found = adapter.group_experts({name: TensorInfo(e.shape, e.dtype) for name, e in entries.items()}, model_dir)
     plan = adapter.import_plan(found, where=model_dir)  # {shoal name: HF name}
     specs = {name: found[hf_name] for name, hf_name in plan.items()}
     generation_config = None
@@ -168,6 +170,9 @@ def import_checkpoint(
 
     def read(name: str) -> torch.Tensor:
         hf_name = plan[name]
+        members = adapter.expert_members(hf_name)
+        if members is not None:  # one layer's experts at once: the memory bound of an MoE import
+            return adapter.to_shoal(hf_name, torch.stack([read_tensor(entries[m]) for m in members]))
         return adapter.to_shoal(hf_name, read_tensor(entries[hf_name]))
 
     with atomic_directory(out, overwrite=overwrite) as tmp:

@@ -79,6 +79,15 @@ def _check_pipeline_with_context(parallel: ParallelConfig) -> None:
 
 def _check_model_split(parallel: ParallelConfig, model: ModelConfig) -> None:
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    cp = parallel.context_parallel_size
+    if model.is_moe and max(pp, cp) > 1:
+        # The load-balancing loss does not cross pipeline stages, and context parallelism would
+        # split its token statistics (issue 18).
+        raise ShoalError(
+            f"mixture-of-experts models ({model.family}, {model.num_experts} experts) run with data and tensor "
+            f"parallelism only for now; got pipeline_model_parallel_size {pp}, context_parallel_size {cp}: "
+            "set them to 1"
+        )
     for key, what in TP_SPLIT_SIZES.items():
         value = getattr(model, key)
         if value % tp:

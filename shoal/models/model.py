@@ -27,6 +27,7 @@ from torch import nn
 
 from shoal.models.config import ModelConfig
 from shoal.models.document_attention import DocumentSpans, document_attention_spec, varlen_causal_attention
+from shoal.models.moe import GroupedExperts, MoE, Router, load_balancing_loss
 
 
 class RMSNorm(nn.Module):
@@ -187,12 +188,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        # Qwen3-MoE: routed experts in the layers the config makes sparse (shoal.models.moe).
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else MLP(cfg)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | DocumentSpans | None,
@@ -209,7 +211,7 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in range(cfg.num_layers)})
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i) for i in range(cfg.num_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -254,7 +256,18 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
+            elif isinstance(module, (Router, GroupedExperts)):
+                module.reset_parameters(std)
         self.init_buffers()
+
+    def moe_blocks(self) -> list[MoE]:
+        """The sparse layers' MoE blocks (none in a dense model), in layer order."""
+        return [layer.mlp for layer in self.model.layers.values() if isinstance(layer.mlp, MoE)]
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The load-balancing loss of the last forward's routing (None for a dense model or stage);
+        training adds `router_aux_loss_coef` times it to the loss."""
+        return load_balancing_loss(self.moe_blocks())
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [B, 1, S, D] for the given positions, computed in fp32 as HF does."""

@@ -18,11 +18,13 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
 )
 
 from shoal.errors import ShoalError
+from shoal.models.moe import MoE
 
 
 def _between_layers(sequence_parallel: bool) -> Shard | Replicate:
@@ -51,11 +53,22 @@ def layer_tp_plan(layer: nn.Module, sequence_parallel: bool) -> dict[str, Parall
         "self_attn.k_proj": ColwiseParallel(),
         "self_attn.v_proj": ColwiseParallel(),
         "self_attn.o_proj": RowwiseParallel(output_layouts=between),
-        "mlp": PrepareModuleInput(input_layouts=(between,), desired_input_layouts=(Replicate(),)),
-        "mlp.gate_proj": ColwiseParallel(),
-        "mlp.up_proj": ColwiseParallel(),
-        "mlp.down_proj": RowwiseParallel(output_layouts=between),
     }
+    if isinstance(layer.mlp, MoE):
+        # Experts are not split over tensor-parallel ranks: each rank routes the whole sequence
+        # through all experts (replicated weights), so results, gradients and the load-balancing
+        # statistics are those of one process, at the price of redundant expert compute.
+        plan["mlp"] = PrepareModuleInputOutput(
+            input_layouts=(between,), desired_input_layouts=(Replicate(),), use_local_input=True,
+            output_layouts=(Replicate(),), desired_output_layouts=(between,), use_local_output=True,
+        )
+    else:
+        plan.update({
+            "mlp": PrepareModuleInput(input_layouts=(between,), desired_input_layouts=(Replicate(),)),
+            "mlp.gate_proj": ColwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(output_layouts=between),
+        })
     if sequence_parallel:
         plan["input_layernorm"] = SequenceParallel()
         plan["post_attention_layernorm"] = SequenceParallel()

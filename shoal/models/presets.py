@@ -80,7 +80,22 @@ QWEN3 = {
                               max_position_embeddings=1024, qk_norm=True, tie_word_embeddings=True),
 }
 
-PRESETS: dict[str, ModelConfig] = {**LLAMA, **MISTRAL, **QWEN2, **QWEN3}
+# Qwen3-MoE: the numbers of Qwen/Qwen3-30B-A3B's config.json (30.5B parameters, 3.3B active).
+QWEN3_MOE = {
+    "qwen3_30b_a3b": ModelConfig(family="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                                 num_layers=48, num_heads=32, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6,
+                                 rope_theta=1000000.0, max_position_embeddings=40960, qk_norm=True,
+                                 num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                                 norm_topk_prob=True, router_aux_loss_coef=0.001,
+                                 bos_token_id=151643, eos_token_id=151645),
+    "qwen3_moe_tiny": ModelConfig(family="qwen3_moe", vocab_size=512, hidden_size=64, intermediate_size=128,
+                                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                                  rope_theta=1000000.0, max_position_embeddings=1024, qk_norm=True,
+                                  num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                  norm_topk_prob=True, router_aux_loss_coef=0.001),
+}
+
+PRESETS: dict[str, ModelConfig] = {**LLAMA, **MISTRAL, **QWEN2, **QWEN3, **QWEN3_MOE}
 
 # The seed's older `--model_size` flag names Llama 3.1 sizes.
 MODEL_SIZE_ALIASES = {"8B": "llama31_8b", "70B": "llama31_70b", "405B": "llama31_405b",

@@ -64,7 +64,9 @@ def dry_run(recipe: Recipe, make_datasets, argv: list[str] | None) -> int:
     else:
         print(f"start: random weights of preset {recipe.model.preset}", file=out)
     cfg = start.model_config
-    print(f"model: {cfg.family}, {cfg.num_params / 1e9:.2f}B parameters, {cfg.num_layers} layers, hidden "
+    experts = (f" ({cfg.num_active_params / 1e9:.2f}B active: {cfg.num_experts_per_tok} of {cfg.num_experts} "
+               f"experts per token)") if cfg.is_moe else ""
+    print(f"model: {cfg.family}, {cfg.num_params / 1e9:.2f}B parameters{experts}, {cfg.num_layers} layers, hidden "
           f"{cfg.hidden_size}, vocab {cfg.vocab_size}"
           + (f"; LoRA{' (DoRA)' if recipe.peft.use_dora else ''} rank {recipe.peft.rank} on "
              f"{', '.join(recipe.peft.target_modules)}" if recipe.peft else ""), file=out)

@@ -46,6 +46,12 @@ class Engine:
     # Reduce-scatter gradients only after the step's last micro-batch (parallel.fsdp_gradient_sync).
     defer_gradient_sync: bool = False
     float8: Float8Plan | None = None  # FP8 matmuls (train.fp8), see shoal.distributed.float8
+    # Mixture of experts: the model's load-balancing loss, weighted by router_aux_loss_coef, joins
+    # the objective; last_aux_loss is its mean over this rank's micro-batches of the last step.
+    moe: bool = False
+    aux_loss_coef: float = 0.0
+    last_aux_loss: torch.Tensor | None = None
+    expert_counts: torch.Tensor | None = None  # [sparse layers, X]: last step's routing counts on this rank
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for part in self.parts for p in part.parameters() if p.requires_grad]
@@ -69,6 +75,8 @@ class Engine:
         if self.pipeline is not None:
             return self._pipeline_run(mbs, global_tokens, backward=True)
         total = torch.zeros((), device=mbs[0]["tokens"].device)
+        aux_total = torch.zeros((), device=total.device) if self.moe else None
+        counts_total = None
         for i, mb in enumerate(mbs):
             if self.defer_gradient_sync:
                 self._gradient_sync(i == len(mbs) - 1)
@@ -77,8 +85,20 @@ class Engine:
                     logits = self.parts[0](tokens, **inputs)
                 loss_sum = self.loss_fn(logits, labels, loss_mask)
                 # Gradients are summed (not averaged) across data-parallel ranks, see docs/parallelism.md.
-                (loss_sum / global_tokens).backward()
+                objective = loss_sum / global_tokens
+                if aux_total is not None:
+                    # One aux loss per micro-batch (transformers' definition); the step's is their
+                    # mean over the global batch, hence the division by every rank's micro-batches.
+                    aux = self.parts[0].aux_loss()
+                    objective = objective + self.aux_loss_coef * aux / (len(mbs) * self.dims.dp_size)
+                    aux_total += aux.detach()
+                    counts = torch.stack([block.last_routing.counts for block in self.parts[0].moe_blocks()])
+                    counts_total = counts if counts_total is None else counts_total + counts
+                objective.backward()
             total += loss_sum.detach()
+        if aux_total is not None:
+            self.last_aux_loss = aux_total / len(mbs)
+            self.expert_counts = counts_total
         return total
 
     def _gradient_sync(self, sync: bool) -> None:
@@ -181,7 +201,8 @@ def build_engine(
     loss_fn = torch.compile(masked_cross_entropy_sum) if parallel.compile else masked_cross_entropy_sum
     defer = pipeline is None and micro_batches_per_step > 1 and _defer_gradient_sync(
         parallel.fsdp_gradient_sync, parts, dims, device)
-    return Engine(parts, optimizers, dims, document_mask, autocast, pipeline, loss_fn, defer, float8)
+    return Engine(parts, optimizers, dims, document_mask, autocast, pipeline, loss_fn, defer, float8,
+                  moe=cfg.is_moe, aux_loss_coef=cfg.router_aux_loss_coef)
 
 
 def _apply_float8(model: nn.Module, plan: Float8Plan, device: torch.device) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 def masked_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -42,4 +43,9 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     fused = torch.cuda.is_available() and all(p.is_cuda for g in groups for p in g["params"])
+    # Multi-tensor kernels take one kind of tensor: an MoE model under tensor parallelism mixes
+    # DTensors (attention) with plain or other-mesh tensors (its replicated experts).
+    meshes = {p.device_mesh if isinstance(p, DTensor) else None for g in groups for p in g["params"]}
+    if len(meshes) > 1:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None, foreach=None if fused else True)

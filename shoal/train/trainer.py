@@ -29,6 +29,7 @@ from shoal.config.resolve import experiment_dir
 from shoal.config.secrets import redact_argv, secret
 from shoal.data.sampler import MicroBatchSampler
 from shoal.distributed import check_parallel_layout
+from shoal.models.moe import expert_load
 from shoal.train.engine import Engine, build_engine
 from shoal.train.expectations import compare, planned, write_run_report
 from shoal.train.metrics import MetricsLogger, mfu_fields
@@ -237,7 +238,7 @@ def _loop(
                         pin_memory=runtime.device.type == "cuda", persistent_workers=data.num_workers > 0)
     loader_iter = iter(loader)
     # What the method really computes: a frozen base (LoRA/DoRA) has no weight-gradient matmuls.
-    frozen = record.model_config.num_params if recipe.peft is not None else 0
+    frozen = record.model_config.num_active_params if recipe.peft is not None else 0
     flops_per_token = record.model_config.flops_per_token(data.seq_length, frozen_params=frozen)
     step, consumed, consumed_tokens = progress.step, progress.consumed_samples, progress.consumed_tokens
     last_val: float | None = None
@@ -267,6 +268,11 @@ def _loop(
             metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s_per_gpu": tps,
                        "consumed_samples": consumed,
                        **mfu_fields(tps, flops_per_token, runtime.device, fp8=engine.float8 is not None)}
+            if engine.last_aux_loss is not None:  # MoE: the load-balancing loss, mean over the global batch
+                aux = dims.all_reduce_over_batch(engine.last_aux_loss.double().clone()).item() / dims.dp_size
+                metrics["aux_loss"] = aux
+                counts = dims.all_reduce_over_batch(engine.expert_counts.double().clone())
+                metrics.update(expert_load(counts))  # router health: see shoal.models.moe.expert_load
             if runtime.device.type == "cuda":
                 metrics["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             logger.log(step, metrics)

@@ -31,6 +31,16 @@ from tests.helpers.distributed_workers import LR, assert_matches_reference, mode
 LAYOUTS = [
     ("dp2_replicate", 2, {"parallel": {"data_parallel_replicate_size": 2}}),
     ("fsdp2", 2, {"parallel": {}, "micro_batch_size": 2}),
+    # Qwen3-MoE: grouped expert weights [X, I, E] sharded by FSDP2 along the expert axis, with full
+    # activation checkpointing around the routed layers.
+    ("fsdp2_moe_full_ac", 2, {"parallel": {"activation_checkpointing": "full"}, "preset": "qwen3_moe_tiny",
+                              "micro_batch_size": 2}),
+    # Tensor parallel on the attention of an MoE model; the experts replicated, with and without
+    # sequence parallelism (the MoE block gathers the sequence, then hands back this rank's part).
+    ("tp2_sp_moe", 2, {"parallel": {"tensor_model_parallel_size": 2}, "preset": "qwen3_moe_tiny"}),
+    ("tp2_no_sp_moe", 2, {"parallel": {"tensor_model_parallel_size": 2, "sequence_parallel": False},
+                          "preset": "qwen3_moe_tiny"}),
+    ("tp2_fsdp2_moe", 4, {"parallel": {"tensor_model_parallel_size": 2}, "preset": "qwen3_moe_tiny"}),
     ("tp2_sp", 2, {"parallel": {"tensor_model_parallel_size": 2}, "explicit_positions": False}),
     ("tp2_no_sp", 2, {"parallel": {"tensor_model_parallel_size": 2, "sequence_parallel": False}}),
     # Qwen3: per-head q/k norms (replicated weights fed by head shards) and tied embeddings.

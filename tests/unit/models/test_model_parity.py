@@ -129,4 +129,9 @@ def test_preset_parameter_count_matches_transformers(name):
     assert sum(p.numel() for p in hf.parameters()) == cfg.num_params
     hf_shapes = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
     our_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    # transformers 5 holds an MoE layer's gate and up experts fused, [X, 2I, E]; shoal keeps them apart.
+    for name in [k for k in our_shapes if k.endswith("mlp.experts.gate_proj")]:
+        x, i, e = our_shapes.pop(name)
+        assert our_shapes.pop(name.replace("gate_proj", "up_proj")) == (x, i, e)
+        our_shapes[name.replace("gate_proj", "gate_up_proj")] = (x, 2 * i, e)
     assert hf_shapes == our_shapes

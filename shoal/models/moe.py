@@ -1,0 +1,160 @@
+"""The mixture-of-experts block of Qwen3-MoE, in plain single-device PyTorch.
+
+Shape legend: T tokens (B·S flattened), E hidden size, X number of experts, K experts per token
+(top-k), I expert width (`moe_intermediate_size`).
+
+A sparse layer replaces the dense SwiGLU MLP by a router and X SwiGLU experts. The router scores
+every token against every expert, keeps the K best (softmax in fp32, then top-k, renormalised when
+`norm_topk_prob`), and the token's output is the routing-weighted sum of its K experts' outputs,
+exactly as Hugging Face's `Qwen3MoeSparseMoeBlock` computes it.
+
+The experts' weights are grouped: one `[X, out, in]` tensor per projection (`experts.gate_proj`,
+`experts.up_proj`, `experts.down_proj`), expert x's slice being the `nn.Linear` weight Hugging
+Face stores as `mlp.experts.{x}.gate_proj.weight`. Grouped tensors are what grouped matmuls and
+expert parallelism (a shard of the X axis per rank) want.
+
+The load-balancing loss needs every sparse layer's routing at once, so each block keeps the
+statistics of its last forward (`last_routing`) and `load_balancing_loss` combines them; the
+model's forward output stays the logits alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shoal.models.config import ModelConfig
+
+# Grouped matmuls through `torch._grouped_mm` on CUDA in bf16 (Hopper and later). Off until the
+# GPU test (tests/gpu/test_moe_gpu.py) has shown it equal to the loop below on a real GPU; the
+# loop is exact everywhere and is what CPU always uses (torch's CPU `_grouped_mm` has no working
+# backward for empty groups in torch 2.13).
+GROUPED_MM_ON_CUDA = False
+
+
+@dataclass
+class RoutingStats:
+    """What one sparse layer's forward routed: the load-balancing loss's inputs."""
+
+    prob_sum: torch.Tensor  # [X] fp32: Σ over tokens of the router's softmax (carries the gradient)
+    counts: torch.Tensor  # [X] fp32: how many of the T·K routing slots chose each expert (no gradient)
+    tokens: int  # T
+
+
+class Router(nn.Module):
+    """A bias-free linear scoring of tokens against experts (HF's `mlp.gate.weight`, [X, E]).
+
+    A plain module rather than an `nn.Linear`, so LoRA's "every linear layer" never adapts it."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)  # [T, X], in the input dtype as HF computes it
+
+    def reset_parameters(self, std: float) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=std)
+
+
+class GroupedExperts(nn.Module):
+    """X SwiGLU experts held as grouped weights: gate/up [X, I, E], down [X, E, I]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        x, e, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.num_experts = x
+        self.gate_proj = nn.Parameter(torch.empty(x, i, e))
+        self.up_proj = nn.Parameter(torch.empty(x, i, e))
+        self.down_proj = nn.Parameter(torch.empty(x, e, i))
+
+    def reset_parameters(self, std: float) -> None:
+        for weight in (self.gate_proj, self.up_proj, self.down_proj):
+            nn.init.normal_(weight, mean=0.0, std=std)
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, E]; indices and weights [T, K] -> Σ_k weight_k · expert_{index_k}(x) [T, E]."""
+        k = indices.shape[1]
+        flat = indices.reshape(-1)
+        # Sort the T·K routing slots by expert so each expert's tokens are one contiguous run.
+        order = torch.argsort(flat, stable=True)
+        token_of_slot = order // k
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        routed = x[token_of_slot]  # [T·K, E]
+        if GROUPED_MM_ON_CUDA and routed.is_cuda and routed.dtype == torch.bfloat16:
+            out = self._grouped_mm(routed, counts)
+        else:
+            out = self._loop(routed, counts)
+        out = out * weights.reshape(-1)[order, None].to(out.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of_slot, out.to(x.dtype))
+
+    def _loop(self, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The exact fallback: one pair of matmuls per expert that received tokens."""
+        outs, start = [], 0
+        for expert, n in enumerate(counts.tolist()):  # one host sync per layer
+            if n == 0:
+                continue
+            seg = routed[start:start + n]
+            hidden = F.silu(seg @ self.gate_proj[expert].T) * (seg @ self.up_proj[expert].T)
+            outs.append(hidden @ self.down_proj[expert].T)
+            start += n
+        return torch.cat(outs) if outs else routed.new_zeros(routed.shape)
+
+    def _grouped_mm(self, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """GPU hook: all experts in three grouped matmuls, no host sync (see GROUPED_MM_ON_CUDA)."""
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        gate = torch._grouped_mm(routed, self.gate_proj.transpose(-2, -1), offs=offsets)
+        up = torch._grouped_mm(routed, self.up_proj.transpose(-2, -1), offs=offsets)
+        return torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offsets)
+
+
+class MoE(nn.Module):
+    """Router + grouped experts: HF's `Qwen3MoeSparseMoeBlock` ([B, S, E] -> [B, S, E])."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.gate = Router(cfg)
+        self.experts = GroupedExperts(cfg)
+        self.last_routing: RoutingStats | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, e = x.shape
+        flat = x.reshape(-1, e)
+        logits = self.gate(flat)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, X]
+        top_probs, indices = torch.topk(probs, self.top_k, dim=-1)  # [T, K]
+        if self.norm_topk_prob:
+            top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
+        counts = torch.zeros(probs.shape[1], device=probs.device).scatter_add_(
+            0, indices.reshape(-1), torch.ones(indices.numel(), device=probs.device))
+        self.last_routing = RoutingStats(probs.sum(dim=0), counts, flat.shape[0])
+        out = self.experts(flat, indices, top_probs.to(logits.dtype))
+        return out.reshape(b, s, e)
+
+
+def load_balancing_loss(blocks: list[MoE]) -> torch.Tensor | None:
+    """The Switch-Transformer auxiliary loss over the last forward of `blocks`, as transformers'
+    `load_balancing_loss_func` defines it: the routing counts and router probabilities are summed
+    over all sparse layers first, then X · Σ_x (count_x / rows) · (prob_x / rows), rows = T · layers.
+    (transformers takes its softmax in the logits' dtype; shoal's is fp32, the same in fp32.)"""
+    stats = [block.last_routing for block in blocks if block.last_routing is not None]
+    if not stats:
+        return None
+    rows = sum(s.tokens for s in stats)
+    counts = torch.stack([s.counts for s in stats]).sum(0)
+    probs = torch.stack([s.prob_sum for s in stats]).sum(0)
+    return counts.shape[0] * ((counts / rows) * (probs / rows)).sum()
+
+
+def expert_load(counts: torch.Tensor) -> dict[str, float]:
+    """Router health from routing counts [sparse layers, X] (summed over a global batch): each
+    expert's share relative to a perfectly even one, the worst layer reported. `expert_load_max`
+    is 1 when balanced and X/K when every token of a layer goes to the same K experts (a collapsed
+    router); `expert_load_min` 0 means some expert received no token at all."""
+    relative = counts / counts.mean(dim=1, keepdim=True).clamp(min=1e-12)
+    return {"expert_load_max": relative.max().item(), "expert_load_min": relative.min().item()}

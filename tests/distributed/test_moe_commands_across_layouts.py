@@ -1,0 +1,92 @@
+"""`shoal pretrain` on a tiny Qwen3-MoE trains the same in every layout it supports.
+
+As in test_commands_across_layouts.py: each run is the user's command in a child process
+(`--num_gpus N` starts N gloo ranks under torchrun); the oracle is the same command in one
+process. Besides loss and gradient norm, the load-balancing loss (`aux_loss`, which joins the
+objective with a large coefficient here) and the router statistics must agree: they check that
+the aux term is averaged over data-parallel ranks, not summed or taken per rank, and that tensor
+parallel ranks route the whole sequence. A checkpoint written by FSDP2 resumes in one process.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed.test_commands_across_layouts import RTOL, STEPS, ranks_that_ran, rewound_to_step_2, run_ok
+from tests.unit.train.training_runs import TrainAssets, shoal, train_args, train_records
+
+MOE_SHAPE = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+                 norm_topk_prob=True, max_position_embeddings=256, router_aux_loss_coef=0.1)
+KEYS = ("loss", "grad_norm", "aux_loss", "expert_load_max", "expert_load_min")
+LAYOUTS = {"fsdp2": ["--num_gpus", "2"], "tp2_sp": ["--num_gpus", "2", "-T", "2"],
+           "fsdp2_tp2": ["--num_gpus", "4", "-T", "2"]}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> TrainAssets:
+    """A tiny Qwen3-MoE with the demo tokenizer, imported with `shoal import`, and a corpus."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from shoal.demo.corpus import write_pretraining_corpus
+    from shoal.demo.tiny_model import tiny_llama_config
+    from shoal.demo.tokenizer import TOKENIZER_DIR
+
+    root = tmp_path_factory.mktemp("moe_layout_assets")
+    ids = tiny_llama_config()
+    config = Qwen3MoeConfig(vocab_size=ids.vocab_size, bos_token_id=ids.bos_token_id, eos_token_id=ids.eos_token_id,
+                            pad_token_id=ids.pad_token_id, **MOE_SHAPE)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen3MoeForCausalLM(config).float()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("mlp.gate.weight"):
+                    param.normal_(0.0, 0.5)
+    model.save_pretrained(root / "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (root / "hf" / name).write_bytes((TOKENIZER_DIR / name).read_bytes())
+    assert shoal("import", "--source", root / "hf", "--output_path", root / "ckpt") == 0
+    write_pretraining_corpus(root / "corpus.jsonl", num_documents=200)
+    assert shoal("preprocess", "--input", root / "corpus.jsonl", "--json-keys", "text", "--tokenizer", root / "ckpt",
+                 "--output-prefix", root / "data" / "corpus", "--append-eod", "--workers", "1") == 0
+    return TrainAssets(root, root / "hf", root / "ckpt", root / "data", root / "sft")
+
+
+SAVE_AT_2 = ["--checkpoint.save_interval=2", "--checkpoint.save_top_k=2"]
+
+
+@pytest.fixture(scope="module")
+def runs(assets: TrainAssets, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("moe_layout_runs")
+    for name, layout in {"one_process": [], **LAYOUTS}.items():
+        run_ok(train_args(assets, "pretrain", root, name, "--max_steps", STEPS, *SAVE_AT_2, *layout), root)
+    return {name: root / name for name in ("one_process", *LAYOUTS)}
+
+
+def assert_same_records(got: Path, expected: Path, steps: list[int]) -> None:
+    mine, theirs = train_records(got), train_records(expected)
+    for step in steps:
+        for key in KEYS:
+            assert math.isclose(mine[step][key], theirs[step][key], rel_tol=RTOL), \
+                f"{got.name} step {step}: {key} {mine[step][key]!r} != {theirs[step][key]!r}"
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_moe_pretrain_layout_matches_one_process(runs: dict[str, Path], name: str):
+    assert ranks_that_ran(runs[name]) == set(range(int(LAYOUTS[name][1])))
+    assert_same_records(runs[name], runs["one_process"], list(range(1, STEPS + 1)))
+
+
+def test_moe_fsdp_checkpoint_resumes_in_one_process(assets: TrainAssets, runs: dict[str, Path]):
+    """Steps 3-4 in one process from the FSDP2 run's step-2 checkpoint (grouped experts sharded
+    over 2 ranks when saved, whole when loaded) continue the same curve."""
+    root = runs["one_process"].parent
+    exp = rewound_to_step_2(runs["fsdp2"], root / "resume_fsdp2")
+    resumed = run_ok(train_args(assets, "pretrain", root, exp.name, "--max_steps", STEPS, *SAVE_AT_2), root)
+    assert "from step=000002" in resumed.stdout + resumed.stderr
+    assert_same_records(exp, runs["one_process"], [3, 4])
