@@ -18,7 +18,9 @@ import pytest
 
 from shoal.checkpoint.catalog import is_complete, list_checkpoints
 from shoal.checkpoint.lock import acquire_experiment_lock
-from tests.unit.train.training_runs import TrainAssets, shoal, subprocess_env, train_args, write_small_hf_model
+from tests.helpers.cli import shoal, subprocess_env
+from tests.helpers.hf_models import write_small_hf_model
+from tests.helpers.training import TrainAssets, train_args
 
 RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SHOAL_LAUNCHED", "SHOAL_EXECUTOR")
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from tests.distributed.test_commands_across_layouts import RTOL, STEPS, ranks_that_ran, rewound_to_step_2, run_ok
-from tests.unit.train.training_runs import TrainAssets, shoal, train_args, train_records
+from tests.helpers.cli import shoal
+from tests.helpers.training import TrainAssets, train_args, train_records
 
 MOE_SHAPE = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,

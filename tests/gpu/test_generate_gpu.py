@@ -5,9 +5,6 @@ prefill and each cached step against transformers' full forward over the same to
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -16,7 +13,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize("shape", ["llama_tiny", "qwen2_tiny", "qwen3_tiny", "mistral_tiny"])
 def test_bf16_cached_decoding_matches_transformers(shape):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     from generate import build_models
 
     from shoal.models.model import KVCache

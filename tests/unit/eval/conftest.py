@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
-from training_runs import TrainAssets, shoal, write_small_hf_model  # noqa: E402
+from tests.helpers.cli import shoal
+from tests.helpers.hf_models import write_small_hf_model
+from tests.helpers.training import TrainAssets
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,9 @@ import json
 from pathlib import Path
 
 import pytest
-from training_runs import TrainAssets, shoal
+
+from tests.helpers.cli import shoal
+from tests.helpers.training import TrainAssets
 
 lm_eval = pytest.importorskip("lm_eval")
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from training_runs import TrainAssets, read_metrics, shoal, train_args
+
+from tests.helpers.cli import shoal
+from tests.helpers.training import TrainAssets, read_metrics, train_args
 
 
 def hf_loss(hf_dir: Path, dataset, count: int, document_mask: bool) -> float:

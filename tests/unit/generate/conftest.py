@@ -1,10 +1,11 @@
-"""Fixtures of the generation tests: a tiny imported model of each family (see tiny_generation_models.py)."""
+"""Fixtures of the generation tests: a tiny imported model of each family (see tests/helpers/generation.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from tiny_generation_models import FAMILIES, TinyModel, write_model
+
+from tests.helpers.generation import FAMILIES, TinyModel, write_model
 
 
 @pytest.fixture(autouse=True)

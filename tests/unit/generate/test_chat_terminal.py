@@ -18,7 +18,8 @@ import time
 import pytest
 import torch
 from test_generate_matches_transformers import hf_generate
-from tiny_generation_models import EOT_ID, TinyModel, write_model
+
+from tests.helpers.generation import EOT_ID, TinyModel, write_model
 
 VOCAB = 33  # exactly the test tokenizer's, so that every generated id prints as a word
 

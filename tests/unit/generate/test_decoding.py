@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_generation_models import TinyModel, shoal
 
 from shoal.generate.decode import generate_tokens
 from shoal.generate.load import load_for_generation
 from shoal.generate.sampling import SamplingSettings, filter_logits
+from tests.helpers.generation import TinyModel, shoal
 
 GREEDY = SamplingSettings()
 SAMPLED = SamplingSettings(do_sample=True, temperature=0.9, top_p=0.95, top_k=40, seed=7)

@@ -12,7 +12,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from tiny_generation_models import EOT_ID, TinyModel, shoal
+
+from tests.helpers.generation import EOT_ID, TinyModel, shoal
 
 PROMPTS = ["hello world how are you", "the quick brown fox jumps over the lazy dog and the fish swim", "what is shoal"]
 MAX_NEW = 12

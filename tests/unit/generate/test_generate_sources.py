@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 from test_generate_matches_transformers import PROMPTS, chat_ids, hf_generate
-from tiny_generation_models import EOT_ID, TinyModel, shoal
+
+from tests.helpers.generation import EOT_ID, TinyModel, shoal
 
 
 @pytest.fixture(scope="module")

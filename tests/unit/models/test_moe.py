@@ -10,15 +10,11 @@ sizes (30.5B parameters, 3.3B active).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "convert"))
-from hf_tiny_moe import VOCAB_SIZE, save_hf_moe  # noqa: E402
 
 from shoal.checkpoint.format import read_model_config  # noqa: E402
 from shoal.checkpoint.state import load_model_into  # noqa: E402
@@ -26,6 +22,7 @@ from shoal.cli import main as shoal  # noqa: E402
 from shoal.errors import ShoalError  # noqa: E402
 from shoal.models import build_model, from_hf_config, get_preset  # noqa: E402
 from shoal.models.moe import MoE  # noqa: E402
+from tests.helpers.hf_moe import VOCAB_SIZE, save_hf_moe
 
 torch.set_num_threads(1)
 

@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-from training_runs import TrainAssets, checkpoint_names, read_metrics, shoal, subprocess_env, train_args
+
+from tests.helpers.cli import shoal, subprocess_env
+from tests.helpers.training import TrainAssets, checkpoint_names, read_metrics, train_args
 
 # Runs shoal, but waits inside the step-2 save (weights written) until the test creates GO_FILE.
 WAITING_SHOAL = """

@@ -14,10 +14,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from training_runs import TrainAssets, checkpoint_names, read_metrics, shoal, train_args
 
 import shoal.checkpoint.catalog as catalog
 import shoal.train.trainer as trainer
+from tests.helpers.cli import shoal
+from tests.helpers.training import TrainAssets, checkpoint_names, read_metrics, train_args
 
 
 def data_files(ckpt: Path) -> list[Path]:

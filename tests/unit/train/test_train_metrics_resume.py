@@ -16,7 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from training_runs import TrainAssets, shoal, train_args
+from tests.helpers.cli import shoal
+from tests.helpers.training import TrainAssets, train_args
 
 TRUNCATE = "import sys; from pathlib import Path; from shoal.train.metrics import truncate_metrics; " \
            "truncate_metrics(Path(sys.argv[1]), int(sys.argv[2]))"

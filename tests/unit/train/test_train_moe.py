@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from training_runs import TrainAssets, read_dcp, shoal, train_args, train_records
 
 from shoal.checkpoint.format import save_model_state, write_metadata
 from shoal.models.presets import get_preset
+from tests.helpers.cli import shoal
+from tests.helpers.training import TrainAssets, read_dcp, train_args, train_records
 
 STEPS, GBS, MBS, SEQ = 4, 4, 2, 32
 LR, WEIGHT_DECAY, BETAS, EPS = 5e-3, 0.5, (0.9, 0.95), 1e-8

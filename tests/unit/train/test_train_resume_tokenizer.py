@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from training_runs import TrainAssets, checkpoint_names, shoal, train_args
+from tests.helpers.cli import shoal
+from tests.helpers.training import TrainAssets, checkpoint_names, train_args
 
 
 def tokenizer_bytes(folder: Path) -> dict[str, bytes]:

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from training_runs import TrainAssets, checkpoint_names, read_metrics, shoal, train_args
 
 from shoal.checkpoint.catalog import list_checkpoints, resolve_checkpoint
+from tests.helpers.cli import shoal
+from tests.helpers.training import TrainAssets, checkpoint_names, read_metrics, train_args
 
 
 def steps_logged(folder: Path) -> list[int]:

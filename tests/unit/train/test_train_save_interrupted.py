@@ -15,7 +15,9 @@ import signal
 from pathlib import Path
 
 import pytest
-from training_runs import TrainAssets, shoal, train_args
+
+from tests.helpers.cli import shoal
+from tests.helpers.training import TrainAssets, train_args
 
 TORCH_WRITE_FAILURE = "[enforce fail at inline_container.cc:672] unexpected pos 4224 vs 4160"
 

@@ -12,9 +12,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from training_runs import TrainAssets, shoal, train_args
 
 from shoal.data.indexed import IndexedDatasetWriter
+from tests.helpers.cli import shoal
+from tests.helpers.training import TrainAssets, train_args
 
 
 def test_tokenizer_larger_than_the_embedding_is_refused(train_assets: TrainAssets, tmp_path: Path, capsys):

@@ -36,7 +36,7 @@ def make_hf_moe(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) 
 
 def save_hf_moe(path: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
     """`save_pretrained` of a tiny MoE (per-expert tensors on disk, as the Hub's Qwen3-30B-A3B)."""
-    from hf_tiny_checkpoints import make_tokenizer
+    from tests.helpers.tokenizers import word_level_tokenizer as make_tokenizer
 
     model = make_hf_moe(seed, dtype, **overrides)
     model.save_pretrained(path)

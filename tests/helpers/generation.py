@@ -3,12 +3,11 @@ folder written by `transformers`, then `shoal import`. `transformers` is the ora
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "convert"))
-from hf_tiny_checkpoints import FAMILY_CONFIGS, SPECIAL_TOKENS, save_hf_checkpoint  # noqa: E402
+from tests.helpers.hf_models import FAMILY_CONFIGS, save_hf_checkpoint
+from tests.helpers.tokenizers import SPECIAL_TOKENS
 
 FAMILIES = sorted(FAMILY_CONFIGS)
 EOT_ID = SPECIAL_TOKENS.index("<|eot_id|>")
