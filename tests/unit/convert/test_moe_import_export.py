@@ -17,12 +17,12 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
-from test_import_export import hf_tensors, load_shoal  # noqa: E402
 
 from shoal.checkpoint.format import model_state_info, read_model_config  # noqa: E402
 from shoal.cli import main as shoal  # noqa: E402
 from shoal.convert.exporter import export_checkpoint  # noqa: E402
 from tests.helpers.hf_moe import VOCAB_SIZE, save_hf_moe
+from tests.unit.convert.test_import_export import hf_tensors, load_shoal
 
 torch.set_num_threads(1)
 LAYOUT = dict(mlp_only_layers=[1], norm_topk_prob=True)  # a dense layer between two sparse ones
