@@ -13,6 +13,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize("shape", ["llama_tiny", "qwen2_tiny", "qwen3_tiny", "mistral_tiny"])
 def test_bf16_cached_decoding_matches_transformers(shape):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # a script, not a package
     from generate import build_models
 
     from shoal.models.model import KVCache
