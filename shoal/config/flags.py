@@ -64,10 +64,16 @@ def recipe_path(name: str) -> Path:
     return Path(str(shipped))
 
 
-def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+# Seed flags a stage does not offer: pretraining trains no adapters.
+STAGE_EXCLUDED_FLAGS: dict[str, set[str]] = {"pretrain": {"--peft"}}
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, stage: str | None = None) -> None:
     parser.add_argument("--recipe", "-r", help="recipe name (shoal/recipes/NAME.yaml) or YAML file; "
                                                "default: the --model preset's recipe")
     for flags, key, options in SEED_FLAGS:
+        if flags[0] in STAGE_EXCLUDED_FLAGS.get(stage or "", set()):
+            continue
         dest = flags[0].lstrip("-")
         parser.add_argument(*flags, dest=dest, **({"default": None} | options))
     parser.add_argument("--hf_token", help="Hugging Face token (or HF_TOKEN); never saved")
@@ -93,7 +99,7 @@ def recipe_from_args(args: argparse.Namespace, stage: str) -> Recipe:
     for key, value in _flatten(stages[stage]):
         set_dotted(tree, key, value)
     for flags, key, _ in SEED_FLAGS:
-        value = getattr(args, flags[0].lstrip("-"))
+        value = getattr(args, flags[0].lstrip("-"), None)  # None too for a flag the stage leaves out
         if key is None or value is None:
             continue
         if flags[0] == "--model_size":

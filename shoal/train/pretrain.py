@@ -20,7 +20,7 @@ ACCEPTS_OVERRIDES = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_training_arguments(parser)
+    add_training_arguments(parser, stage="pretrain")
 
 
 def build_pretrain_data(recipe: Recipe, runtime: Runtime, tokenizer_dir: Path | None) -> Datasets:
