@@ -26,7 +26,7 @@ FINETUNE_STEPS = 200
 LORA_STEPS = 200
 # Adapters start at zero and train a few percent of the weights: they need a larger step than the
 # full fine-tune's to learn the task in the same number of steps.
-LORA_LR = 4e-3
+LORA_LR = 5e-3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -190,14 +190,17 @@ def _run_stages(paths: dict[str, Path], pretrain_steps: int, finetune_steps: int
     # --- More outputs of the finished runs go here (`shoal generate`, `shoal eval`, `shoal report`). ---
 
     total = time.perf_counter() - started
-    print(f"\ntime per stage ({total:.0f}s in all):")
-    for title, seconds in timings.items():
-        print(f"  {seconds:6.1f}s  {100 * seconds / total:3.0f}%  {title}")
-    print("\nartifacts:")
-    for name, path in paths.items():
-        if path.exists():
-            print(f"  {name:14s} {path}")
-    print(f"  {'metrics':14s} {paths['results']}/<experiment>/metrics.jsonl (one JSON record per logged step)")
-    print(f"\nto see the training curves: tensorboard --logdir {paths['results']}")
-    print("  (TensorBoard is an extra: pip install 'shoal[tensorboard]')")
+    print(closing_summary(paths, timings, total), flush=True)
     return {**accuracy, "seconds": total}
+
+
+def closing_summary(paths: dict[str, Path], timings: dict[str, float], total: float) -> str:
+    """The demo's last lines: time per stage, where every artifact is, and how to look at the runs."""
+    lines = [f"\ntime per stage ({total:.0f}s in all):"]
+    lines += [f"  {seconds:6.1f}s  {100 * seconds / max(total, 1e-9):3.0f}%  {title}" for title, seconds in timings.items()]
+    lines.append("\nartifacts:")
+    lines += [f"  {name:14s} {path}" for name, path in paths.items() if path.exists()]
+    lines.append(f"  {'metrics':14s} {paths['results']}/<experiment>/metrics.jsonl (one JSON record per logged step)")
+    lines.append(f"\ntraining curves: tensorboard --logdir {shlex.quote(str(paths['results']))}")
+    lines.append("  (TensorBoard is an extra: pip install 'shoal[tensorboard]')")
+    return "\n".join(lines)
