@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="shoal_demo",
                         help="where every artifact goes: a new or empty folder, or one an earlier demo made "
                              "(default: ./shoal_demo)")
-    parser.add_argument("--pretrain_steps", type=int, default=PRETRAIN_STEPS, help=f"default {PRETRAIN_STEPS}")
+    parser.add_argument("--pretrain_steps", type=int, default=PRETRAIN_STEPS,
+                        help=f"pretraining steps (default {PRETRAIN_STEPS})")
     parser.add_argument("--finetune_steps", type=int, default=FINETUNE_STEPS,
                         help=f"full fine-tuning steps (default {FINETUNE_STEPS})")
     parser.add_argument("--lora_steps", type=int, default=LORA_STEPS,
