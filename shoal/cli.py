@@ -135,8 +135,10 @@ class _CommandParser(argparse.ArgumentParser):
 def _closest_flag(parser: argparse.ArgumentParser, words: list[str]) -> str | None:
     """The parser's flag nearest to the first word that looks like a flag it does not know."""
     options = [o for o in parser._option_string_actions if o.startswith("--")]
-    for word in words:
-        if _DOTTED_OVERRIDE.match(word) or not (word.startswith("--") or _KEY_VALUE.match(word)):
+    for i, word in enumerate(words):
+        # A NeMo-style key=value word may be a flag; after a flag that takes a value, it is that value.
+        is_value = i > 0 and words[i - 1].startswith("-") and "=" not in words[i - 1]
+        if _DOTTED_OVERRIDE.match(word) or not (word.startswith("--") or (_KEY_VALUE.match(word) and not is_value)):
             continue
         flag = "--" + word.lstrip("-").split("=", 1)[0]
         extensions = [o for o in options if o.startswith(flag)]
@@ -159,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         if not argv:
             parser.print_help()
             return 0
-        parser.parse_args(argv)  # --version, --help, or an error naming the valid commands
-        parser.print_help()  # options alone (none of which exit): still say what to type
+        parser.parse_args(argv)  # exits: --version, --help, or an error naming the valid commands
         return 2
     module = importlib.import_module(commands[chosen][0])
     module.add_arguments(subparsers[chosen])

@@ -66,6 +66,12 @@ def test_a_misspelt_flag_gets_the_commands_usage_and_a_suggestion(argv, usage, s
     assert "usage: shoal [-h]" not in err  # not the top-level usage
 
 
+def test_a_value_is_not_taken_for_a_misspelt_flag(capsys) -> None:
+    # `--env NAME=VALUE` looks like NeMo's key=value form; it is the value of --env.
+    rc, _, err = run(["pretrain", "--env", "dataset_pth=1", "--zzzzzz"], capsys)
+    assert rc == 2 and "did you mean" not in err
+
+
 def test_an_unknown_flag_with_nothing_close_still_names_it(capsys) -> None:
     rc, _, err = run(["pretrain", "--zzzzzz"], capsys)
     assert rc == 2
