@@ -7,8 +7,8 @@ README shows for a real model: import, download + preprocess, pretrain, download
 questions. Each stage's command line is printed before it runs, so the demo doubles as a worked
 example.
 
-The step counts below were chosen by measuring the exact-match result against the time on two CPU
-cores (README, "Set-up"): fewer steps stop short of the learning result, more only add minutes.
+The step counts below were measured against the learning result (README, "Set-up"): 100 pretraining
+and 200 full fine-tuning steps answer 93% of the held-out questions, 80 and 120 only 47%.
 """
 
 from __future__ import annotations
