@@ -6,6 +6,7 @@ Oracle: the user's files, compared before and after (contents and the folder lis
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from shoal.cli import main as shoal
-from shoal.demo.run import run_demo
+from shoal.demo.run import add_arguments, run_demo
 from shoal.demo.workdir import MARKER, prepare_workdir
 from shoal.errors import ShoalError
 
@@ -103,9 +104,6 @@ def test_a_link_among_the_artifacts_is_removed_without_following_it(tmp_path) ->
 
 @pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs the git checkout")
 def test_the_default_workdir_is_ignored_by_git() -> None:
-    from shoal.demo.run import add_arguments
-    import argparse
-
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     default = parser.parse_args([]).workdir
