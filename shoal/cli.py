@@ -8,10 +8,13 @@ are loaded only by the stage that needs them.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import importlib.util
 import re
 import sys
+import textwrap
+from importlib import resources
 
 from shoal.errors import ShoalError
 
@@ -31,7 +34,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("shoal.demo.run", "run the four stages end to end on the embedded tiny default"),
 }
 
+# The order `shoal --help` lists commands in: a model's life, first to last. Commands not named
+# here follow in COMMANDS order.
+WORKFLOW_ORDER = ("import", "download", "preprocess", "pretrain", "finetune", "export")
+
+DESCRIPTION = """\
+Take a Hugging Face language model through its training life, with NeMo's command-line flags:
+import it, download and tokenize a corpus, continually pretrain, fine-tune (full, LoRA or DoRA),
+and export it back to a Hugging Face checkpoint.
+
+New here? `shoal demo` runs every stage on a tiny model on CPU.
+`shoal COMMAND --help` gives each command's flags."""
+
 _KEY_VALUE = re.compile(r"^[A-Za-z_][\w.]*=")
+_DOTTED_OVERRIDE = re.compile(r"^--[A-Za-z_]\w*\.[\w.]+=")
 
 
 def normalize_argv(argv: list[str], options: set[str] | None = None) -> list[str]:
@@ -61,15 +77,36 @@ def _available() -> dict[str, tuple[str, str]]:
 
 
 def build_parser(commands: dict[str, tuple[str, str]]) -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(prog="shoal", description=__doc__.splitlines()[0])
     from shoal import __version__
 
+    parser = argparse.ArgumentParser(prog="shoal", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"shoal {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
     subparsers = {}
-    for name, (_, help_text) in commands.items():
+    ordered = [c for c in WORKFLOW_ORDER if c in commands] + [c for c in commands if c not in WORKFLOW_ORDER]
+    for name in ordered:
+        help_text = commands[name][1]
         subparsers[name] = sub.add_parser(name, help=help_text, description=help_text)
     return parser, subparsers
+
+
+def training_epilog() -> str:
+    """What `pretrain --help` / `finetune --help` add below the flags: recipes and the override form."""
+    names = sorted(p.name[: -len(".yaml")] for p in (resources.files("shoal") / "recipes").iterdir()
+                   if p.name.endswith(".yaml"))
+    shipped = textwrap.fill(", ".join(names), width=88, initial_indent="    ", subsequent_indent="    ")
+    return (
+        "recipes (--recipe NAME, shipped in shoal/recipes/; or --recipe FILE.yaml):\n"
+        f"{shipped}\n"
+        "  without --recipe: the --model/--model_size preset's recipe, else `default`.\n"
+        "\n"
+        "overrides:\n"
+        "  any recipe key as --section.key=value (or section.key=value), applied after the flags, e.g.\n"
+        "    --train.lr=1e-4 --data.seq_length=4096 --parallel.compile=true\n"
+        "  the keys are documented in shoal/config/recipe.py; the resolved recipe is saved as\n"
+        "  results/EXPERIMENT/config.yaml."
+    )
 
 
 def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
@@ -81,27 +118,74 @@ def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
     return found
 
 
+def _innermost_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The parser of the deepest (sub-)command that argv names, e.g. `download sft`'s."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            word = next((a for a in argv if not a.startswith("-")), None)
+            if word in action.choices:
+                return _innermost_parser(action.choices[word], argv[argv.index(word) + 1 :])
+    return parser
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser whose errors end with the flag the user probably meant (`hint`)."""
+
+    hint: str | None = None
+
+    def error(self, message: str):
+        super().error(f"{message}; did you mean {self.hint}?" if self.hint else message)
+
+
+def _closest_flag(parser: argparse.ArgumentParser, words: list[str]) -> str | None:
+    """The parser's flag nearest to the first word that looks like a flag it does not know."""
+    options = [o for o in parser._option_string_actions if o.startswith("--")]
+    for i, word in enumerate(words):
+        # A NeMo-style key=value word may be a flag; after a flag that takes a value, it is that value.
+        is_value = i > 0 and words[i - 1].startswith("-") and "=" not in words[i - 1]
+        if _DOTTED_OVERRIDE.match(word) or not (word.startswith("--") or (_KEY_VALUE.match(word) and not is_value)):
+            continue
+        flag = "--" + word.lstrip("-").split("=", 1)[0]
+        extensions = [o for o in options if o.startswith(flag)]
+        if flag in options or (extensions and parser.allow_abbrev):  # known, or an abbreviation argparse takes
+            continue
+        # Training commands refuse abbreviations (the launcher re-reads flags by their full names).
+        close = extensions if len(extensions) == 1 else difflib.get_close_matches(flag, options, n=1, cutoff=0.75)
+        if close:
+            return close[0]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = _available()
     parser, subparsers = build_parser(commands)
-    # Only the chosen command's module is imported to fill in its arguments.
+    # The command is the first word that is not an option; only its module is imported.
     chosen = next((a for a in argv if not a.startswith("-")), None)
     if chosen not in commands:
-        parser.print_help() if chosen is None else parser.parse_args(argv)
-        return 0 if chosen is None else 2
+        if not argv:
+            parser.print_help()
+            return 0
+        parser.parse_args(argv)  # exits: --version, --help, or an error naming the valid commands
+        return 2
     module = importlib.import_module(commands[chosen][0])
     module.add_arguments(subparsers[chosen])
+    overrides = getattr(module, "ACCEPTS_OVERRIDES", False)
+    if overrides:
+        subparsers[chosen].epilog = training_epilog()
+        subparsers[chosen].formatter_class = argparse.RawDescriptionHelpFormatter
     argv = normalize_argv(argv, _option_strings(subparsers[chosen]))
-    if getattr(module, "ACCEPTS_OVERRIDES", False):
-        # Training commands take dotted recipe overrides (`--train.lr=1e-4`) beside their flags.
-        args, rest = parser.parse_known_args(argv)
-        bad = [a for a in rest if not re.match(r"^--[A-Za-z_]\w*\.[\w.]+=", a)]
-        if bad:
-            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    # A misspelt flag gets a suggestion in whichever error argparse raises first (a required flag
+    # missing, or the unknown word itself), under the command's own usage.
+    command_parser = _innermost_parser(subparsers[chosen], argv[argv.index(chosen) + 1 :])
+    command_parser.hint = _closest_flag(command_parser, argv)
+    args, rest = parser.parse_known_args(argv)
+    # Training commands take dotted recipe overrides (`--train.lr=1e-4`) beside their flags.
+    unknown = [a for a in rest if not (overrides and _DOTTED_OVERRIDE.match(a))]
+    if unknown:
+        command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if overrides:
         args.overrides = rest
-    else:
-        args = parser.parse_args(argv)
     args.argv = ["shoal", *argv]  # what the user typed, for launchers and provenance records
     try:
         return int(module.main(args) or 0)

@@ -73,10 +73,16 @@ def recipe_path(name: str) -> Path:
     return Path(str(shipped))
 
 
-def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+# Seed flags a stage does not offer: pretraining trains no adapters.
+STAGE_EXCLUDED_FLAGS: dict[str, set[str]] = {"pretrain": {"--peft"}}
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, stage: str | None = None) -> None:
     parser.add_argument("--recipe", "-r", help="recipe name (shoal/recipes/NAME.yaml) or YAML file; "
                                                "default: the --model preset's recipe")
     for flags, _key, options in SEED_FLAGS:
+        if flags[0] in STAGE_EXCLUDED_FLAGS.get(stage or "", set()):
+            continue
         dest = flags[0].lstrip("-")
         parser.add_argument(*flags, dest=dest, **({"default": None} | options))
     parser.add_argument("--hf_token", help="Hugging Face token (or HF_TOKEN); never saved")

@@ -24,7 +24,7 @@ ACCEPTS_OVERRIDES = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_training_arguments(parser)
+    add_training_arguments(parser, stage="pretrain")
 
 
 def build_pretrain_data(recipe: Recipe, tokenizer_dir: Path | None, verbose: bool) -> Datasets:
