@@ -108,6 +108,10 @@ def demo_paths(work: Path) -> dict[str, Path]:
         "export": work / "hf_export" / "tiny-llama-sft",
         "export_lora": work / "hf_export" / "tiny-llama-lora",
         "export_base": work / "hf_export" / "tiny-llama-pretrained",
+        "prompts": work / "use" / "prompts.jsonl",
+        "answers": work / "use" / "answers.jsonl",
+        "eval_task": work / "use" / "eval_task",
+        "eval_results": work / "use" / "eval_demo_qa.json",
     }
 
 
@@ -207,11 +211,43 @@ def _run_stages(paths: dict[str, Path], pretrain_steps: int, finetune_steps: int
     if lora_steps:
         print(f"  after LoRA fine-tuning               {100 * accuracy['lora']:3.0f}%")
 
-    # --- More outputs of the finished runs go here (`shoal generate`, `shoal eval`, `shoal report`). ---
+    # Use and judge the fine-tuned checkpoint with shoal itself, without exporting it.
+    _use_and_judge(paths, rows, timings)
 
     total = time.perf_counter() - started
     print(closing_summary(paths, timings, total), flush=True)
     return {**accuracy, "seconds": total}
+
+
+# Held-out questions scored by `shoal eval` through lm-eval (its generation loop, shoal's model).
+EVAL_TASK_QUESTIONS = 30
+
+
+def _use_and_judge(paths: dict[str, Path], rows: list[dict[str, str]], timings: dict[str, float]) -> None:
+    """`shoal generate` answers a few held-out questions, `shoal eval` scores a local lm-eval task."""
+    import importlib.util
+    import json
+
+    from shoal.demo.eval_task import TASK_NAME, write_task
+
+    paths["prompts"].parent.mkdir(parents=True, exist_ok=True)
+    paths["prompts"].write_text("".join(json.dumps({"prompt": r["input"], "expected": r["output"]}, ensure_ascii=False)
+                                        + "\n" for r in rows[5:8]), encoding="utf-8")
+    finetuned = str(paths["results"] / "demo_finetuning")
+    _run("6a. answer questions with the fine-tuned checkpoint (no export needed)",
+         ["generate", "--source", finetuned, "--prompts", str(paths["prompts"]), "--chat", "--greedy",
+          "--max_new_tokens", "24", "--output", str(paths["answers"]), "--overwrite"], timings)
+    for line in paths["answers"].read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        print(f"  Q: {record.get('prompt')!r}\n  A: {record.get('completion', record.get('text'))!r} "
+              f"(expected {record.get('expected')!r})")
+    if importlib.util.find_spec("lm_eval") is None:
+        print("\n(shoal eval --tasks needs lm-eval: pip install 'shoal[eval]'; skipped)")
+        return
+    write_task(paths["eval_task"], paths["sft"] / "test.jsonl", limit=EVAL_TASK_QUESTIONS)
+    _run(f"6b. score the fine-tuned checkpoint on a local lm-eval task ({EVAL_TASK_QUESTIONS} held-out questions)",
+         ["eval", "--source", finetuned, "--tasks", TASK_NAME, "--include_path", str(paths["eval_task"]),
+          "--apply_chat_template", "--output", str(paths["eval_results"]), "--overwrite"], timings)
 
 
 def closing_summary(paths: dict[str, Path], timings: dict[str, float], total: float) -> str:
@@ -221,6 +257,10 @@ def closing_summary(paths: dict[str, Path], timings: dict[str, float], total: fl
     lines.append("\nartifacts:")
     lines += [f"  {name:14s} {path}" for name, path in paths.items() if path.exists()]
     lines.append(f"  {'metrics':14s} {paths['results']}/<experiment>/metrics.jsonl (one JSON record per logged step)")
+    reports = sorted(paths["results"].glob("*/report.html"))
+    if reports:
+        lines.append(f"  {'reports':14s} " + "\n                 ".join(str(r) for r in reports)
+                     + "  (loss, learning rate, gradient norm, throughput; shoal report EXPERIMENT)")
     lines.append(f"\ntraining curves: tensorboard --logdir {shlex.quote(str(paths['results']))}")
     lines.append("  (TensorBoard is an extra: pip install 'shoal[tensorboard]')")
     return "\n".join(lines)
