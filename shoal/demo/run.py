@@ -237,10 +237,8 @@ def _use_and_judge(paths: dict[str, Path], rows: list[dict[str, str]], timings: 
     _run("6a. answer questions with the fine-tuned checkpoint (no export needed)",
          ["generate", "--source", finetuned, "--prompts", str(paths["prompts"]), "--chat", "--greedy",
           "--max_new_tokens", "24", "--output", str(paths["answers"]), "--overwrite"], timings)
-    for line in paths["answers"].read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        print(f"  Q: {record.get('prompt')!r}\n  A: {record.get('completion', record.get('text'))!r} "
-              f"(expected {record.get('expected')!r})")
+    for row, line in zip(rows[5:8], paths["answers"].read_text(encoding="utf-8").splitlines()):
+        print(f"  Q: {row['input']!r}\n  A: {json.loads(line)['completion']!r} (expected {row['output']!r})")
     if importlib.util.find_spec("lm_eval") is None:
         print("\n(shoal eval --tasks needs lm-eval: pip install 'shoal[eval]'; skipped)")
         return
