@@ -142,10 +142,10 @@ def export_checkpoint(
         if finalize is not None:
             finalize(ckpt, tmp)
     if report is not None:
-        written = sorted({dtype_name(out_info(name).dtype) for name in plan.values()})
+        dtypes = sorted({dtype_name(out_info(disk).dtype) for disk in written})
         report(f"took {describe_checkpoint(ckpt, meta)}")
         report("adapters merged into the weights (LoRA/DoRA from peft.json)" if merging else "no adapters")
-        report(f"wrote {out}: {len(files)} safetensors file(s) in {', '.join(written)}"
+        report(f"wrote {out}: {len(files)} safetensors file(s) in {', '.join(dtypes)}"
                + ("" if dtype is not None else " (the source model's dtype; --dtype to change)"))
     return out
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from shoal.demo.run import run_demo
 
@@ -30,7 +31,8 @@ def test_demo_runs_every_stage_and_the_export_learns_the_task(tmp_path, capsys) 
         assert (work / "hf_export" / export / "config.json").exists()
     # The LoRA run is a LoRA run: its command and its adapters.
     assert "$ shoal finetune" in out and "--peft lora" in out
-    assert "method: lora" in (work / "results" / "demo_lora" / "config.yaml").read_text()
+    lora = yaml.safe_load((work / "results" / "demo_lora" / "config.yaml").read_text())["peft"]
+    assert lora["use_dora"] is False and len(lora["target_modules"]) == 7  # every linear layer
     # Learned: far above the untuned model on questions it never saw.
     assert accuracy["after"] >= accuracy["before"] + 0.2, accuracy
     assert accuracy["after"] >= 0.25, accuracy

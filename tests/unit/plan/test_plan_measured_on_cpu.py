@@ -74,9 +74,10 @@ def saved_in_layers(cfg, mode: str, batch: int, seq: int) -> int:
     """Bytes autograd saves for backward inside the decoder layers during one forward pass."""
     from shoal.distributed.parallelize import apply_activation_checkpointing
     from shoal.models.model import Transformer
+    from shoal.models.parallel_plan import DECODER_PLAN
 
     model = Transformer(cfg)
-    apply_activation_checkpointing(model, mode)
+    apply_activation_checkpointing(DECODER_PLAN.blocks(model), mode)
     inside = [False]
     for layer in model.model.layers.values():
         layer.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
