@@ -7,6 +7,7 @@ an instruction set), a checkpoint of another shape, and a local Slurm cluster.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,12 @@ import pytest
 import torch
 
 from tests.helpers.training import TrainAssets
+
+# A suite started in the background of a non-interactive shell (`make test &`) inherits SIGINT
+# ignored, and so would every process it starts: the Ctrl-C tests would then test nothing. Give
+# the session, and through it its children, Python's default handler.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

@@ -1,12 +1,12 @@
 """The experiment lock: one run at a time writes an experiment folder.
 
-Rank 0 of a run holds an advisory `fcntl.flock` on `EXPERIMENT/.lock` from before it writes
+Rank 0 of a run holds an advisory POSIX record lock (`fcntl.lockf`) on `EXPERIMENT/.lock` from before it writes
 anything into the experiment until it ends. The kernel drops the lock when the process dies,
 however it dies, so a killed run never blocks the next one; the file keeps the pid and host of
 its last holder, which is how a lock left by a dead process is recognised and reported when it is
 taken over. A second run that finds the lock held is refused at once, naming the holder.
 
-flock is advisory and local to one machine's kernel on most network file systems: two runs on
+The lock is advisory and local to one machine's kernel on most network file systems: two runs on
 two hosts sharing an NFS folder may both get it. Slurm jobs of one experiment run on one
 allocation, whose rank 0 is one process, so that case needs two jobs submitted by hand.
 """
@@ -55,7 +55,7 @@ class ExperimentLock:
                         break
             else:
                 os.ftruncate(self.fd, 0)  # a clean end: an empty file is a lock nobody left behind
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
         finally:
             os.close(self.fd)
             self.fd = None
@@ -93,7 +93,10 @@ def acquire_experiment_lock(experiment_dir: Path) -> ExperimentLock:
     except OSError as err:
         raise ShoalError(f"cannot create the experiment lock {path}: {err.strerror or err}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # A POSIX record lock, not flock: it belongs to this process alone, so a DataLoader worker
+        # forked from a run that is then killed does not keep holding it (a flock lock is shared
+        # with forked children through the open file).
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         holder = _holder(fd)
         os.close(fd)
