@@ -14,29 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from shoal.checkpoint.catalog import is_complete, list_checkpoints
 from shoal.checkpoint.lock import acquire_experiment_lock
-from tests.helpers.cli import shoal, subprocess_env
-from tests.helpers.hf_models import write_small_hf_model
+from tests.helpers.cli import subprocess_env
 from tests.helpers.training import TrainAssets, train_args
 
 RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SHOAL_LAUNCHED", "SHOAL_EXECUTOR")
-
-
-@pytest.fixture(scope="module")
-def train_assets(tmp_path_factory: pytest.TempPathFactory) -> TrainAssets:
-    """A small Llama imported with `shoal import` and a preprocessed corpus."""
-    from shoal.demo.corpus import write_pretraining_corpus
-
-    root = tmp_path_factory.mktemp("lock_assets")
-    hf = write_small_hf_model(root / "hf")
-    assert shoal("import", "--source", hf, "--output_path", root / "ckpt") == 0
-    write_pretraining_corpus(root / "corpus.jsonl", num_documents=200)
-    assert shoal("preprocess", "--input", root / "corpus.jsonl", "--json-keys", "text", "--tokenizer", root / "ckpt",
-                 "--output-prefix", root / "data" / "corpus", "--append-eod", "--workers", "1") == 0
-    return TrainAssets(root, hf, root / "ckpt", root / "data", root / "sft")
 
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -37,12 +37,12 @@ def lines_by_label(fig) -> dict[str, list]:
     return found
 
 
-def test_report_of_a_resumed_pretrain_run(pretrain_assets: TrainAssets, tmp_path: Path, capsys):
+def test_report_of_a_resumed_pretrain_run(train_assets: TrainAssets, tmp_path: Path, capsys):
     from shoal.report.figure import build_figure
     from shoal.report.run_data import load_run
 
     common = ["--checkpoint.save_interval=2", "--train.val_check_interval=2", "--checkpoint.save_top_k=2"]
-    args = lambda steps: train_args(pretrain_assets, "pretrain", tmp_path / "res", "run", "--max_steps", steps, *common)  # noqa: E731
+    args = lambda steps: train_args(train_assets, "pretrain", tmp_path / "res", "run", "--max_steps", steps, *common)  # noqa: E731
     assert shoal(*args(4)) == 0
     assert shoal(*args(6)) == 0  # the same experiment, longer: resumes from its step-4 checkpoint
     exp = tmp_path / "res" / "run"
