@@ -81,3 +81,29 @@ def read_dcp(folder: Path, scratch: Path) -> dict[str, torch.Tensor]:
     state = torch.load(scratch, weights_only=True)
     scratch.unlink()
     return state
+
+
+def write_seed_world(root: Path, preset: str, checkpoint_name: str, assets: TrainAssets) -> Path:
+    """The seed's folders for a dry run: `nemo_ckpt/NAME` (the preset's shoal.json, the assets'
+    tokenizer, one stand-in tensor: a dry run reads no weights), a corpus long enough for the seed's
+    100 × 2048 × 8192-token run in `data/custom_dataset/preprocessed/`, and the SFT set in `data/alpaca`."""
+    import shutil
+
+    import numpy as np
+
+    from shoal.checkpoint.format import save_model_state, write_metadata
+    from shoal.data.indexed import IndexedDatasetWriter
+    from shoal.models.presets import get_preset
+
+    ckpt = root / "nemo_ckpt" / checkpoint_name
+    save_model_state({"model.norm.weight": torch.ones(4)}, ckpt / "model")
+    write_metadata(ckpt, get_preset(preset), "bfloat16")
+    shutil.copytree(assets.checkpoint / "tokenizer", ckpt / "tokenizer")
+    data = root / "data" / "custom_dataset" / "preprocessed"
+    data.mkdir(parents=True)
+    with IndexedDatasetWriter(data / "wikinews_text_document", dtype=np.int32) as writer:
+        rng = np.random.default_rng(0)
+        for _ in range(8):
+            writer.add_document(rng.integers(0, 1000, size=1_000_000))
+    shutil.copytree(assets.sft_dir, root / "data" / "alpaca")
+    return root

@@ -12,19 +12,15 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 import yaml
 
-from shoal.checkpoint.format import save_model_state, write_metadata
 from shoal.config.recipe import TrainSection
-from shoal.data.indexed import IndexedDatasetWriter
 from shoal.models.presets import get_preset
 from shoal.train.run_plan import validation_interval, warmup_steps
 from shoal.train.schedule import lr_at
 from tests.helpers.cli import shoal
-from tests.helpers.training import TrainAssets, read_metrics, train_args, val_records
+from tests.helpers.training import TrainAssets, read_metrics, train_args, val_records, write_seed_world
 
 SEED_PRETRAIN = [
     "pretrain", "--executor", "local", "--experiment", "llama31_pretraining", "--num_nodes", "1", "--num_gpus", "8",
@@ -43,19 +39,7 @@ SEED_FINETUNE = [
 def seed_world(tmp_path_factory: pytest.TempPathFactory, train_assets: TrainAssets) -> Path:
     """An "imported Llama-3.1-8B" (its shoal.json and tokenizer; one stand-in tensor, since a dry run
     reads no weights), a corpus long enough for the seed's 100 × 2048 × 8192-token run, and the SFT set."""
-    root = tmp_path_factory.mktemp("seed_world")
-    ckpt = root / "nemo_ckpt" / "Llama-3.1-8B-Instruct"
-    save_model_state({"model.norm.weight": torch.ones(4)}, ckpt / "model")
-    write_metadata(ckpt, get_preset("llama31_8b"), "bfloat16")
-    shutil.copytree(train_assets.checkpoint / "tokenizer", ckpt / "tokenizer")
-    data = root / "data" / "custom_dataset" / "preprocessed"
-    data.mkdir(parents=True)
-    with IndexedDatasetWriter(data / "wikinews_text_document", dtype=np.int32) as writer:
-        rng = np.random.default_rng(0)
-        for _ in range(8):
-            writer.add_document(rng.integers(0, 1000, size=1_000_000))
-    shutil.copytree(train_assets.sft_dir, root / "data" / "alpaca")
-    return root
+    return write_seed_world(tmp_path_factory.mktemp("seed_world"), "llama31_8b", "Llama-3.1-8B-Instruct", train_assets)
 
 
 def dry_run(monkeypatch, root: Path, argv: list[str], capsys) -> tuple[dict, str]:

@@ -10,17 +10,14 @@ Trainer does); `peft.PeftModel` and `transformers` loading shoal's exports.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from shoal.checkpoint.format import save_model_state, write_metadata
-from shoal.models.presets import get_preset
 from tests.helpers.cli import shoal
-from tests.helpers.training import TrainAssets, read_dcp, train_args, train_records
+from tests.helpers.training import TrainAssets, read_dcp, train_args, train_records, write_seed_world
 
 STEPS, GBS, MBS, SEQ = 4, 4, 2, 32
 LR, WEIGHT_DECAY, BETAS, EPS = 5e-3, 0.5, (0.9, 0.95), 1e-8
@@ -182,22 +179,7 @@ SEED_MOE_PRETRAIN = [
 @pytest.fixture(scope="module")
 def seed_moe_world(tmp_path_factory, train_assets: TrainAssets) -> Path:
     """An "imported Qwen3-30B-A3B": its shoal.json and a tokenizer (a dry run reads no weights)."""
-    import numpy as np
-
-    from shoal.data.indexed import IndexedDatasetWriter
-
-    root = tmp_path_factory.mktemp("seed_moe")
-    ckpt = root / "nemo_ckpt" / "Qwen3-30B-A3B"
-    save_model_state({"model.norm.weight": torch.ones(4)}, ckpt / "model")
-    write_metadata(ckpt, get_preset("qwen3_30b_a3b"), "bfloat16")
-    shutil.copytree(train_assets.checkpoint / "tokenizer", ckpt / "tokenizer")
-    data = root / "data" / "custom_dataset" / "preprocessed"
-    data.mkdir(parents=True)
-    with IndexedDatasetWriter(data / "wikinews_text_document", dtype=np.int32) as writer:
-        rng = np.random.default_rng(0)
-        for _ in range(8):
-            writer.add_document(rng.integers(0, 1000, size=1_000_000))
-    return root
+    return write_seed_world(tmp_path_factory.mktemp("seed_moe"), "qwen3_30b_a3b", "Qwen3-30B-A3B", train_assets)
 
 
 def test_seed_command_line_with_qwen3_30b_a3b_resolves(seed_moe_world, monkeypatch, capsys):
