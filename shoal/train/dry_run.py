@@ -18,6 +18,7 @@ from shoal.config.loader import to_dict
 from shoal.config.recipe import Recipe
 from shoal.config.resolve import experiment_dir
 from shoal.distributed import check_parallel_layout
+from shoal.distributed.layout_checks import data_parallel_sizes
 from shoal.errors import ShoalError
 from shoal.train.run_plan import plan_run
 from shoal.train.start import check_start, find_start
@@ -51,7 +52,8 @@ def dry_run(recipe: Recipe, make_datasets, argv: list[str] | None) -> int:
     devices = _check_devices(recipe)
     datasets = make_datasets(recipe, start.tokenizer_dir, True)
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
-    dp = world // (tp * pp * cp)
+    replicas, shards = data_parallel_sizes(p, world)  # the sizes the ranks' mesh will have
+    dp = replicas * shards
     plan = plan_run(t, recipe.stage, datasets.max_steps, recipe.data.seq_length, dp, len(datasets.train))
 
     print(f"# shoal {recipe.stage} --dryrun: nothing is started. The resolved recipe (config.yaml):", file=out)
