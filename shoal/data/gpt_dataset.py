@@ -396,7 +396,8 @@ def _gpt_indices_consistent(arrays: dict[str, np.ndarray]) -> bool:
 # Building the three splits from the user's paths
 
 
-def _is_number(text: str | float) -> bool:
+def is_blend_weight(text: str | float) -> bool:
+    """Whether an item of a `--dataset_path` list is a weight of Megatron's `[w1, p1, ...]` form."""
     try:
         float(text)
     except (TypeError, ValueError):
@@ -440,7 +441,7 @@ def parse_blend(paths: Sequence[str | float]) -> tuple[list[str], list[float] | 
     items = list(paths)
     if not items:
         raise ShoalError("no pretraining dataset given (expected --dataset_path PREFIX or DIR)")
-    weighted = len(items) % 2 == 0 and all(_is_number(w) for w in items[0::2])
+    weighted = len(items) % 2 == 0 and all(is_blend_weight(w) for w in items[0::2])
     if not weighted:
         return [p for item in items for p in prefixes_in(str(item))], None
     prefixes, weights = [], []

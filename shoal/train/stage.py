@@ -7,6 +7,7 @@ from pathlib import Path
 
 from shoal.config.recipe import Recipe
 from shoal.config.resolve import experiment_dir
+from shoal.data.gpt_dataset import is_blend_weight
 from shoal.errors import ShoalError
 from shoal.train.runtime import finish_distributed, setup_runtime
 from shoal.train.trainer import DatasetBuilder, train
@@ -21,7 +22,7 @@ def run_stage(recipe: Recipe, make_datasets, argv: list[str] | None = None) -> i
     from shoal.launch import maybe_launch
 
     for path in recipe.data.dataset_path:  # fail before any process starts, not inside every rank
-        if not _is_number(path) and not Path(path).exists() and not Path(path + ".idx").exists():
+        if not is_blend_weight(path) and not Path(path).exists() and not Path(path + ".idx").exists():
             raise ShoalError(f"--dataset_path {path} does not exist")
     if recipe.launch.dryrun:
         from shoal.train.dry_run import dry_run
@@ -38,11 +39,3 @@ def run_stage(recipe: Recipe, make_datasets, argv: list[str] | None = None) -> i
     train(recipe, runtime, builder, argv)
     finish_distributed()
     return 0
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
