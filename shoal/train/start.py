@@ -88,7 +88,10 @@ def find_start(model: ModelSection, checkpoint: CheckpointSection, experiment_di
         extra.setdefault("source_dtype", meta["dtype"])
         tok_dir = ckpt / ckpt_format.TOKENIZER_DIR
         has_tokenizer = tok_dir.is_dir() and bool(ckpt_format.tokenizer_files(tok_dir))
-        base_path, base, notes = _base_of_start(ckpt, meta, resume is not None, checkpoint.base)
+        override = checkpoint.base
+        if override is None and resume is not None and weights is not None and _moved_base_is(weights, ckpt):
+            override = str(weights)  # resuming with --nemo_model naming the base where it now is
+        base_path, base, notes = _base_of_start(ckpt, meta, resume is not None, override)
         if resume is None and base_path is not None:
             weights = base_path  # an adapter-only start: its base's weights, the adapters start anew
         return StartPoint(cfg, resume, None if resume else weights, tok_dir if has_tokenizer else None,
@@ -97,6 +100,19 @@ def find_start(model: ModelSection, checkpoint: CheckpointSection, experiment_di
     if model.preset:
         return StartPoint(get_preset(model.preset))
     raise ShoalError("no model to train: pass --nemo_model CKPT (an imported checkpoint) or --model PRESET")
+
+
+def _moved_base_is(candidate: Path, ckpt: Path) -> bool:
+    """Whether an adapter-only `ckpt`'s recorded base is gone or changed while `candidate` is it."""
+    try:
+        resolve_base(ckpt)
+        return False
+    except ShoalError:
+        pass
+    try:
+        return resolve_base(ckpt, candidate) is not None
+    except ShoalError:
+        return False
 
 
 def _base_of_start(ckpt: Path, meta: dict[str, Any], resuming: bool, override: str | None
