@@ -32,8 +32,8 @@ from shoal.checkpoint.format import METADATA_FILE, MODEL_DIR, SafeFileSystemRead
 from shoal.errors import ShoalError
 
 BASE_KEY = "base"
-HOW_TO_POINT = ("if the base was moved, pass its new place with --base_checkpoint PATH (export, generate, chat, "
-                "eval) or --checkpoint.base=PATH (training)")
+POINT_AT_IT = ("pass its new place with --base_checkpoint PATH (export, generate, chat, eval) or "
+               "--checkpoint.base=PATH (training; when resuming, --nemo_model PATH does too)")
 
 
 def fingerprint(ckpt: Path) -> dict[str, Any]:
@@ -105,12 +105,11 @@ def resolve_base(ckpt: Path, override: str | os.PathLike | None = None) -> Path 
     intro = f"{ckpt} holds adapters only; its base checkpoint {named}"
     if not (base / METADATA_FILE).is_file() or not (base / MODEL_DIR / ".metadata").is_file():
         what = "does not exist" if not base.exists() else "is not a complete shoal checkpoint"
-        raise ShoalError(f"{intro} {what} (recorded as {ref.get('path')!r}); {HOW_TO_POINT}")
+        raise ShoalError(f"{intro} {what} (recorded as {ref.get('path')!r}); if the base was moved, {POINT_AT_IT}")
     if recorded_base(read_metadata(base), base) is not None:
         raise ShoalError(f"{intro} holds adapters only itself; a base must hold the whole model")
     differs = _differences(ref["fingerprint"], fingerprint(base))
     if differs:
         raise ShoalError(f"{intro} has changed since the adapters were trained on it: {'; '.join(differs)}. "
-                         "The adapters apply only to the weights they were trained on: restore that base, or "
-                         + HOW_TO_POINT.replace("if the base was moved, pass", "pass"))
+                         f"The adapters apply only to the weights they were trained on: restore that base, or {POINT_AT_IT}")
     return base
