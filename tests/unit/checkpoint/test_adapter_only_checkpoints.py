@@ -195,3 +195,11 @@ def test_a_moved_base_is_refused_by_every_reader_until_pointed_at(train_assets: 
     assert recorded["path"] == str(moved) and recorded["resolved"] == str(moved.resolve())
     # The resumed run's checkpoints name the base where it now is: no flag needed any more.
     assert shoal("export", "--source", exp, "--output_path", tmp_path / "resumed") == 0
+
+
+def test_full_fine_tuning_checkpoints_stay_whole(train_assets: TrainAssets, tmp_path: Path):
+    assert shoal(*train_args(train_assets, "finetune", tmp_path / "res", "full", "--max_steps", 1)) == 0
+    ckpt = last_checkpoint(tmp_path / "res" / "full")
+    start = read_dcp(train_assets.checkpoint / "model", tmp_path / "s.pt")
+    assert set(read_dcp(ckpt / "model", tmp_path / "f.pt")) == set(start)
+    assert "base" not in json.loads((ckpt / "shoal.json").read_text())
