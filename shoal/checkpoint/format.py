@@ -92,11 +92,13 @@ def write_metadata(
     progress: dict[str, int] | None = None,
     made_by: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
 ) -> Path:
     """Write `ckpt_dir/shoal.json` (atomically: a reader never sees half a file).
 
     progress: {step, consumed_samples, consumed_tokens}, zeros by default.
     made_by: {command, source, ...}; shoal_version and time are filled in when absent.
+    base: for an adapter-only checkpoint, the base it applies to (`shoal.checkpoint.base`).
     Secrets must not be passed in `made_by` or `extra`: this file is meant to be shared.
     """
     from shoal import __version__
@@ -121,6 +123,8 @@ def write_metadata(
         "made_by": made,
         "extra": dict(extra or {}),
     }
+    if base is not None:
+        meta["base"] = base
     path = Path(ckpt_dir) / METADATA_FILE
     tmp = path.with_name(f".{METADATA_FILE}.tmp")
     tmp.write_text(json.dumps(meta, indent=2) + "\n")

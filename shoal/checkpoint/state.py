@@ -5,6 +5,10 @@ model (FSDP2, TP, compile, activation checkpointing), holding DTensor shards whe
 sharded; DCP then reads or writes only this rank's pieces. That is what lets a checkpoint saved
 with one layout load into another. A model may come in several parts (this rank's pipeline
 stages), each with its own optimizer; their states are the union of the parts'.
+
+A LoRA/DoRA run saves only what trains (`trained_only`): the frozen base weights are read back
+from the base checkpoint the run started from (`shoal.checkpoint.base`), never saved from the
+training copy, which may hold them in another dtype than the base.
 """
 
 from __future__ import annotations
@@ -39,34 +43,60 @@ def _is_tied(model: nn.Module) -> bool:
     return bool(config is not None and config.tie_word_embeddings)
 
 
-def model_state(model: nn.Module) -> dict[str, Any]:
-    """The model's state dict with HF names; a tied output head is stored once, as HF does."""
+def trained_names(model: nn.Module) -> set[str]:
+    """State-dict names (wrapper prefixes removed) of the parameters that train (requires_grad)."""
+    from shoal.peft.lora import clean_name
+
+    return {clean_name(name) for name, param in model.named_parameters() if param.requires_grad}
+
+
+def model_state(model: nn.Module, trained_only: bool = False) -> dict[str, Any]:
+    """The model's state dict with HF names; a tied output head is stored once, as HF does.
+    `trained_only`: just the parameters that train (an adapter-only checkpoint's `model/`)."""
     state = get_model_state_dict(model)
     if _is_tied(model):
         state.pop(TIED_HEAD, None)
+    if trained_only:
+        keep = trained_names(model)
+        state = {k: v for k, v in state.items() if k in keep}
     return state
 
 
-def parts_model_state(parts: Sequence[nn.Module]) -> dict[str, Any]:
+def parts_model_state(parts: Sequence[nn.Module], trained_only: bool = False) -> dict[str, Any]:
     state: dict[str, Any] = {}
     for part in parts:
-        state.update(model_state(part))
+        state.update(model_state(part, trained_only))
     return state
 
 
-def load_model_into(model: nn.Module, ckpt: Path, allow_missing: tuple[str, ...] = ("lora_",)) -> None:
+def load_model_into(model: nn.Module, ckpt: Path, allow_missing: tuple[str, ...] = ("lora_",),
+                    base: str | Path | None = None) -> None:
     """Fill the model's parameters from `ckpt/model`, checking names and shapes first.
 
     Parameters whose names contain one of `allow_missing` (new adapters) may be absent from the
     checkpoint; any other difference means the checkpoint holds another model, and is refused.
+    An adapter-only checkpoint gives what it holds and its base checkpoint the rest; the base is
+    checked first (`shoal.checkpoint.base.resolve_base`; `base` overrides its recorded place).
     """
+    from shoal.checkpoint.base import resolve_base
+
+    base_ckpt = resolve_base(ckpt, base)
     saved = model_state_info(ckpt / MODEL_DIR)
+    from_base = model_state_info(base_ckpt / MODEL_DIR) if base_ckpt is not None else {}
     state = model_state(model)
-    target = {k: v for k, v in state.items() if k in saved or not any(m in k for m in allow_missing)}
-    try:
-        load_model_state(target, ckpt / MODEL_DIR)
-    except ShoalError as err:
-        raise ShoalError(f"{err} (is {ckpt} a checkpoint of another model?)") from None
+    if TIED_HEAD in state and TIED_HEAD not in from_base and "model.embed_tokens.weight" in from_base:
+        from_base = {**from_base, TIED_HEAD: from_base["model.embed_tokens.weight"]}  # retied on load
+    target = {k: v for k, v in state.items()
+              if k in saved or k in from_base or not any(m in k for m in allow_missing)}
+    own = {k: v for k, v in target.items() if k in saved or k not in from_base}
+    rest = {k: v for k, v in target.items() if k not in own}
+    for part, folder in ((own, ckpt), (rest, base_ckpt)):
+        if not part:
+            continue
+        try:
+            load_model_state(part, folder / MODEL_DIR)
+        except ShoalError as err:
+            raise ShoalError(f"{err} (is {folder} a checkpoint of another model?)") from None
     set_model_state_dict(model, target, options=StateDictOptions(strict=False))
 
 

@@ -1,7 +1,8 @@
 """Training checkpoints: one call to save (every file, then retention), one call to restore.
 
 A training checkpoint is a shoal checkpoint (`shoal.json`, `tokenizer/`, `model/`, `peft.json`
-when the model carries adapters) plus `optim/` (DCP of the optimizer state; absent with
+when the model carries adapters; a LoRA/DoRA run's `model/` holds only what trains, and
+`shoal.json` names the base checkpoint for the rest) plus `optim/` (DCP of the optimizer state; absent with
 checkpoint.save_optimizer=false) and `trainer.json` (step, data position, RNG states of every
 rank). All ranks write their shards of `model/` and `optim/` through DCP, so a checkpoint saved
 with one parallel layout loads into another. It is written under a hidden temporary name and
@@ -75,6 +76,9 @@ class CheckpointRecord:
     extra: dict[str, Any] = field(default_factory=dict)
     # The run's id, agreed by all ranks: it names the run's temporary checkpoint folders.
     run_id: str = ""
+    # A LoRA/DoRA run's base checkpoint (`shoal.checkpoint.base.base_reference`): when set, `model/`
+    # holds only the tensors that train and shoal.json names this base for the rest.
+    base: dict[str, Any] | None = None
 
 
 def _distributed() -> bool:
@@ -138,7 +142,7 @@ def save_training_checkpoint(
     _barrier()
     interrupts = _InterruptWatch()
     try:
-        save_model_state(parts_model_state(parts), tmp / MODEL_DIR)
+        save_model_state(parts_model_state(parts, trained_only=record.base is not None), tmp / MODEL_DIR)
         if optimizers is not None:
             with _dcp_errors():  # DCP's wrapped errors unwrapped (a full disk is an OSError), its notices quiet
                 dcp.save(parts_optimizer_state(parts, optimizers),
@@ -220,7 +224,7 @@ def _write_failure_message(final: Path, root: Path, err: BaseException) -> str:
 
 def _write_record(ckpt: Path, record: CheckpointRecord, progress: Progress) -> None:
     write_metadata(ckpt, record.model_config, dtype="float32", progress=progress.as_dict(),
-                   made_by=record.made_by, extra=record.extra)
+                   made_by=record.made_by, extra=record.extra, base=record.base)
     if record.tokenizer:
         write_tokenizer_snapshot(record.tokenizer, ckpt)
     if record.peft is not None:
@@ -238,12 +242,14 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
 
 
 def restore_training_checkpoint(
-    ckpt: Path, parts: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer]
+    ckpt: Path, parts: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer],
+    base: Path | None = None,
 ) -> Progress:
-    """Load the model, the optimizers and this rank's RNG state; returns where the run was."""
+    """Load the model, the optimizers and this rank's RNG state; returns where the run was.
+    `base`: where an adapter-only checkpoint's base is, when not where it records (checked)."""
     state = read_trainer_state(ckpt)
     for part in parts:
-        load_model_into(part, ckpt)
+        load_model_into(part, ckpt, base=base)
     if (ckpt / OPTIM_DIR).is_dir():
         load_optimizers_into(parts, optimizers, ckpt)
     elif _rank() == 0:

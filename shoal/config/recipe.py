@@ -98,6 +98,12 @@ class CheckpointSection:
     # False: checkpoints hold the model but not the optimizer (a third of the size for full
     # training in bf16); resuming from one restarts AdamW's moments from zero, with a warning.
     save_optimizer: bool = True
+    # LoRA/DoRA runs: checkpoints hold only what trains (and its optimizer state) and name the
+    # base checkpoint they apply to (docs/checkpoint-format.md); false: whole-model checkpoints.
+    adapter_only: bool = True
+    # Where the base of an adapter-only checkpoint now is, when it moved since it was recorded
+    # (resuming, or fine-tuning from such a checkpoint); it must be the same base, unchanged.
+    base: str | None = None
 
 
 @dataclass(frozen=True)

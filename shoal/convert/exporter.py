@@ -74,6 +74,7 @@ def export_checkpoint(
     finalize: Finalizer | None = None,
     load_budget: int = DEFAULT_LOAD_BUDGET,
     report: Callable[[str], None] | None = None,
+    base_checkpoint: str | os.PathLike | None = None,
 ) -> Path:
     """Export a shoal checkpoint (or the latest of an experiment) as a Hugging Face checkpoint.
 
@@ -86,6 +87,7 @@ def export_checkpoint(
         shoal name. Default: plain DCP reads of `model/` (adapters merged on read when peft.json exists).
     finalize: hook called as finalize(ckpt_dir, out_dir) before the output is published, to add
         files (e.g. a PEFT adapter folder); whatever it writes appears atomically with the rest.
+    base_checkpoint: where an adapter-only checkpoint's base is, when it moved (checked all the same).
     """
     ckpt = resolve_export_source(source)
     meta = read_metadata(ckpt)
@@ -94,10 +96,11 @@ def export_checkpoint(
     if target_dtype is None and source_dtype(meta) != dtype_name(meta["dtype"]):
         target_dtype = parse_dtype(source_dtype(meta), where=f"{ckpt / 'shoal.json'}: source_dtype")
     max_bytes = parse_size(max_shard_size)
-    out = check_output(output_path, overwrite, sources=(ckpt,))
+    base = _checked_base(ckpt, base_checkpoint)
+    out = check_output(output_path, overwrite, sources=(ckpt, *base))
     merging = weight_reader is None and (ckpt / "peft.json").is_file()
     if merging:
-        weight_reader = merged_weight_reader
+        weight_reader = lambda folder: merged_weight_reader(folder, *base)  # noqa: E731
     if weight_reader is None and not (ckpt / MODEL_DIR).is_dir():
         raise ShoalError(f"{ckpt}: {MODEL_DIR}/ is missing (an incomplete checkpoint?)")
     reader = weight_reader(ckpt) if weight_reader else DCPWeightReader(ckpt / MODEL_DIR)
@@ -148,6 +151,14 @@ def export_checkpoint(
         report(f"wrote {out}: {len(files)} safetensors file(s) in {', '.join(dtypes)}"
                + ("" if dtype is not None else " (the source model's dtype; --dtype to change)"))
     return out
+
+
+def _checked_base(ckpt: Path, override: str | os.PathLike | None) -> tuple[Path, ...]:
+    """(the base,) of an adapter-only checkpoint, checked before any output is made; () otherwise."""
+    from shoal.checkpoint.base import resolve_base
+
+    base = resolve_base(ckpt, override)
+    return (base,) if base is not None else ()
 
 
 def _write_shard(writer: SafetensorsWriter, written: dict[str, tuple[str, int | None]], reader: WeightReader,
@@ -216,6 +227,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base_model", "--base-model", default=None, metavar="ID|DIR",
                         help="with --adapter_only: the base_model_name_or_path to record (default: the "
                              "checkpoint's --hf_model_id or import source)")
+    parser.add_argument("--base_checkpoint", "--base-checkpoint", default=None, metavar="CKPT",
+                        help="where the base checkpoint of an adapter-only (LoRA/DoRA training) checkpoint "
+                             "now is, if it moved since training (it must be the same, unchanged)")
 
 
 def export_adapter(source: str | os.PathLike, output_path: str | os.PathLike, overwrite: bool = False,
@@ -259,5 +273,6 @@ def main(args: argparse.Namespace) -> int:
                        report=report)
     else:
         export_checkpoint(args.source, args.output_path, overwrite=args.overwrite, dtype=args.dtype,
-                          max_shard_size=args.max_shard_size, report=report)
+                          max_shard_size=args.max_shard_size, report=report,
+                          base_checkpoint=getattr(args, "base_checkpoint", None))
     return 0

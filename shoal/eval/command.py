@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shoal checkpoint, experiment (its latest checkpoint) or Hugging Face model folder")
     parser.add_argument("--checkpoint", default="latest", choices=["latest", "best"],
                         help="for an experiment: its latest checkpoint (default) or the best by validation loss")
+    parser.add_argument("--base_checkpoint", "--base-checkpoint", default=None, metavar="CKPT",
+                        help="where the base checkpoint of an adapter-only (LoRA/DoRA training) checkpoint "
+                             "now is, if it moved since training (it must be the same, unchanged)")
     parser.add_argument("--dataset_path", "--dataset-path", dest="dataset_path", nargs="+", default=None,
                         help="loss mode: .bin/.idx folder or prefix(es), or a fine-tuning folder of JSONL splits")
     parser.add_argument("--tasks", default=None, help="lm-eval mode: comma-separated task, group or tag names")
@@ -91,7 +94,8 @@ def run_harness(args: argparse.Namespace) -> int:
     if args.include_path and not Path(args.include_path).is_dir():
         raise ShoalError(f"--include_path {args.include_path}: no such folder")
     output = check_output_file(args.output, args.overwrite)
-    loaded = load_for_generation(args.source, device=args.device, dtype=args.dtype, which=args.checkpoint)
+    loaded = load_for_generation(args.source, device=args.device, dtype=args.dtype, which=args.checkpoint,
+                                 base=args.base_checkpoint)
     for note in loaded.notes:
         print(f"shoal eval: {note}", file=sys.stderr)
     print(f"shoal eval: {loaded.description}", file=sys.stderr)
@@ -122,7 +126,8 @@ def main(args: argparse.Namespace) -> int:
     if args.max_samples is not None and args.max_samples < 1:
         raise ShoalError(f"--max_samples must be >= 1, got {args.max_samples}")
     output = check_output_file(args.output, args.overwrite)
-    loaded = load_for_generation(args.source, device=args.device, dtype=args.dtype, which=args.checkpoint)
+    loaded = load_for_generation(args.source, device=args.device, dtype=args.dtype, which=args.checkpoint,
+                                 base=args.base_checkpoint)
     for note in loaded.notes:
         print(f"shoal eval: {note}", file=sys.stderr)
     print(f"shoal eval: {loaded.description}", file=sys.stderr)

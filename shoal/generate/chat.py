@@ -45,7 +45,8 @@ def main(args: argparse.Namespace) -> int:
     from shoal.generate.prompts import apply_chat_template
     from shoal.generate.stream import TextStream
 
-    loaded = load_for_generation(args.source, device=args.device, dtype=args.dtype, which=args.checkpoint)
+    loaded = load_for_generation(args.source, device=args.device, dtype=args.dtype, which=args.checkpoint,
+                                 base=args.base_checkpoint)
     settings = sampling_settings(args, loaded.generation_config)
     stops = loaded.stop_token_ids(chat=True)
     tokenizer = loaded.tokenizer

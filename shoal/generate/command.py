@@ -32,6 +32,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shoal checkpoint, experiment (its latest checkpoint) or Hugging Face model folder")
     parser.add_argument("--checkpoint", default="latest", choices=["latest", "best"],
                         help="for an experiment: its latest checkpoint (default) or the best by validation loss")
+    parser.add_argument("--base_checkpoint", "--base-checkpoint", default=None, metavar="CKPT",
+                        help="where the base checkpoint of an adapter-only (LoRA/DoRA training) checkpoint "
+                             "now is, if it moved since training (it must be the same, unchanged)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", default=None, help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
     parser.add_argument("--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int,
@@ -134,7 +137,8 @@ def main(args: argparse.Namespace) -> int:
         raise ShoalError(f"--batch_size must be >= 1, got {args.batch_size}")
     prompts = collect_prompts(args)
     output = check_output_file(args.output, args.overwrite)
-    loaded = load_for_generation(args.source, device=args.device, dtype=args.dtype, which=args.checkpoint)
+    loaded = load_for_generation(args.source, device=args.device, dtype=args.dtype, which=args.checkpoint,
+                                 base=args.base_checkpoint)
     settings = sampling_settings(args, loaded.generation_config)
     stops = loaded.stop_token_ids(chat=args.chat or any(p.messages is not None for p in prompts))
     for note in loaded.notes:

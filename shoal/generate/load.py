@@ -2,7 +2,8 @@
 latest checkpoint) or a Hugging Face model folder (converted in memory, nothing written).
 
 A checkpoint that carries LoRA/DoRA adapters (`peft.json`) is built with the adapters swapped in,
-loaded, then merged in memory: the same weights `shoal export` would write, with no file written.
+loaded, then merged in memory: the same weights `shoal export` would write, with no file written
+(an adapter-only training checkpoint reads its frozen weights from its base checkpoint, checked).
 Weights are loaded straight into the model's dtype on its device (built on the meta device first,
 so no copy is made in another dtype).
 """
@@ -119,7 +120,8 @@ def _load_hf_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> t
     return model, generation
 
 
-def _load_checkpoint(ckpt: Path, device: torch.device, dtype: torch.dtype) -> tuple[Transformer, dict, bool]:
+def _load_checkpoint(ckpt: Path, device: torch.device, dtype: torch.dtype,
+                     base: str | os.PathLike | None = None) -> tuple[Transformer, dict, bool]:
     from shoal.checkpoint.state import load_model_into
     from shoal.convert.exporter import generation_config
 
@@ -133,7 +135,8 @@ def _load_checkpoint(ckpt: Path, device: torch.device, dtype: torch.dtype) -> tu
     if not (ckpt / "model").is_dir():
         raise ShoalError(f"{ckpt}: model/ is missing (an incomplete checkpoint?)")
     model = empty_model(cfg, device, dtype, peft)
-    load_model_into(model, ckpt, allow_missing=())  # adapters too: every tensor must be there
+    # Adapters too: every tensor must be there (an adapter-only checkpoint's base gives the rest).
+    load_model_into(model, ckpt, allow_missing=(), base=base)
     if peft is not None:
         from shoal.peft import merge_lora
 
@@ -142,8 +145,9 @@ def _load_checkpoint(ckpt: Path, device: torch.device, dtype: torch.dtype) -> tu
 
 
 def load_for_generation(source: str | os.PathLike, device: str = "auto", dtype: str | None = None,
-                        which: str = "latest") -> LoadedModel:
-    """Load what `--source` names for generation; `description` says what was picked."""
+                        which: str = "latest", base: str | os.PathLike | None = None) -> LoadedModel:
+    """Load what `--source` names for generation; `description` says what was picked.
+    `base`: where an adapter-only checkpoint's base checkpoint is, when it moved (checked)."""
     from shoal.data.tokenizer import load_tokenizer
 
     path = Path(source).expanduser()
@@ -158,7 +162,7 @@ def load_for_generation(source: str | os.PathLike, device: str = "auto", dtype: 
         ckpt = resolve_source_checkpoint(path, which)
         if not is_checkpoint(path):
             notes.append(f"{path} is an experiment; using its {which} checkpoint {ckpt.name}")
-        model, generation, adapted = _load_checkpoint(ckpt, target, weights_dtype)
+        model, generation, adapted = _load_checkpoint(ckpt, target, weights_dtype, base)
         if not (ckpt / "tokenizer").is_dir():
             raise ShoalError(f"{ckpt} has no tokenizer/ folder, so its prompts cannot be tokenized")
         tokenizer = load_tokenizer(ckpt)

@@ -19,7 +19,7 @@ from typing import Any
 from shoal.errors import ShoalError
 from shoal.models import ModelConfig
 from shoal.plan.counts import ParamCounts, count_parameters
-from shoal.plan.estimate import Estimate, Workload
+from shoal.plan.estimate import Estimate, Workload, saved_weight_bytes
 from shoal.plan.hardware import GIB, GPUS, GpuKind, gpu_kind
 from shoal.plan.layouts import Candidate, better_layouts, plan_layout
 
@@ -103,7 +103,8 @@ def build_plan(recipe, stage: str, gpu: GpuKind, num_tokens: float | None = None
     work = Workload(stage=stage, seq_length=recipe.data.seq_length, micro_batch_size=recipe.train.micro_batch_size,
                     global_batch_size=recipe.train.global_batch_size, precision=precision,
                     compile=recipe.parallel.compile, peft=method, peft_rank=rank,
-                    save_optimizer=recipe.checkpoint.save_optimizer)
+                    save_optimizer=recipe.checkpoint.save_optimizer,
+                    adapter_only_checkpoints=recipe.checkpoint.adapter_only)
     world = recipe.launch.world_size
     steps, steps_source = _steps(recipe, stage, num_tokens)
     notes = []
@@ -175,9 +176,10 @@ def render_text(plan: Plan) -> str:
                        "(training steps only; validation and checkpoint writes not counted)")
         else:
             out.append(f"run: length {plan.steps_source}")
-        weights = 4 * c.total
-        out.append(f"checkpoint on disk: {est.checkpoint_bytes / 1e9:.1f} GB "
-                   f"(fp32 weights {weights / 1e9:.1f} GB" + (f" + optimizer {(est.checkpoint_bytes - weights) / 1e9:.1f} GB)"
+        weights = saved_weight_bytes(c, w)
+        what = "fp32 weights" if weights == 4 * c.total else "fp32 adapters (the base is not copied)"
+        out.append(f"checkpoint on disk: {est.checkpoint_bytes / 1e9:.2f} GB "
+                   f"({what} {weights / 1e9:.2f} GB" + (f" + optimizer {(est.checkpoint_bytes - weights) / 1e9:.2f} GB)"
                                                                if est.checkpoint_bytes > weights else ")"))
         out += [f"  note: {n}" for n in m.notes + plan.notes]
     if plan.alternatives:

@@ -62,6 +62,8 @@ class Workload:
     peft: str = "none"
     peft_rank: int = 16
     save_optimizer: bool = True
+    # LoRA/DoRA checkpoints hold only what trains (checkpoint.adapter_only); the base stays where it is.
+    adapter_only_checkpoints: bool = True
 
 
 @dataclass(frozen=True)
@@ -369,10 +371,17 @@ class Estimate:
     run_seconds: float | None
 
 
+def saved_weight_bytes(counts: ParamCounts, work: Workload) -> float:
+    """The fp32 weights a training checkpoint holds (DCP, a tied embedding once): every one, or for
+    a LoRA/DoRA run's adapter-only checkpoints only the trainable ones."""
+    adapter_only = work.peft != "none" and work.adapter_only_checkpoints
+    return 4 * (counts.trainable if adapter_only else counts.total)
+
+
 def checkpoint_bytes(counts: ParamCounts, work: Workload) -> float:
-    """On disk: the fp32 weights (DCP, a tied embedding once), plus AdamW's two fp32 moments per
-    trainable parameter when checkpoint.save_optimizer is on."""
-    return 4 * counts.total + (8 * counts.trainable if work.save_optimizer else 0)
+    """On disk: the saved fp32 weights, plus AdamW's two fp32 moments per trainable parameter
+    when checkpoint.save_optimizer is on."""
+    return saved_weight_bytes(counts, work) + (8 * counts.trainable if work.save_optimizer else 0)
 
 
 def estimate(cfg: ModelConfig, counts: ParamCounts, layout: Layout, work: Workload, gpu: GpuKind,

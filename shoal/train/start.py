@@ -2,8 +2,9 @@
 
 Everything a run needs to know about its start is read here once, before data or model are built:
 the model's shape (checked against `--model` and `--seq_length`), the tokenizer (its bytes, which
-every checkpoint of the run will carry), and what the start checkpoint recorded that the run's
-checkpoints must keep (generation config, the source model's dtype).
+every checkpoint of the run will carry), what the start checkpoint recorded that the run's
+checkpoints must keep (generation config, the source model's dtype), and the base checkpoint a
+LoRA/DoRA run's adapter-only checkpoints refer to (checked here, before anything is built).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.checkpoint import format as ckpt_format
+from shoal.checkpoint.base import base_reference, recorded_base, resolve_base
 from shoal.checkpoint.catalog import CheckpointInfo, latest_checkpoint, resolve_checkpoint
 from shoal.checkpoint.runs import check_new_run, check_resumed_settings, segment_settings
 from shoal.config.recipe import CheckpointSection, ModelSection, Recipe
@@ -31,6 +33,11 @@ class StartPoint:
     tokenizer_dir: Path | None = None  # for building the data, read before any checkpoint is saved
     tokenizer: dict[str, bytes] | None = None  # copied into every checkpoint of the run
     extra: dict[str, Any] = field(default_factory=dict)
+    # The base an adapter-only checkpoint of this run would name (`shoal.checkpoint.base`): the
+    # given weights, or the base of an adapter-only start; None when resuming a self-contained one.
+    base: dict[str, Any] | None = None
+    base_path: Path | None = None  # that base, checked; where a resumed adapter-only checkpoint's base is
+    notes: tuple[str, ...] = ()  # said once by the run's first rank
 
     @property
     def checkpoint(self) -> Path | None:
@@ -81,11 +88,51 @@ def find_start(model: ModelSection, checkpoint: CheckpointSection, experiment_di
         extra.setdefault("source_dtype", meta["dtype"])
         tok_dir = ckpt / ckpt_format.TOKENIZER_DIR
         has_tokenizer = tok_dir.is_dir() and bool(ckpt_format.tokenizer_files(tok_dir))
+        override = checkpoint.base
+        if override is None and resume is not None and weights is not None and _moved_base_is(weights, ckpt):
+            override = str(weights)  # resuming with --nemo_model naming the base where it now is
+        base_path, base, notes = _base_of_start(ckpt, meta, resume is not None, override)
+        if resume is None and base_path is not None:
+            weights = base_path  # an adapter-only start: its base's weights, the adapters start anew
         return StartPoint(cfg, resume, None if resume else weights, tok_dir if has_tokenizer else None,
-                          ckpt_format.snapshot_tokenizer(ckpt) if has_tokenizer else None, extra)
+                          ckpt_format.snapshot_tokenizer(ckpt) if has_tokenizer else None, extra,
+                          base, base_path, notes)
     if model.preset:
         return StartPoint(get_preset(model.preset))
     raise ShoalError("no model to train: pass --nemo_model CKPT (an imported checkpoint) or --model PRESET")
+
+
+def _moved_base_is(candidate: Path, ckpt: Path) -> bool:
+    """Whether an adapter-only `ckpt`'s recorded base is gone or changed while `candidate` is it."""
+    try:
+        resolve_base(ckpt)
+        return False
+    except ShoalError:
+        pass
+    try:
+        return resolve_base(ckpt, candidate) is not None
+    except ShoalError:
+        return False
+
+
+def _base_of_start(ckpt: Path, meta: dict[str, Any], resuming: bool, override: str | None
+                   ) -> tuple[Path | None, dict[str, Any] | None, tuple[str, ...]]:
+    """(checked base path, reference for the run's checkpoints, notes) of a start checkpoint.
+
+    An adapter-only checkpoint passes its base on (checked, or moved to `override`); a
+    self-contained one given as weights is the base itself. A resumed self-contained checkpoint
+    (a LoRA run saved before adapter-only checkpoints) has none: its run goes on saving whole ones.
+    """
+    base_path = resolve_base(ckpt, override)
+    if base_path is None:
+        return None, (None if resuming else base_reference(ckpt)), ()
+    recorded = recorded_base(meta, ckpt)
+    given = override if override is not None else recorded.get("path", recorded["resolved"])
+    notes = () if resuming else (
+        f"{ckpt} holds adapters only: this run starts from the weights of its base {base_path}; its adapters "
+        "are not merged in (as for a self-contained LoRA checkpoint). To continue from the adapted model, "
+        "export it merged and import the export",)
+    return base_path, base_reference(base_path, given), notes
 
 
 def check_start(start: StartPoint, seq_length: int) -> None:

@@ -81,7 +81,8 @@ def _train(recipe: Recipe, runtime: Runtime, build_datasets: DatasetBuilder, arg
     )
     progress = Progress()
     if start.resume is not None:
-        progress = restore_training_checkpoint(start.resume.path, engine.parts, engine.optimizers)
+        progress = restore_training_checkpoint(start.resume.path, engine.parts, engine.optimizers,
+                                               base=start.base_path)
         if runtime.is_main:
             print(f"shoal: resuming {exp} from {start.resume.path.name} (step {progress.step})", file=sys.stderr)
     if progress.step >= datasets.max_steps:
@@ -117,7 +118,11 @@ def _announce(recipe: Recipe, start: StartPoint, datasets: Datasets, plan: RunPl
         origin = f"random weights of preset {recipe.model.preset}"
     print(f"shoal: {recipe.stage} from {origin}", file=sys.stderr)
     print(f"shoal: plan: {plan.summary()}", file=sys.stderr)
-    for note in plan.notes:
+    base = _adapter_checkpoint_base(recipe, start)
+    if base is not None:
+        print(f"shoal: note: checkpoints hold the adapters only and apply to the base checkpoint {base['resolved']}: "
+              "keep it where it is (or --checkpoint.adapter_only=false for whole-model checkpoints)", file=sys.stderr)
+    for note in (*start.notes, *plan.notes):
         print(f"shoal: note: {note}", file=sys.stderr)
     valid = datasets.valid
     if valid is not None and len(valid):
@@ -149,7 +154,13 @@ def _checkpoint_record(recipe: Recipe, start: StartPoint, datasets: Datasets, ar
     made_by = {"shoal": __version__, "command": " ".join(redact_argv(argv)), "stage": recipe.stage,
                "source": str(start.checkpoint) if start.checkpoint else None,
                "hf_model_id": recipe.model.hf_model_id}
-    return CheckpointRecord(start.model_config, start.tokenizer, recipe.peft, made_by, start.extra)
+    return CheckpointRecord(start.model_config, start.tokenizer, recipe.peft, made_by, start.extra,
+                            base=_adapter_checkpoint_base(recipe, start))
+
+
+def _adapter_checkpoint_base(recipe: Recipe, start: StartPoint) -> dict[str, Any] | None:
+    """The base a LoRA/DoRA run's checkpoints name, holding only what trains; None: whole checkpoints."""
+    return start.base if recipe.peft is not None and recipe.checkpoint.adapter_only else None
 
 
 def _metrics_logger(recipe: Recipe, exp: Path, runtime: Runtime, max_steps: int, step: int) -> MetricsLogger:

@@ -231,17 +231,13 @@ def test_adapter_finetune_under_tensor_parallel_matches_one_process(runs: Runs, 
     assert_same_curve(got, one, list(range(1, STEPS + 1)))
 
     # The trained adapters equal the one-process ones: AdamW at lr 1e-2 moves them by ~1e-2 a step,
-    # reordered fp32 sums by ~1e-6. The frozen base weights are saved unchanged, bit for bit.
+    # reordered fp32 sums by ~1e-6. Only they are saved: the frozen base stays in its checkpoint.
     mine = read_dcp(final_checkpoint(got) / "model", tmp_path / "mine.pt")
     theirs = read_dcp(final_checkpoint(one) / "model", tmp_path / "theirs.pt")
-    start = read_dcp(runs.assets.checkpoint / "model", tmp_path / "start.pt")
     assert sorted(mine) == sorted(theirs)
-    assert {k for k in mine if ".lora_" not in k} == set(start)
+    assert mine and all(".lora_" in k for k in mine)
     for key, value in theirs.items():
-        if ".lora_" in key:
-            torch.testing.assert_close(mine[key], value, rtol=0, atol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
-        else:
-            assert torch.equal(mine[key], start[key]), f"{key} changed, but only adapters train"
+        torch.testing.assert_close(mine[key], value, rtol=0, atol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
 
     # What a user takes away is the same: the merged Hugging Face model and the PEFT adapter.
     for flags in ([], ["--adapter_only"]):

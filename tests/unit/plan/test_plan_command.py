@@ -71,6 +71,14 @@ def test_seed_pretraining_command(tmp_path, monkeypatch):
 def test_seed_finetuning_command_and_a_benchmarked_layout():
     rc, text, _ = plan("finetune", *SEED_FINETUNE, "--gpu", "h200")
     assert rc == 0 and "lora, rank 32" in text and "fits" in text
+    # Its checkpoints hold the adapters only: rank 32 on the 7 projections of 32 layers (shapes of
+    # Llama-3.1-8B: hidden 4096, kv 1024, MLP 14336), in fp32 with AdamW's two fp32 moments.
+    adapters = 32 * 32 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
+    rc, out, _ = plan("finetune", *SEED_FINETUNE, "--gpu", "h200", "--json")
+    assert json.loads(out)["estimate"]["checkpoint_bytes"] == 12 * adapters
+    assert "checkpoint on disk: 1.01 GB (fp32 adapters (the base is not copied) 0.34 GB + optimizer 0.67 GB)" in text
+    rc, out, _ = plan("finetune", *SEED_FINETUNE, "--checkpoint.adapter_only=false", "--gpu", "h200", "--json")
+    assert json.loads(out)["estimate"]["checkpoint_bytes"] > 32e9  # the whole model's fp32 weights
     # The benchmarked LoRA run (TP2 × DP2 on 4 × H200): its own figure is the reference, and the
     # memory is within the planner's ±10% target of the 16.3 GiB measured.
     # The benchmark ran before the seed's fine-tuning defaults (seq 8192, every linear layer) were shoal's.

@@ -1,0 +1,115 @@
+"""The base checkpoint an adapter-only checkpoint applies to: how it is recorded, found and checked.
+
+A LoRA/DoRA training checkpoint holds only what trains (adapters, DoRA magnitudes) and its
+optimizer state; the frozen base weights stay in the checkpoint the run started from. Its
+`shoal.json` names that base under the key `base`:
+
+    "base": {"path": "nemo_ckpt/Llama-3.1-8B-Instruct",            (as the user gave it)
+             "resolved": "/data/nemo_ckpt/Llama-3.1-8B-Instruct",  (absolute, symlinks resolved)
+             "fingerprint": {"metadata_sha256": "...", "files": {"__0_0.distcp": 16060522688}}}
+
+The fingerprint is the SHA-256 of the base's `model/.metadata` plus the size of every file it
+names. It is cheap (the metadata is kilobytes, sizes need no read) and sensitive: DCP writes a
+new random `save_id` into `.metadata` on every save, so a re-import, a re-save or another model
+at the same path changes it, and a truncated data file changes a size, while a `mv` or `cp -r`
+of the base keeps it (file dates are left out for that reason). The base's `shoal.json` is not
+hashed: it holds the time it was made and nothing about the weights that `.metadata` lacks.
+
+Readers find the base at `override` (the `--checkpoint.base=PATH` key of a training run, the
+`--base_checkpoint PATH` flag of export, generate, chat and eval) when given, else at the recorded
+`resolved` path; either way the fingerprint must match, or a ShoalError names the base and what
+differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from shoal.checkpoint.format import METADATA_FILE, MODEL_DIR, SafeFileSystemReader, read_metadata
+from shoal.errors import ShoalError
+
+BASE_KEY = "base"
+POINT_AT_IT = ("pass its new place with --base_checkpoint PATH (export, generate, chat, eval) or "
+               "--checkpoint.base=PATH (training; when resuming, --nemo_model PATH does too)")
+
+
+def fingerprint(ckpt: Path) -> dict[str, Any]:
+    """{metadata_sha256, files: {data file: size}} of a checkpoint's `model/` (see the module docstring)."""
+    model = Path(ckpt) / MODEL_DIR
+    try:
+        digest = hashlib.sha256((model / ".metadata").read_bytes()).hexdigest()
+    except OSError as err:
+        raise ShoalError(f"{model}/.metadata: cannot read it ({err.strerror or err})") from None
+    metadata = SafeFileSystemReader(str(model)).read_metadata()
+    names = sorted({str(getattr(info, "relative_path", "")) for info in (metadata.storage_data or {}).values()})
+    files = {}
+    for name in names:
+        path = model / name
+        files[name] = path.stat().st_size if path.is_file() else None
+    return {"metadata_sha256": digest, "files": files}
+
+
+def base_reference(base: Path, given: str | os.PathLike | None = None) -> dict[str, Any]:
+    """What an adapter-only checkpoint records of its base (the value of the `base` key)."""
+    base = Path(base)
+    return {"path": str(given if given is not None else base), "resolved": str(base.resolve()),
+            "fingerprint": fingerprint(base)}
+
+
+def recorded_base(meta: dict[str, Any], where: Path) -> dict[str, Any] | None:
+    """The `base` entry of a checkpoint's shoal.json (validated), or None for a self-contained one."""
+    ref = meta.get(BASE_KEY)
+    if ref is None:
+        return None
+    fp = ref.get("fingerprint") if isinstance(ref, dict) else None
+    if not (isinstance(ref, dict) and isinstance(ref.get("resolved"), str) and isinstance(fp, dict)
+            and isinstance(fp.get("metadata_sha256"), str) and isinstance(fp.get("files"), dict)):
+        raise ShoalError(f"{where / METADATA_FILE}: key 'base' must be {{path, resolved, fingerprint: "
+                         f"{{metadata_sha256, files}}}}, got {ref!r}")
+    return ref
+
+
+def is_adapter_only(ckpt: Path) -> bool:
+    """Whether a checkpoint holds only trained tensors and refers to a base for the rest."""
+    return recorded_base(read_metadata(ckpt), Path(ckpt)) is not None
+
+
+def _differences(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
+    out = []
+    if expected["metadata_sha256"] != found["metadata_sha256"]:
+        out.append(f"{MODEL_DIR}/.metadata differs (SHA-256 {found['metadata_sha256'][:12]}..., recorded "
+                   f"{expected['metadata_sha256'][:12]}...: the base was saved again or replaced)")
+    for name in sorted(set(expected["files"]) | set(found["files"])):
+        want, got = expected["files"].get(name), found["files"].get(name)
+        if want != got:
+            out.append(f"{MODEL_DIR}/{name} is {'missing' if got is None else f'{got} bytes'}, "
+                       f"recorded {'absent' if want is None else f'{want} bytes'}")
+    return out
+
+
+def resolve_base(ckpt: Path, override: str | os.PathLike | None = None) -> Path | None:
+    """The checked base of an adapter-only checkpoint (None when `ckpt` is self-contained).
+
+    Raises a ShoalError naming the base path and what differs when it is missing, is no longer a
+    checkpoint, or has changed since the adapters were trained on it.
+    """
+    ckpt = Path(ckpt)
+    ref = recorded_base(read_metadata(ckpt), ckpt)
+    if ref is None:
+        return None
+    base = Path(override).expanduser() if override is not None else Path(ref["resolved"])
+    named = f"--base_checkpoint/--checkpoint.base {base}" if override is not None else f"{base}"
+    intro = f"{ckpt} holds adapters only; its base checkpoint {named}"
+    if not (base / METADATA_FILE).is_file() or not (base / MODEL_DIR / ".metadata").is_file():
+        what = "does not exist" if not base.exists() else "is not a complete shoal checkpoint"
+        raise ShoalError(f"{intro} {what} (recorded as {ref.get('path')!r}); if the base was moved, {POINT_AT_IT}")
+    if recorded_base(read_metadata(base), base) is not None:
+        raise ShoalError(f"{intro} holds adapters only itself; a base must hold the whole model")
+    differs = _differences(ref["fingerprint"], fingerprint(base))
+    if differs:
+        raise ShoalError(f"{intro} has changed since the adapters were trained on it: {'; '.join(differs)}. "
+                         f"The adapters apply only to the weights they were trained on: restore that base, or {POINT_AT_IT}")
+    return base
