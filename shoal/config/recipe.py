@@ -98,6 +98,9 @@ class CheckpointSection:
     # False: checkpoints hold the model but not the optimizer (a third of the size for full
     # training in bf16); resuming from one restarts AdamW's moments from zero, with a warning.
     save_optimizer: bool = True
+    # Write checkpoints in the background while training goes on (the state is first copied to
+    # CPU memory; one save in flight at a time). "auto": on a GPU yes, on CPU no.
+    async_save: bool | Literal["auto"] = "auto"
 
 
 @dataclass(frozen=True)
