@@ -317,3 +317,25 @@ def test_a_rank_failing_mid_training_ends_the_run(assets: TrainAssets, tmp_path:
     assert not list(exp.glob("checkpoints/step=*"))
     pids = [int(m) for p in (exp / "logs").glob("rank*.log") for m in re.findall(r"\(pid (\d+)\)", p.read_text())]
     assert len(pids) == 2 and not any(alive(pid) for pid in pids)
+
+
+def test_background_saves_across_ranks_equal_synchronous_ones(runs: Runs):
+    """checkpoint.async_save=true on two FSDP ranks: every rank stages its shards, writes them from
+    its thread over the background gloo group, and rank 0 renames once both agree. The oracle is
+    the same layout saving in the step loop: the same curve and the same tensors in every checkpoint."""
+    sync = runs.pretrain("fsdp2", *LAYOUTS["fsdp2"])
+    got = runs.pretrain("fsdp2_async_save", *LAYOUTS["fsdp2"], "--checkpoint.async_save=true")
+    assert ranks_that_ran(got) == {0, 1}
+    assert train_records(got).keys() == train_records(sync).keys()
+    for step, record in train_records(sync).items():
+        for key in ("loss", "grad_norm", "lr", "consumed_samples"):
+            assert train_records(got)[step][key] == record[key], (step, key)
+    names = sorted(p.name for p in (sync / "checkpoints").iterdir())
+    assert sorted(p.name for p in (got / "checkpoints").iterdir()) == names and len(names) == 2
+    for name in names:
+        for folder in ("model", "optim"):
+            want = read_dcp(sync / "checkpoints" / name / folder, runs.root / "a.pt")
+            have = read_dcp(got / "checkpoints" / name / folder, runs.root / "b.pt")
+            assert want.keys() == have.keys()
+            for key in want:
+                assert torch.equal(torch.as_tensor(want[key]), torch.as_tensor(have[key])), (name, folder, key)
