@@ -74,8 +74,16 @@ def hook_model_writes(monkeypatch: pytest.MonkeyPatch, before=None, after=None) 
 def test_async_run_equals_a_sync_run(train_assets: TrainAssets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     common = ["--max_steps", 6, "--checkpoint.save_interval=2", "--checkpoint.save_top_k=5", "--train.val_check_interval=2"]
     writers = {}
+
+    def after_the_next_step(model_dir: Path) -> None:
+        # The background write starts once the loop has taken the next optimizer step: what it
+        # writes must still be the state of the checkpoint's own step (staged, not the live tensors).
+        step = int(model_dir.parent.name.split("=")[1][:6])
+        if step < 6:
+            wait_for(lambda: step + 1 in logged_steps(tmp_path / "async" / "e"), f"step {step + 1}")
+
     for mode, flag in (("sync", SYNC), ("async", ASYNC)):
-        writers[mode] = hook_model_writes(monkeypatch)
+        writers[mode] = hook_model_writes(monkeypatch, before=after_the_next_step if mode == "async" else None)
         assert shoal(*train_args(train_assets, "pretrain", tmp_path / mode, "e", *common, flag)) == 0
         monkeypatch.undo()
     # The async run really wrote from another thread, the sync one from the step loop.
