@@ -172,7 +172,7 @@ def print_table(r: dict) -> None:
     print(f"{'mode':6s} {'stall at the save step':>23s} {'extra per save':>15s} {'final wait':>11s} {'checkpoint':>14s}")
     for mode, m in r["modes"].items():
         print(f"{mode:6s} {m['stall_at_save_s']:22.3f}s {m['extra_per_save_s']:14.3f}s {m['drain_s']:10.3f}s "
-              f"{m['checkpoint_bytes'] / 2**20:,.1f} MiB")
+              f"{m['checkpoint_bytes'] / 2**20:>10,.1f} MiB")
     print(f"async / sync, extra time per save: {r['async_vs_sync_stall']:.3f}x")
 
 
