@@ -124,7 +124,7 @@ def _gather_rng_states() -> list[dict[str, str]]:
 
 def background_saves(setting: bool | str, device: torch.device) -> bool:
     """checkpoint.async_save resolved: "auto" writes in the background on a GPU, in the step loop on CPU."""
-    return setting is True or (setting == "auto" and device.type == "cuda")
+    return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
 def checkpoint_tensors(
@@ -311,8 +311,10 @@ class TrainingCheckpoints:
 
     def finish(self) -> Path | None:
         """Wait for the save in flight (if any), then return the newest complete checkpoint of this run."""
-        pending, self._pending = self._pending, None
+        pending = self._pending
         if pending is not None:
+            pending.wait()  # a Ctrl-C here leaves it in flight, for `abort` to drop
+            self._pending = None
             self._saved(pending.result())
         return self.last
 

@@ -100,7 +100,7 @@ class CheckpointSection:
     save_optimizer: bool = True
     # Write checkpoints in the background while training goes on (the state is first copied to
     # CPU memory; one save in flight at a time). "auto": on a GPU yes, on CPU no.
-    async_save: bool | Literal["auto"] = "auto"
+    async_save: Literal["auto", True, False] = "auto"
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,28 @@ def hook_model_writes(monkeypatch: pytest.MonkeyPatch, before=None, after=None) 
     return threads
 
 
+@pytest.mark.parametrize("override, cuda, cpu", [
+    ("auto", True, False), ("true", True, True), ("false", False, False),
+])
+def test_the_setting_and_what_auto_means(override: str, cuda: bool, cpu: bool):
+    from shoal.config.loader import apply_overrides, from_dict
+    from shoal.config.recipe import CheckpointSection
+
+    section = from_dict(CheckpointSection, apply_overrides({}, [f"async_save={override}"]))
+    assert training.background_saves(section.async_save, torch.device("cuda")) is cuda
+    assert training.background_saves(section.async_save, torch.device("cpu")) is cpu
+    assert CheckpointSection().async_save == "auto"
+
+
+def test_a_bad_setting_is_refused_by_name():
+    from shoal.config.loader import apply_overrides, from_dict
+    from shoal.config.recipe import CheckpointSection
+    from shoal.errors import ShoalError
+
+    with pytest.raises(ShoalError, match=r"checkpoint\.async_save: 'sometimes' is not one of \['auto', True, False\]"):
+        from_dict(CheckpointSection, apply_overrides({}, ["async_save=sometimes"]), "checkpoint")
+
+
 def test_async_run_equals_a_sync_run(train_assets: TrainAssets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     common = ["--max_steps", 6, "--checkpoint.save_interval=2", "--checkpoint.save_top_k=5", "--train.val_check_interval=2"]
     writers = {}
