@@ -16,6 +16,7 @@ succeeded. Its failure stops the run at the next step with the message a synchro
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shutil
 import signal
@@ -268,7 +269,8 @@ class TrainingCheckpoints:
             name=f"shoal-checkpoint-{final.name}")
 
     def _write_and_publish(self, final: Path, tmp: Path, staged: dict[str, dict[str, Any]],
-                           trainer_state: dict[str, Any], progress: Progress, aborted) -> Path | None:
+                           trainer_state: dict[str, Any], progress: Progress,
+                           aborted: threading.Event) -> Path | None:
         """The background thread's part: write, agree, publish (rank 0), agree again."""
         error: BaseException | None = None
         try:
@@ -323,6 +325,10 @@ class TrainingCheckpoints:
         be), once its thread has stopped; a second Ctrl-C stops waiting for it."""
         pending, self._pending = self._pending, None
         if pending is None:
+            return
+        if pending.done():  # it ended before the interrupt: a complete checkpoint is kept
+            with contextlib.suppress(Exception):
+                self._saved(pending.result())
             return
         pending.aborted.set()
         if _rank() == 0:
