@@ -24,8 +24,8 @@ T = TypeVar("T")
 class CpuStaging:
     """Copies of a (nested) state dict's tensors in CPU memory; DTensors keep their sharding.
 
-    torch's BlockingAsyncStager does the copy (it exists with the same API from torch 2.4 to at
-    least 2.13). With `reuse` (on a GPU) its pinned buffers are kept from one save to the next,
+    torch's BlockingAsyncStager does the copy (public since torch 2.4; its code and the helpers it
+    calls read the same in torch 2.11, the GPU machine's, and 2.13). With `reuse` (on a GPU) its pinned buffers are kept from one save to the next,
     so the caller must not stage again before the previous copy has been written.
     """
 
