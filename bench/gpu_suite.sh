@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU machine's share of the work, in one call: GPU tests, then scaling benchmarks.
-#   bash bench/gpu_suite.sh tests|scale1b|scale8b|train1|fp8tests|fp8_1b|fp8_3b|fp8_8b_lora
+#   bash bench/gpu_suite.sh tests|scale1b|scale8b|train1|fp8tests|fp8_1b|fp8_3b|fp8_8b_lora|ckpt_stall
 #   (results under $OUT, or ./bench_out; the fp8 ones need torchao on the path)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +24,9 @@ for what in "$@"; do
         --micro_batch_size 2 --activation_checkpointing full \
         --variants hf_compile,shoal_compile,shoal_compile_fp8_tensorwise,shoal_compile_fp8_rowwise \
         --warmup 3 --steps 8 --output "$OUT/train_${what}.json" ;;
+    ckpt_stall)  # one GPU: the step-loop stall per checkpoint (model + AdamW), sync against async saves
+      CUDA_VISIBLE_DEVICES=0 run python3 bench/checkpoint_stall.py --preset llama32_1b --seq_length 4096 \
+        --micro_batch_size 4 --save_every 50 --saves 3 --output "$OUT/checkpoint_stall.json" ;;
     train1)  # one GPU: shoal against transformers (bench/train.py)
       CUDA_VISIBLE_DEVICES=0 run python3 bench/train.py --variants hf_compile,shoal_compile --warmup 4 --steps 12 \
         --output "$OUT/train_1b.json" ;;

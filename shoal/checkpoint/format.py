@@ -383,7 +383,7 @@ def _dcp_errors() -> Iterator[None]:
 
 def save_model_state(
     state_dict: dict[str, torch.Tensor], model_dir: str | os.PathLike, planner: Any = None,
-    file_per_tensor: bool = False,
+    file_per_tensor: bool = False, process_group: Any = None,
 ) -> None:
     """Save weights keyed by HF names as DCP into `model_dir` (every rank calls this when distributed).
 
@@ -391,7 +391,8 @@ def save_model_state(
     pass `model.state_dict()` as it is. Values may be DTensors; each rank writes its own shards.
     `planner` and `file_per_tensor` are for callers that stream tensors in (`shoal.convert.streaming`):
     DCP's writer keeps every tensor of a data file referenced until that file is finished, so only
-    one file per tensor lets each be freed once written.
+    one file per tensor lets each be freed once written. `process_group` carries DCP's collectives
+    (None: the default group); a background save gives its own (`shoal.checkpoint.background`).
     """
     aliases = _aliases(state_dict)
     to_save = {k: v for k, v in state_dict.items() if k not in aliases}
@@ -400,7 +401,7 @@ def save_model_state(
         # One writer thread: torch's extra DCP writer threads drop their exceptions and keep
         # writing after the main thread has failed, which would break the clean-up of a failed import.
         writer = dcp.FileSystemWriter(str(model_dir), single_file_per_rank=not file_per_tensor)
-        dcp.save(to_save, storage_writer=writer, planner=planner, no_dist=_no_dist())
+        dcp.save(to_save, storage_writer=writer, planner=planner, process_group=process_group, no_dist=_no_dist())
 
 
 def model_state_info(model_dir: str | os.PathLike) -> dict[str, TensorInfo]:

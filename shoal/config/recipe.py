@@ -104,6 +104,9 @@ class CheckpointSection:
     # Where the base of an adapter-only checkpoint now is, when it moved since it was recorded
     # (resuming, or fine-tuning from such a checkpoint); it must be the same base, unchanged.
     base: str | None = None
+    # Write checkpoints in the background while training goes on (the state is first copied to
+    # CPU memory; one save in flight at a time). "auto": on a GPU yes, on CPU no.
+    async_save: Literal["auto", True, False] = "auto"
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,13 @@ from torch.utils.data import DataLoader, Dataset
 from shoal import __version__
 from shoal.checkpoint.lock import hold_experiment
 from shoal.checkpoint.runs import begin_segment
-from shoal.checkpoint.training import CheckpointRecord, Progress, restore_training_checkpoint, save_training_checkpoint
+from shoal.checkpoint.training import (
+    CheckpointRecord,
+    Progress,
+    TrainingCheckpoints,
+    background_saves,
+    restore_training_checkpoint,
+)
 from shoal.config.loader import to_dict
 from shoal.config.recipe import DataSection, Recipe, TrainSection
 from shoal.config.resolve import experiment_dir
@@ -99,8 +105,12 @@ def _train(recipe: Recipe, runtime: Runtime, build_datasets: DatasetBuilder, arg
     record = dataclasses.replace(_checkpoint_record(recipe, start, datasets, argv or []), run_id=run_id)
     estimate = planned(recipe, runtime.device) if runtime.is_main else None
     logger = _metrics_logger(recipe, exp, runtime, datasets.max_steps, progress.step)
+    checkpoints = TrainingCheckpoints(exp / "checkpoints", record, max_steps=datasets.max_steps,
+                                      save_top_k=recipe.checkpoint.save_top_k,
+                                      background=background_saves(recipe.checkpoint.async_save, runtime.device))
     try:
-        last = _loop(engine, datasets, recipe, runtime, progress, record, logger, plan, estimate)
+        with checkpoints:  # a background save is finished when the loop ends, dropped on Ctrl-C
+            last = _loop(engine, datasets, recipe, runtime, progress, record, logger, plan, checkpoints, estimate)
     finally:
         logger.close()
     if runtime.is_main and recipe.logging.report:
@@ -234,12 +244,12 @@ def _loop(
     record: CheckpointRecord,
     logger: MetricsLogger,
     plan: RunPlan,
+    checkpoints: TrainingCheckpoints,
     estimate=None,
 ) -> Path | None:
     t, data, dims = recipe.train, recipe.data, runtime.dims
     max_steps = datasets.max_steps
     accum = t.global_batch_size // (t.micro_batch_size * dims.dp_size)
-    ckpt_root = experiment_dir(recipe) / "checkpoints"
     # The position in the data is the global sample count, so it survives a change of data-parallel size.
     sampler = MicroBatchSampler(max_steps * t.global_batch_size, t.micro_batch_size, dims.dp_rank, dims.dp_size,
                                 consumed_samples=progress.consumed_samples, dataset_size=len(datasets.train),
@@ -253,13 +263,13 @@ def _loop(
     flops_per_token = record.model_config.flops_per_token(data.seq_length, frozen_params=frozen)
     step, consumed, consumed_tokens = progress.step, progress.consumed_samples, progress.consumed_tokens
     last_val: float | None = None
-    last_ckpt: Path | None = None
     engine.train(True)
     window_start, window_tokens = time.perf_counter(), 0
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
     while step < max_steps:
+        checkpoints.poll()  # a background save that failed stops the run here
         mbs = micro_batches(loader_iter, accum, runtime.device)
         # Context-parallel ranks hold the same batch: count its tokens once.
         local_tokens = torch.stack([mb["loss_mask"].sum() for mb in mbs]).sum().double() / dims.cp
@@ -303,12 +313,7 @@ def _loop(
                 logger.log(step, {"val_loss": last_val})
                 logger.progress(step, {"val_loss": last_val})
         if save_due or is_last:
-            last_ckpt = save_training_checkpoint(
-                ckpt_root, engine.parts, engine.optimizers if recipe.checkpoint.save_optimizer else None,
-                Progress(step, consumed, consumed_tokens), record,
-                max_steps=max_steps, val_loss=last_val, save_top_k=recipe.checkpoint.save_top_k,
-            )
-            if runtime.is_main:
-                print(f"shoal: saved {last_ckpt}", file=sys.stderr)
+            checkpoints.save(engine.parts, engine.optimizers if recipe.checkpoint.save_optimizer else None,
+                             Progress(step, consumed, consumed_tokens), val_loss=last_val)
         window_start = time.perf_counter() if (val_due or save_due) else window_start
-    return last_ckpt
+    return checkpoints.finish()

@@ -313,3 +313,58 @@ def test_a_rank_failing_mid_training_ends_the_run(assets: TrainAssets, tmp_path:
     assert not list(exp.glob("checkpoints/step=*"))
     pids = [int(m) for p in (exp / "logs").glob("rank*.log") for m in re.findall(r"\(pid (\d+)\)", p.read_text())]
     assert len(pids) == 2 and not any(alive(pid) for pid in pids)
+
+
+def test_background_saves_across_ranks_equal_synchronous_ones(runs: Runs):
+    """checkpoint.async_save=true on two FSDP ranks: every rank stages its shards, writes them from
+    its thread over the background gloo group, and rank 0 renames once both agree. The oracle is
+    the same layout saving in the step loop: the same curve and the same tensors in every checkpoint."""
+    sync = runs.pretrain("fsdp2", *LAYOUTS["fsdp2"])
+    got = runs.pretrain("fsdp2_async_save", *LAYOUTS["fsdp2"], "--checkpoint.async_save=true")
+    assert ranks_that_ran(got) == {0, 1}
+    assert train_records(got).keys() == train_records(sync).keys()
+    for step, record in train_records(sync).items():
+        for key in ("loss", "grad_norm", "lr", "consumed_samples"):
+            assert train_records(got)[step][key] == record[key], (step, key)
+    names = sorted(p.name for p in (sync / "checkpoints").iterdir())
+    assert sorted(p.name for p in (got / "checkpoints").iterdir()) == names and len(names) == 2
+    for name in names:
+        for folder in ("model", "optim"):
+            want = read_dcp(sync / "checkpoints" / name / folder, runs.root / "a.pt")
+            have = read_dcp(got / "checkpoints" / name / folder, runs.root / "b.pt")
+            assert want.keys() == have.keys()
+            for key in want:
+                assert torch.equal(torch.as_tensor(want[key]), torch.as_tensor(have[key])), (name, folder, key)
+
+
+# Rank 1's disk is full when it writes its shard of the step-2 optimizer state.
+FULL_DISK_RANK1 = """
+import errno, os
+if os.environ.get("RANK") == "1":
+    import torch.distributed.checkpoint as dcp
+    real_write = dcp.FileSystemWriter.write_data
+    def write_data(self, plan, planner):
+        if "step=000002" in str(self.path) and str(self.path).endswith("optim"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, plan, planner)
+    dcp.FileSystemWriter.write_data = write_data
+"""
+
+
+def test_a_background_write_failing_on_one_rank_stops_every_rank(assets: TrainAssets, tmp_path: Path):
+    """The ranks agree before the rename: rank 1's failed write means no checkpoint, no temporary
+    folder left, and a run that ends with the disk-full message instead of training on."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(FULL_DISK_RANK1)
+    args = train_args(assets, "pretrain", tmp_path / "res", "run", "--max_steps", 6, "--num_gpus", "2",
+                      "--checkpoint.save_interval=2", "--checkpoint.async_save=true")
+    start = time.monotonic()
+    proc = run_command(args, tmp_path, env=user_env(extra_pythonpath=inject))
+    assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert time.monotonic() - start < 120  # stopped, not left to the collective timeout
+    said = proc.stdout + proc.stderr
+    assert "could not write checkpoint" in said and "step=000002" in said and "No space left" in said, said[-4000:]
+    exp = tmp_path / "res" / "run"
+    assert not list((exp / "checkpoints").iterdir())
+    assert max(train_records(exp)) <= 4  # stopped at the latest by the step-4 save, which waits for step 2's

@@ -158,9 +158,10 @@ def fail_optimizer_write(monkeypatch: pytest.MonkeyPatch, before_failing) -> Non
     monkeypatch.setattr(dcp, "FileSystemWriter", FullDiskWriter)
 
 
+@pytest.mark.parametrize("save", ["sync", "async"])  # in the step loop, or in the background
 @pytest.mark.parametrize("fail", [fail_model_write, fail_optimizer_write])
 def test_failed_checkpoint_write_keeps_the_previous_one(train_assets: TrainAssets, tmp_path: Path, capsys,
-                                                       monkeypatch: pytest.MonkeyPatch, fail):
+                                                       monkeypatch: pytest.MonkeyPatch, fail, save: str):
     ckpts = tmp_path / "res" / "e" / "checkpoints"
     seen: dict[str, dict[str, str]] = {}
 
@@ -169,7 +170,8 @@ def test_failed_checkpoint_write_keeps_the_previous_one(train_assets: TrainAsset
         seen[previous.name] = tree_digest(previous)  # what the step-2 checkpoint held before the failure
 
     fail(monkeypatch, record_previous)
-    args = train_args(train_assets, "pretrain", tmp_path / "res", "e", "--max_steps", 4, "--checkpoint.save_interval=2")
+    args = train_args(train_assets, "pretrain", tmp_path / "res", "e", "--max_steps", 4, "--checkpoint.save_interval=2",
+                      f"--checkpoint.async_save={save == 'async'}")
     fails_with(capsys, args, "could not write checkpoint", "step=000004", "No space left on device")
 
     # The step-2 checkpoint is still the latest, complete and unchanged, and nothing else is there.

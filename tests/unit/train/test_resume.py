@@ -73,6 +73,8 @@ def finish(proc: subprocess.Popen) -> None:
     ("finetune", ["--peft", "lora", "--peft.dropout=0.2", "--peft.rank=4"]),
     # DoRA's magnitudes train too: its adapter-only checkpoints must carry them and their moments.
     ("finetune", ["--peft", "dora", "--peft.dropout=0.2", "--peft.rank=4"]),
+    # Killed while the step-6 checkpoint is written in the background (the loop waits for it at the end).
+    ("pretrain", ["--checkpoint.async_save=true"]),
 ])
 def test_killed_run_resumes_on_the_same_curve(train_assets: TrainAssets, tmp_path: Path, stage: str, extra: list[str]):
     # One DataLoader worker, as the recipe has it: the resumed loader must not count prefetched batches.

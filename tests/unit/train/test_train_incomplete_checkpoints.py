@@ -100,13 +100,15 @@ def kill_mid_rmtree(monkeypatch):
     monkeypatch.setattr(catalog.shutil, "rmtree", killed)
 
 
+@pytest.mark.parametrize("save", ["sync", "async"])  # retention in the step loop, or in the background thread
 @pytest.mark.parametrize("kill", [kill_before_rename, kill_before_rmtree, kill_mid_rmtree])
 def test_kill_during_retention_leaves_a_valid_latest(train_assets: TrainAssets, tmp_path: Path, capsys,
-                                                     monkeypatch: pytest.MonkeyPatch, kill):
+                                                     monkeypatch: pytest.MonkeyPatch, kill, save: str):
     results = tmp_path / "res"
     exp = results / "e"
     ckpts = exp / "checkpoints"
-    args = train_args(train_assets, "pretrain", results, "e", "--max_steps", 2, "--checkpoint.save_top_k=0")
+    args = train_args(train_assets, "pretrain", results, "e", "--max_steps", 2, "--checkpoint.save_top_k=0",
+                      f"--checkpoint.async_save={save == 'async'}")
     assert shoal(*args) == 0
     kill(monkeypatch)  # retention after the step-4 save deletes step 2: killed there
     args[args.index("--max_steps") + 1] = "4"

@@ -60,18 +60,26 @@ def ctrl_c() -> None:
     raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("failure, exit_code, message", [
-    (full_disk, 2, ["error:", "could not write checkpoint", "step=000004", "disk full?", "unexpected pos"]),
-    (ctrl_c_inside_torch_writer, 130, ["interrupted"]),
-    (ctrl_c, 130, ["interrupted"]),
+FULL_DISK_MESSAGE = ["error:", "could not write checkpoint", "step=000004", "disk full?", "unexpected pos"]
+
+
+@pytest.mark.parametrize("failure, exit_code, message, save", [
+    (full_disk, 2, FULL_DISK_MESSAGE, "sync"),
+    (ctrl_c_inside_torch_writer, 130, ["interrupted"], "sync"),
+    (ctrl_c, 130, ["interrupted"], "sync"),
+    # Written in the background: the writer's error reaches the step loop, which stops with it. (A
+    # real Ctrl-C reaches the main thread, never torch's writer: tests/unit/checkpoint/test_training_async_save.py.)
+    (full_disk, 2, FULL_DISK_MESSAGE, "async"),
+    (ctrl_c, 130, ["interrupted"], "async"),
 ])
 def test_failed_or_interrupted_save_keeps_the_previous_checkpoint(
         train_assets: TrainAssets, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch,
-        failure, exit_code: int, message: list[str]):
+        failure, exit_code: int, message: list[str], save: str):
     ckpts = tmp_path / "res" / "e" / "checkpoints"
     seen: dict[str, dict[str, str]] = {}
     fail_optimizer_save(monkeypatch, failure, seen)
-    args = train_args(train_assets, "pretrain", tmp_path / "res", "e", "--max_steps", 4, "--checkpoint.save_interval=2")
+    args = train_args(train_assets, "pretrain", tmp_path / "res", "e", "--max_steps", 4, "--checkpoint.save_interval=2",
+                      f"--checkpoint.async_save={save == 'async'}")
     assert shoal(*args) == exit_code
     err = capsys.readouterr().err
     assert "Traceback" not in err
