@@ -114,6 +114,22 @@ def test_filter_never_takes_the_output_head_or_odd_sizes():
     assert "lm_head" in float8_targets(model, "tensorwise")[1]
 
 
+@pytest.mark.parametrize("preset", ["llama32_1b", "llama32_3b", "llama31_8b", "qwen25_1_5b", "qwen25_7b", "qwen3_8b"])
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_filter_is_torchaos_own_auto_filter(preset, recipe):
+    """Where torchao is installed: the layers shoal converts are those torchao's auto filter for the
+    recipe picks (its H100 break-even sizes), less the output head, on the shapes shoal benchmarks."""
+    pytest.importorskip("torchao")
+    from torchao.float8 import _auto_filter_for_recipe
+
+    with torch.device("meta"):
+        model = Transformer(dataclasses.replace(get_preset(preset), num_layers=1))
+    keep = _auto_filter_for_recipe(recipe, filter_fqns=["lm_head"])
+    theirs = {name for name, module in model.named_modules() if keep(module, name)}
+    converted, _ = float8_targets(model, recipe)
+    assert set(converted) == theirs
+
+
 def test_filter_sees_lora_layers_but_never_their_adapters():
     with torch.device("meta"):
         model = Transformer(dataclasses.replace(get_preset("llama32_1b"), num_layers=1))
