@@ -100,9 +100,17 @@ def expert_matmuls(
 ) -> torch.Tensor:
     """routed [N, E] sorted by expert, counts[x] rows for expert x, weights gate/up [X, I, E] and
     down [X, E, I] (all experts, or one rank's share) -> down_x(silu(gate_x(r)) · up_x(r)) per row."""
-    if GROUPED_MM_ON_CUDA and routed.is_cuda and routed.dtype == torch.bfloat16:
+    if GROUPED_MM_ON_CUDA and routed.is_cuda and _computes_in_bf16(routed):
         return _grouped_mm(routed, counts, gate, up, down)
     return _loop(routed, counts, gate, up, down)
+
+
+def _computes_in_bf16(x: torch.Tensor) -> bool:
+    """bf16 rows (FSDP2's compute dtype), or fp32 ones under a bf16 autocast (one GPU, no FSDP),
+    whose matmuls the loop would run in bf16 too."""
+    if x.dtype == torch.bfloat16:
+        return True
+    return torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
 
 
 def _loop(
@@ -124,6 +132,8 @@ def _grouped_mm(
     routed: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
 ) -> torch.Tensor:
     """GPU: all experts in three grouped matmuls, no host sync (see GROUPED_MM_ON_CUDA)."""
+    # bf16 operands whatever autocast would do with `_grouped_mm` (the casts carry gradients back).
+    routed, gate, up, down = (t.to(torch.bfloat16) for t in (routed, gate, up, down))
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)
     g = torch._grouped_mm(routed, gate.transpose(-2, -1), offs=offsets)
     u = torch._grouped_mm(routed, up.transpose(-2, -1), offs=offsets)
