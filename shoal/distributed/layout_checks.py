@@ -87,16 +87,15 @@ def _check_expert_layout(parallel: ParallelConfig, replicas: int, shards: int) -
     others = {
         "pipeline_model_parallel_size": parallel.pipeline_model_parallel_size,
         "context_parallel_size": parallel.context_parallel_size,
-        "tensor_model_parallel_size": parallel.tensor_model_parallel_size,
         "data_parallel_replicate_size": replicas,
     }
     combined = {key: value for key, value in others.items() if value > 1}
     if combined:
-        # Only expert × data (FSDP) parallelism is tested against one process so far.
+        # Only expert × data (FSDP) × tensor parallelism is tested against one process so far.
         settings = ", ".join(f"{key} {value}" for key, value in combined.items())
         raise ShoalError(
-            f"expert_model_parallel_size {ep} runs with FSDP data parallelism only for now; got {settings}: "
-            "set them to 1 (hsdp off)"
+            f"expert_model_parallel_size {ep} runs with FSDP data parallelism and tensor parallelism only "
+            f"for now; got {settings}: set them to 1 (hsdp off)"
         )
     if shards % ep:
         raise ShoalError(

@@ -31,7 +31,8 @@ MOE_SHAPE = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
                  norm_topk_prob=True, max_position_embeddings=256, router_aux_loss_coef=0.1)
 KEYS = ("loss", "grad_norm", "aux_loss", "expert_load_max", "expert_load_min")
 LAYOUTS = {"fsdp2": ["--num_gpus", "2"], "tp2_sp": ["--num_gpus", "2", "-T", "2"],
-           "fsdp2_tp2": ["--num_gpus", "4", "-T", "2"], "ep2": ["--num_gpus", "2", "--expert_model_parallel_size", "2"]}
+           "fsdp2_tp2": ["--num_gpus", "4", "-T", "2"], "ep2": ["--num_gpus", "2", "--expert_model_parallel_size", "2"],
+           "ep2_tp2": ["--num_gpus", "4", "-T", "2", "--expert_model_parallel_size", "2"]}
 
 
 @pytest.fixture(scope="module")

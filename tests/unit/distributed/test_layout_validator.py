@@ -84,12 +84,13 @@ REFUSALS = {
     "ep_needs_experts": (
         {"expert_model_parallel_size": 2}, 2, TINY, {}, ["expert_model_parallel_size 2", "mixture-of-experts",
                                                        "llama", "dense"]),
-    "ep_with_tensor_parallel": (
-        {"expert_model_parallel_size": 2, "tensor_model_parallel_size": 2}, 4, None, {},
-        ["expert_model_parallel_size 2", "tensor_model_parallel_size 2", "set them to 1"]),
+    "ep_out_of_what_tensor_parallel_leaves": (
+        # 8 ranks / tp 2 leave 4 data-parallel ranks, which 8 expert-parallel ones cannot come from.
+        {"expert_model_parallel_size": 8, "tensor_model_parallel_size": 2}, 8, None, {},
+        ["expert_model_parallel_size 8", "data-parallel size 4"]),
     "ep_with_pipeline": (
         {"expert_model_parallel_size": 2, "pipeline_model_parallel_size": 2}, 4, None, {},
-        ["expert_model_parallel_size 2", "pipeline_model_parallel_size 2"]),
+        ["expert_model_parallel_size 2", "pipeline_model_parallel_size 2", "set them to 1"]),
     "ep_with_context": (
         {"expert_model_parallel_size": 2, "context_parallel_size": 2}, 4, None, {},
         ["expert_model_parallel_size 2", "context_parallel_size 2"]),
@@ -158,12 +159,13 @@ def test_layouts_that_fit_pass(parallel: dict, world: int, kwargs: dict) -> None
     assert not dist.is_initialized()
 
 
-@pytest.mark.parametrize("ep,world", [(8, 8), (8, 16), (2, 8), (128, 128)])
-def test_expert_layouts_that_fit_pass(ep: int, world: int) -> None:
+@pytest.mark.parametrize("ep,tp,world", [(8, 1, 8), (8, 1, 16), (2, 1, 8), (128, 1, 128), (4, 2, 8)])
+def test_expert_layouts_that_fit_pass(ep: int, tp: int, world: int) -> None:
     """Qwen3-30B-A3B's 128 experts over ep ranks of a data-parallel world (EP8 on one node: 16
-    experts per GPU; EP8 on 16 GPUs: two groups of 8 holding the same experts)."""
-    check_parallel_layout(ParallelConfig(expert_model_parallel_size=ep), world, QWEN3_30B,
-                          seq_length=4096, global_batch_size=world, micro_batch_size=1)
+    experts per GPU; EP8 on 16 GPUs: two groups of 8 holding the same experts; TP2 leaves 4
+    data-parallel ranks of 8, all of them expert-parallel)."""
+    parallel = ParallelConfig(expert_model_parallel_size=ep, tensor_model_parallel_size=tp)
+    check_parallel_layout(parallel, world, QWEN3_30B, seq_length=4096, global_batch_size=world, micro_batch_size=1)
     assert not dist.is_initialized()
 
 
