@@ -95,8 +95,9 @@ def dispatch_to_experts(
     order = torch.argsort(expert_of_row, stable=True)
     out = expert_matmuls(arrived[order], received.sum(0), *weights)
     if out.shape[0] == 0:
-        # No row reached this rank's experts: keep their weights in the graph (zero gradients), so
-        # every rank reduces the same gradients.
-        out = out + sum(w.sum() for w in weights) * 0
+        # No row reached this rank's experts. Keep the (empty) arrived rows in the graph, or this
+        # rank would skip the backward all-to-all its peers wait in (a hang), and the weights too,
+        # so that every rank reduces the same (here zero) gradients.
+        out = out + (arrived.sum() + sum(w.sum() for w in weights)) * 0
     out = torch.empty_like(out).index_copy(0, order, out)
     return all_to_all_single_autograd(out, send_sizes, recv_sizes, group)
