@@ -40,7 +40,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> TrainAssets:
     """A tiny Qwen3-MoE with the demo tokenizer, imported with `shoal import`, and a corpus."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    from shoal.demo.corpus import write_pretraining_corpus
+    from shoal.demo.corpus import write_instruction_set, write_pretraining_corpus
     from shoal.demo.tiny_model import tiny_llama_config
     from shoal.demo.tokenizer import TOKENIZER_DIR
 
@@ -62,6 +62,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> TrainAssets:
     write_pretraining_corpus(root / "corpus.jsonl", num_documents=200)
     assert shoal("preprocess", "--input", root / "corpus.jsonl", "--json-keys", "text", "--tokenizer", root / "ckpt",
                  "--output-prefix", root / "data" / "corpus", "--append-eod", "--workers", "1") == 0
+    write_instruction_set(root / "sft", sizes=(48, 16, 16))
     return TrainAssets(root, root / "hf", root / "ckpt", root / "data", root / "sft")
 
 
@@ -115,3 +116,16 @@ def test_moe_checkpoint_reshards_between_expert_layouts(
     resumed = run_ok(train_args(assets, "pretrain", root, exp.name, "--max_steps", STEPS, *SAVE_AT_2, *layout), root)
     assert "from step=000002" in resumed.stdout + resumed.stderr
     assert_same_records(exp, runs["one_process"], [3, 4])
+
+
+def test_moe_lora_finetune_under_expert_parallel_matches_one_process(assets: TrainAssets, tmp_path: Path):
+    """`shoal finetune --peft lora` (adapters on the attention, experts frozen and still dispatched
+    by all-to-all, their FSDP units holding no trainable weight) under EP2 follows the one-process
+    run: loss, gradient norm, aux loss and router statistics."""
+    runs = {}
+    for name, layout in {"one_process": [], "ep2": LAYOUTS["ep2"]}.items():
+        run_ok(train_args(assets, "finetune", tmp_path, f"lora_{name}", "--max_steps", STEPS, "--peft", "lora",
+                          *layout), tmp_path)
+        runs[name] = tmp_path / f"lora_{name}"
+    assert ranks_that_ran(runs["ep2"]) == {0, 1}
+    assert_same_records(runs["ep2"], runs["one_process"], list(range(1, STEPS + 1)))
