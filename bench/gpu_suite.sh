@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU machine's share of the work, in one call: GPU tests, then scaling benchmarks.
-#   bash bench/gpu_suite.sh tests|scale1b|scale8b|train1|fp8tests|fp8_1b|fp8_3b|fp8_8b_lora|ckpt_stall
+#   bash bench/gpu_suite.sh tests|scale1b|scale8b|train1|fp8tests|fp8_1b|fp8_3b|fp8_8b_lora|ckpt_stall|moe_full|moe_lora
 #   (results under $OUT, or ./bench_out; the fp8 ones need torchao on the path)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +27,14 @@ for what in "$@"; do
     ckpt_stall)  # one GPU: the step-loop stall per checkpoint (model + AdamW), sync against async saves
       CUDA_VISIBLE_DEVICES=0 run python3 bench/checkpoint_stall.py --preset llama32_1b --seq_length 4096 \
         --micro_batch_size 4 --save_every 50 --saves 3 --output "$OUT/checkpoint_stall.json" ;;
+    moe_full)  # one GPU, Qwen3-30B-A3B shape cut to 8 layers, full training (bench/moe.py)
+      CUDA_VISIBLE_DEVICES=0 run python3 bench/moe.py --preset qwen3_30b_a3b --num_layers 8 --seq_length 4096 \
+        --micro_batch_size 1 --variants hf,hf_compile,hf_eager,shoal,shoal_grouped,shoal_grouped_compile \
+        --warmup 3 --steps 8 --output "$OUT/moe_full.json" ;;
+    moe_lora)  # one GPU, the whole 30B-A3B shape (48 layers), LoRA q/k/v/o over a bf16 frozen base
+      CUDA_VISIBLE_DEVICES=0 run python3 bench/moe.py --preset qwen3_30b_a3b --peft lora --seq_length 4096 \
+        --micro_batch_size 1 --activation_checkpointing full --variants hf,shoal_grouped,shoal_grouped_compile \
+        --warmup 2 --steps 5 --output "$OUT/moe_lora.json" ;;
     train1)  # one GPU: shoal against transformers (bench/train.py)
       CUDA_VISIBLE_DEVICES=0 run python3 bench/train.py --variants hf_compile,shoal_compile --warmup 4 --steps 12 \
         --output "$OUT/train_1b.json" ;;

@@ -49,6 +49,10 @@ SEED_FLAGS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
      {"type": int, "help": "split the layers into this many pipeline stages (1F1B schedule)"}),
     (("--context_parallel_size", "-C"), "parallel.context_parallel_size",
      {"type": int, "help": "split each sequence over this many GPUs (for long sequences)"}),
+    # NeMo's name; no short form (-E is the seed's --experiment).
+    (("--expert_model_parallel_size",), "parallel.expert_model_parallel_size",
+     {"type": int, "help": "mixture of experts: split each sparse layer's experts over this many of the "
+                           "data-parallel GPUs; tokens reach their experts by all-to-all"}),
     (("--dataset_path", "-D"), "data.dataset_path",
      {"nargs": "+", "help": "pretraining: folder or prefixes of .bin/.idx ([w1 p1 w2 p2] to blend); "
                             "finetuning: folder with training/validation/test.jsonl"}),

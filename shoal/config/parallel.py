@@ -1,6 +1,7 @@
 """How a run is laid out over devices: the `parallel:` section of a recipe.
 
-The seed's flags map onto it as they are (`--tensor_model_parallel_size`, `--pipeline_model_parallel_size`, `--context_parallel_size`).
+The seed's flags map onto it as they are (`--tensor_model_parallel_size`, `--pipeline_model_parallel_size`, `--context_parallel_size`),
+and NeMo's `--expert_model_parallel_size` for mixture-of-experts models.
 How many processes run is the launch section's (`--num_nodes`, `--num_gpus`).
 Data parallelism is not set directly: it is whatever remains of the world size after tensor,
 pipeline and context parallelism (DESIGN §5), split into a replicated and a sharded (FSDP2) part.
@@ -30,6 +31,11 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: int | None = None
     # Ranks a sequence is split over (for long sequences); each holds 1/cp of every sequence.
     context_parallel_size: int = 1
+    # Mixture of experts (NeMo's expert_model_parallel_size): each expert-parallel rank holds
+    # num_experts / ep of every sparse layer's experts, and tokens travel to their experts by
+    # all-to-all. The ranks are carved out of the data-parallel ones (they read different samples),
+    # so it must divide the data-parallel size; see docs/parallelism.md.
+    expert_model_parallel_size: int = 1
     # Replicas of the data-parallel group (HSDP: replicate across groups, FSDP-shard within one).
     # 1: FSDP over all data-parallel ranks. Equal to the data-parallel size: plain replication (DDP).
     data_parallel_replicate_size: int = 1
@@ -62,6 +68,7 @@ class ParallelConfig:
             "tensor_model_parallel_size": self.tensor_model_parallel_size,
             "pipeline_model_parallel_size": self.pipeline_model_parallel_size,
             "context_parallel_size": self.context_parallel_size,
+            "expert_model_parallel_size": self.expert_model_parallel_size,
             "data_parallel_replicate_size": self.data_parallel_replicate_size,
         }
         for key, value in sizes.items():

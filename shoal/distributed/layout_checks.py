@@ -58,8 +58,10 @@ def check_parallel_layout(
     micro-batch counts are not."""
     replicas, shards = data_parallel_sizes(parallel, world_size)
     _check_pipeline_with_context(parallel)
+    _check_expert_layout(parallel, replicas, shards)
     if model is not None:
         _check_model_split(parallel, model)
+        _check_expert_split(parallel, model)
     if seq_length is not None:
         _check_sequence_split(parallel, seq_length)
     if global_batch_size is not None and micro_batch_size is not None:
@@ -74,6 +76,48 @@ def _check_pipeline_with_context(parallel: ParallelConfig) -> None:
         raise ShoalError(
             f"pipeline parallelism (pipeline_model_parallel_size {pp}) and context parallelism "
             f"(context_parallel_size {cp}) together are not supported yet; set one of them to 1"
+        )
+
+
+def _check_expert_layout(parallel: ParallelConfig, replicas: int, shards: int) -> None:
+    """Expert parallelism is carved out of the FSDP shards: what the numbers alone must allow."""
+    ep = parallel.expert_model_parallel_size
+    if ep == 1:
+        return
+    others = {
+        "pipeline_model_parallel_size": parallel.pipeline_model_parallel_size,
+        "context_parallel_size": parallel.context_parallel_size,
+        "data_parallel_replicate_size": replicas,
+    }
+    combined = {key: value for key, value in others.items() if value > 1}
+    if combined:
+        # Only expert × data (FSDP) × tensor parallelism is tested against one process so far.
+        settings = ", ".join(f"{key} {value}" for key, value in combined.items())
+        raise ShoalError(
+            f"expert_model_parallel_size {ep} runs with FSDP data parallelism and tensor parallelism only "
+            f"for now; got {settings}: set them to 1 (hsdp off)"
+        )
+    if shards % ep:
+        raise ShoalError(
+            f"expert_model_parallel_size {ep} does not divide the data-parallel size {shards}: expert-parallel "
+            "ranks are data-parallel ranks that share out the experts, so use a size that divides "
+            f"{shards} (num_nodes × num_gpus / tensor·pipeline·context)"
+        )
+
+
+def _check_expert_split(parallel: ParallelConfig, model: ModelConfig) -> None:
+    ep = parallel.expert_model_parallel_size
+    if ep == 1:
+        return
+    if not model.is_moe:
+        raise ShoalError(
+            f"expert_model_parallel_size {ep} needs a mixture-of-experts model; {model.family} is dense: "
+            "set it to 1"
+        )
+    if model.num_experts % ep:
+        raise ShoalError(
+            f"expert_model_parallel_size {ep} does not divide the model's num_experts ({model.num_experts}); "
+            f"each expert-parallel rank holds whole experts: use a size that divides {model.num_experts}"
         )
 
 

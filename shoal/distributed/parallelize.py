@@ -30,6 +30,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from shoal.config.parallel import ParallelConfig
+from shoal.distributed.expert_parallel import apply_expert_parallel
 from shoal.distributed.mesh import ParallelDims
 from shoal.distributed.plan import ParallelPlan, SplitsItself
 from shoal.errors import ShoalError
@@ -217,17 +218,18 @@ def apply_compile(blocks: list[nn.Module]) -> None:
 def apply_fsdp(
     model: nn.Module,
     mesh: DeviceMesh,
-    units: list[tuple[nn.Module, bool]],
+    units: list[tuple[nn.Module, bool] | tuple[nn.Module, bool, DeviceMesh]],
     param_dtype: torch.dtype | None,
     reduce_dtype: torch.dtype,
     reshard_after_forward: bool,
 ) -> None:
-    """FSDP2: each unit (module, keep gathered after forward) is gathered just before it runs, and
-    the root takes whatever remains (for the decoder: the final norm, a tied embedding)."""
+    """FSDP2: each unit (module, keep gathered after forward[, its own mesh]) is gathered just
+    before it runs, and the root takes whatever remains (for the decoder: the final norm, a tied
+    embedding). A unit's own mesh is for expert-parallel experts (see mesh.py)."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    for module, keep_gathered in units:
+    for module, keep_gathered, *own_mesh in units:
         reshard = False if keep_gathered else reshard_after_forward
-        fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+        fully_shard(module, mesh=own_mesh[0] if own_mesh else mesh, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     for module in model.modules():
         if isinstance(module, FSDPModule):
@@ -268,6 +270,8 @@ def parallelize_model(
         self_split = apply_tp(model, parallel_dims.submesh("tp"), tp_plan, compiled=parallel_cfg.compile)
         if not parallel_dims.dp_enabled:  # FSDP2 completes partial gradients in its own reduction
             complete_partial_grads(model, self_split)
+    if parallel_dims.ep_enabled:
+        apply_expert_parallel(plan.experts(model), parallel_dims.submesh("ep"))
     if parallel_dims.tp_enabled or parallel_dims.cp_enabled:
         _install_input_checks(model, parallel_dims, parallel_cfg.sequence_parallel)
     apply_activation_checkpointing(blocks, parallel_cfg.activation_checkpointing)
@@ -276,10 +280,14 @@ def parallelize_model(
     if parallel_dims.dp_enabled:
         reshard = parallel_cfg.fsdp_reshard_after_forward
         reshard_after_forward = reshard == "always" or (reshard == "default" and not parallel_dims.pp_enabled)
+        units = plan.fsdp_units(model)
+        if parallel_dims.ep_enabled:
+            # Experts first, on their own mesh: the layer's unit then leaves their weights alone.
+            units = [(experts, False, parallel_dims.expert_fsdp_mesh) for experts in plan.experts(model)] + units
         apply_fsdp(
             model,
             parallel_dims.fsdp_mesh,
-            plan.fsdp_units(model),
+            units,
             param_dtype=resolve_param_dtype(parallel_cfg, compute_dtype),
             reduce_dtype=DTYPES[parallel_cfg.reduce_dtype],
             reshard_after_forward=reshard_after_forward,

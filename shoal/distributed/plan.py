@@ -33,6 +33,11 @@ class ParallelPlan(Protocol):
         backward comes right after its forward, such as the output layer)."""
         ...
 
+    def experts(self, model: nn.Module) -> list[nn.Module]:
+        """The grouped-experts modules of the sparse layers (none for a dense model), which expert
+        parallelism splits along their expert axis (shoal.distributed.expert_parallel)."""
+        ...
+
     def pipeline_stage(self, model: nn.Module, stage_index: int, num_stages: int) -> nn.Module:
         """A copy of `model` holding only stage `stage_index`'s modules, under the full model's names."""
         ...

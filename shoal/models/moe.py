@@ -84,31 +84,60 @@ class GroupedExperts(nn.Module):
         token_of_slot = order // k
         counts = torch.bincount(flat, minlength=self.num_experts)
         routed = x[token_of_slot]  # [T·K, E]
-        if GROUPED_MM_ON_CUDA and routed.is_cuda and routed.dtype == torch.bfloat16:
-            out = self._grouped_mm(routed, counts)
-        else:
-            out = self._loop(routed, counts)
+        out = self.apply_experts(routed, counts)
         out = out * weights.reshape(-1)[order, None].to(out.dtype)
         return torch.zeros_like(x).index_add_(0, token_of_slot, out.to(x.dtype))
 
-    def _loop(self, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """The exact fallback: one pair of matmuls per expert that received tokens."""
-        outs, start = [], 0
-        for expert, n in enumerate(counts.tolist()):  # one host sync per layer
-            if n == 0:
-                continue
-            seg = routed[start:start + n]
-            hidden = F.silu(seg @ self.gate_proj[expert].T) * (seg @ self.up_proj[expert].T)
-            outs.append(hidden @ self.down_proj[expert].T)
-            start += n
-        return torch.cat(outs) if outs else routed.new_zeros(routed.shape)
+    def apply_experts(self, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """routed [T·K, E], sorted by expert with counts [X] rows each -> each row through its
+        expert [T·K, E]. The seam expert parallelism replaces (shoal.distributed.expert_parallel:
+        send the rows to the ranks holding their experts, run them there, bring them back)."""
+        return expert_matmuls(routed, counts, self.gate_proj, self.up_proj, self.down_proj)
 
-    def _grouped_mm(self, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """GPU hook: all experts in three grouped matmuls, no host sync (see GROUPED_MM_ON_CUDA)."""
-        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-        gate = torch._grouped_mm(routed, self.gate_proj.transpose(-2, -1), offs=offsets)
-        up = torch._grouped_mm(routed, self.up_proj.transpose(-2, -1), offs=offsets)
-        return torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offsets)
+
+def expert_matmuls(
+    routed: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    """routed [N, E] sorted by expert, counts[x] rows for expert x, weights gate/up [X, I, E] and
+    down [X, E, I] (all experts, or one rank's share) -> down_x(silu(gate_x(r)) · up_x(r)) per row."""
+    if GROUPED_MM_ON_CUDA and routed.is_cuda and _computes_in_bf16(routed):
+        return _grouped_mm(routed, counts, gate, up, down)
+    return _loop(routed, counts, gate, up, down)
+
+
+def _computes_in_bf16(x: torch.Tensor) -> bool:
+    """bf16 rows (FSDP2's compute dtype), or fp32 ones under a bf16 autocast (one GPU, no FSDP),
+    whose matmuls the loop would run in bf16 too."""
+    if x.dtype == torch.bfloat16:
+        return True
+    return torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+
+
+def _loop(
+    routed: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    """The exact fallback: one pair of matmuls per expert that received tokens."""
+    outs, start = [], 0
+    for expert, n in enumerate(counts.tolist()):  # one host sync per layer
+        if n == 0:
+            continue
+        seg = routed[start:start + n]
+        hidden = F.silu(seg @ gate[expert].T) * (seg @ up[expert].T)
+        outs.append(hidden @ down[expert].T)
+        start += n
+    return torch.cat(outs) if outs else routed.new_zeros(routed.shape[0], down.shape[1])
+
+
+def _grouped_mm(
+    routed: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    """GPU: all experts in three grouped matmuls, no host sync (see GROUPED_MM_ON_CUDA)."""
+    # bf16 operands whatever autocast would do with `_grouped_mm` (the casts carry gradients back).
+    routed, gate, up, down = (t.to(torch.bfloat16) for t in (routed, gate, up, down))
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    g = torch._grouped_mm(routed, gate.transpose(-2, -1), offs=offsets)
+    u = torch._grouped_mm(routed, up.transpose(-2, -1), offs=offsets)
+    return torch._grouped_mm(F.silu(g) * u, down.transpose(-2, -1), offs=offsets)
 
 
 class MoE(nn.Module):

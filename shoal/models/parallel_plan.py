@@ -118,6 +118,9 @@ class DecoderParallelPlan:
             units.append((model.lm_head, True))
         return units
 
+    def experts(self, model: nn.Module) -> list[nn.Module]:
+        return [layer.mlp.experts for layer in self.blocks(model) if isinstance(layer.mlp, MoE)]
+
     def pipeline_stage(self, model: nn.Module, stage_index: int, num_stages: int) -> nn.Module:
         """A copy of `model` with an even, contiguous share of the layers; the first stage keeps the
         embedding, the last the final norm and output layer (see docs/model-contract.md).

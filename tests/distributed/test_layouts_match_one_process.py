@@ -40,6 +40,13 @@ LAYOUTS = [
     ("tp2_sp_moe", 2, {"parallel": {"tensor_model_parallel_size": 2}, "preset": "qwen3_moe_tiny"}),
     ("tp2_no_sp_moe", 2, {"parallel": {"tensor_model_parallel_size": 2, "sequence_parallel": False},
                           "preset": "qwen3_moe_tiny"}),
+    # Expert parallelism: 4 of the 8 experts per rank, tokens dispatched by all-to-all; alone (every
+    # data-parallel rank an expert-parallel one) and with the experts FSDP-sharded over 2 groups.
+    ("ep2_moe", 2, {"parallel": {"expert_model_parallel_size": 2}, "preset": "qwen3_moe_tiny"}),
+    ("ep2_fsdp2_moe_full_ac", 4, {"parallel": {"expert_model_parallel_size": 2, "activation_checkpointing": "full"},
+                                  "preset": "qwen3_moe_tiny"}),
+    ("tp2_ep2_moe", 4, {"parallel": {"expert_model_parallel_size": 2, "tensor_model_parallel_size": 2},
+                        "preset": "qwen3_moe_tiny"}),
     ("tp2_fsdp2_moe", 4, {"parallel": {"tensor_model_parallel_size": 2}, "preset": "qwen3_moe_tiny"}),
     ("tp2_sp", 2, {"parallel": {"tensor_model_parallel_size": 2}, "explicit_positions": False}),
     ("tp2_no_sp", 2, {"parallel": {"tensor_model_parallel_size": 2, "sequence_parallel": False}}),

@@ -6,6 +6,12 @@ process. Besides loss and gradient norm, the load-balancing loss (`aux_loss`, wh
 objective with a large coefficient here) and the router statistics must agree: they check that
 the aux term is averaged over data-parallel ranks, not summed or taken per rank, and that tensor
 parallel ranks route the whole sequence. A checkpoint written by FSDP2 resumes in one process.
+
+Expert parallelism (`--expert_model_parallel_size 2`: 4 of the 8 experts per rank, tokens sent to
+them by all-to-all) must give the same records too: routing stays on the rank that owns the tokens,
+so the router statistics are each rank's counts over all experts, summed over the data-parallel
+ranks as without expert parallelism. Its checkpoint (experts saved from two ranks' shards) resumes
+in one process, and the one-process checkpoint resumes under expert parallelism.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ MOE_SHAPE = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
                  norm_topk_prob=True, max_position_embeddings=256, router_aux_loss_coef=0.1)
 KEYS = ("loss", "grad_norm", "aux_loss", "expert_load_max", "expert_load_min")
 LAYOUTS = {"fsdp2": ["--num_gpus", "2"], "tp2_sp": ["--num_gpus", "2", "-T", "2"],
-           "fsdp2_tp2": ["--num_gpus", "4", "-T", "2"]}
+           "fsdp2_tp2": ["--num_gpus", "4", "-T", "2"], "ep2": ["--num_gpus", "2", "--expert_model_parallel_size", "2"],
+           "ep2_tp2": ["--num_gpus", "4", "-T", "2", "--expert_model_parallel_size", "2"]}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +40,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> TrainAssets:
     """A tiny Qwen3-MoE with the demo tokenizer, imported with `shoal import`, and a corpus."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    from shoal.demo.corpus import write_pretraining_corpus
+    from shoal.demo.corpus import write_instruction_set, write_pretraining_corpus
     from shoal.demo.tiny_model import tiny_llama_config
     from shoal.demo.tokenizer import TOKENIZER_DIR
 
@@ -55,6 +62,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> TrainAssets:
     write_pretraining_corpus(root / "corpus.jsonl", num_documents=200)
     assert shoal("preprocess", "--input", root / "corpus.jsonl", "--json-keys", "text", "--tokenizer", root / "ckpt",
                  "--output-prefix", root / "data" / "corpus", "--append-eod", "--workers", "1") == 0
+    write_instruction_set(root / "sft", sizes=(48, 16, 16))
     return TrainAssets(root, root / "hf", root / "ckpt", root / "data", root / "sft")
 
 
@@ -91,3 +99,33 @@ def test_moe_fsdp_checkpoint_resumes_in_one_process(assets: TrainAssets, runs: d
     resumed = run_ok(train_args(assets, "pretrain", root, exp.name, "--max_steps", STEPS, *SAVE_AT_2), root)
     assert "from step=000002" in resumed.stdout + resumed.stderr
     assert_same_records(exp, runs["one_process"], [3, 4])
+
+
+@pytest.mark.parametrize("source,layout", [
+    pytest.param("ep2", [], id="ep2_to_one_process"),
+    pytest.param("one_process", LAYOUTS["ep2"], id="one_process_to_ep2"),
+])
+def test_moe_checkpoint_reshards_between_expert_layouts(
+    assets: TrainAssets, runs: dict[str, Path], source: str, layout: list[str]
+):
+    """Steps 3-4 resumed from `source`'s step-2 checkpoint in `layout`: the grouped [X, ...] experts
+    (and their AdamW moments) saved whole or as two ranks' halves load into the other layout, and
+    the curve continues as the uninterrupted one-process run's."""
+    root = runs["one_process"].parent
+    exp = rewound_to_step_2(runs[source], root / f"resume_{source}_in_{'ep2' if layout else 'one'}")
+    resumed = run_ok(train_args(assets, "pretrain", root, exp.name, "--max_steps", STEPS, *SAVE_AT_2, *layout), root)
+    assert "from step=000002" in resumed.stdout + resumed.stderr
+    assert_same_records(exp, runs["one_process"], [3, 4])
+
+
+def test_moe_lora_finetune_under_expert_parallel_matches_one_process(assets: TrainAssets, tmp_path: Path):
+    """`shoal finetune --peft lora` (adapters on the attention, experts frozen and still dispatched
+    by all-to-all, their FSDP units holding no trainable weight) under EP2 follows the one-process
+    run: loss, gradient norm, aux loss and router statistics."""
+    runs = {}
+    for name, layout in {"one_process": [], "ep2": LAYOUTS["ep2"]}.items():
+        run_ok(train_args(assets, "finetune", tmp_path, f"lora_{name}", "--max_steps", STEPS, "--peft", "lora",
+                          *layout), tmp_path)
+        runs[name] = tmp_path / f"lora_{name}"
+    assert ranks_that_ran(runs["ep2"]) == {0, 1}
+    assert_same_records(runs["ep2"], runs["one_process"], list(range(1, STEPS + 1)))

@@ -29,22 +29,27 @@ CFG = dataclasses.replace(get_preset("qwen3_30b_a3b"), num_layers=1)
 TOKENS = 4096
 
 
-def run(grouped: bool, monkeypatch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def run(grouped: bool, monkeypatch, autocast: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """bf16 weights and tokens (FSDP2's compute dtype), or with `autocast` fp32 ones under a bf16
+    autocast (one GPU without FSDP, as bench/moe.py trains)."""
     monkeypatch.setattr(moe_module, "GROUPED_MM_ON_CUDA", grouped)
     torch.manual_seed(0)
     block = moe_module.MoE(CFG).cuda()
     block.gate.reset_parameters(0.5)
     block.experts.reset_parameters(0.02)
-    block = block.to(torch.bfloat16)
-    x = torch.randn(1, TOKENS, CFG.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    out = block(x)
+    dtype = torch.float32 if autocast else torch.bfloat16
+    block = block.to(dtype)
+    x = torch.randn(1, TOKENS, CFG.hidden_size, device="cuda", dtype=dtype, requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = block(x)
     out.float().pow(2).sum().backward()
     return out.detach(), [x.grad, block.gate.weight.grad, *(p.grad for p in block.experts.parameters())]
 
 
-def test_grouped_mm_equals_the_loop(monkeypatch):
-    expected, expected_grads = run(False, monkeypatch)
-    got, grads = run(True, monkeypatch)
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "autocast"])
+def test_grouped_mm_equals_the_loop(monkeypatch, autocast: bool):
+    expected, expected_grads = run(False, monkeypatch, autocast)
+    got, grads = run(True, monkeypatch, autocast)
     scale = expected.abs().max()
     assert (got - expected).abs().max() <= 2e-2 * scale
     for g, e in zip(grads, expected_grads):

@@ -49,6 +49,11 @@ FP32_LAYOUTS = [
     ("cp2_tp2_ring", 4, {"parallel": {"context_parallel_size": 2, "tensor_model_parallel_size": 2},
                          "cp_backend": "ring", "seq_length": 128}),
     ("pp2_fsdp2_full_ac", 4, {"parallel": {"pipeline_model_parallel_size": 2, "activation_checkpointing": "full"}}),
+    # Expert parallelism over NCCL's all-to-all, eager and with compiled layers (the dispatch's
+    # split sizes are data-dependent, so the compiled layer breaks its graph around it).
+    ("ep2_moe", 2, {"parallel": {"expert_model_parallel_size": 2}, "preset": "qwen3_moe_tiny"}),
+    ("ep2_fsdp2_moe_compile", 4, {"parallel": {"expert_model_parallel_size": 2, "compile": True},
+                                  "preset": "qwen3_moe_tiny"}),
 ]
 
 # Every bf16 layout shards over data-parallel ranks, so FSDP2 applies the mixed precision.

@@ -198,3 +198,12 @@ def test_recipe_file_from_a_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     assert resolve(monkeypatch, ["pretrain", "--recipe", str(path)]).train.max_steps == 7
     recipe = resolve(monkeypatch, ["finetune", "--recipe", str(path)])
     assert recipe.train.max_steps == 3 and recipe.train.lr == 0.125
+
+
+def test_expert_parallel_flag_sets_the_recipe_key(monkeypatch: pytest.MonkeyPatch):
+    """NeMo's --expert_model_parallel_size with the seed's MoE model: the parallel section gets it."""
+    recipe = resolve(monkeypatch, ["pretrain", "--model", "qwen3_30b_a3b", "--num_gpus", "8",
+                                   "--expert_model_parallel_size", "8", "--max_steps", "1"])
+    assert recipe.parallel.expert_model_parallel_size == 8
+    assert resolve(monkeypatch, ["pretrain", "--model", "qwen3_30b_a3b", "--max_steps", "1"]
+                   ).parallel.expert_model_parallel_size == 1

@@ -21,6 +21,8 @@ from shoal.models import get_preset
 
 TINY = get_preset("llama_tiny")  # 4 heads, 2 kv heads, 2 layers, vocab 512, intermediate 128
 LLAMA_8B = get_preset("llama31_8b")  # 32 heads, 8 kv heads, 32 layers, vocab 128256, intermediate 14336
+MOE_TINY = get_preset("qwen3_moe_tiny")  # 8 experts, 2 per token
+QWEN3_30B = get_preset("qwen3_30b_a3b")  # 128 experts, 48 layers
 
 
 def _model(**changes):
@@ -72,6 +74,29 @@ REFUSALS = {
     "one_f_one_b_needs_micro_batches": (
         {"pipeline_model_parallel_size": 4}, 8, None, {"global_batch_size": 6, "micro_batch_size": 1},
         ["1F1B", "(micro_batch_size 1 × data-parallel 2) = 3", "< 4 stages", "at least 8"]),
+    # Expert parallelism: carved out of the FSDP shards, so it must divide them (8 / (tp 1) = 8 here
+    # would pass; 6 ranks leave 6, which 4 does not divide), and each rank holds whole experts.
+    "ep_divides_data_parallel": (
+        {"expert_model_parallel_size": 4}, 6, None, {},
+        ["expert_model_parallel_size 4", "data-parallel size 6", "divides 6"]),
+    "ep_splits_experts": (
+        {"expert_model_parallel_size": 3}, 3, MOE_TINY, {}, ["expert_model_parallel_size 3", "num_experts (8)"]),
+    "ep_needs_experts": (
+        {"expert_model_parallel_size": 2}, 2, TINY, {}, ["expert_model_parallel_size 2", "mixture-of-experts",
+                                                       "llama", "dense"]),
+    "ep_out_of_what_tensor_parallel_leaves": (
+        # 8 ranks / tp 2 leave 4 data-parallel ranks, which 8 expert-parallel ones cannot come from.
+        {"expert_model_parallel_size": 8, "tensor_model_parallel_size": 2}, 8, None, {},
+        ["expert_model_parallel_size 8", "data-parallel size 4"]),
+    "ep_with_pipeline": (
+        {"expert_model_parallel_size": 2, "pipeline_model_parallel_size": 2}, 4, None, {},
+        ["expert_model_parallel_size 2", "pipeline_model_parallel_size 2", "set them to 1"]),
+    "ep_with_context": (
+        {"expert_model_parallel_size": 2, "context_parallel_size": 2}, 4, None, {},
+        ["expert_model_parallel_size 2", "context_parallel_size 2"]),
+    "ep_with_hsdp": (
+        {"expert_model_parallel_size": 2, "data_parallel_replicate_size": 2}, 4, None, {},
+        ["expert_model_parallel_size 2", "data_parallel_replicate_size 2", "hsdp"]),
     "interleaved_rounds": (
         # 10 micro-batches over pp=4: torch's schedule makes 10 // 4 = 2 rounds, and 10 % 2 == 0 would
         # pass, so take 9: 2 rounds, 9 % 2 = 1.
@@ -132,6 +157,21 @@ def test_data_parallelism_takes_what_the_world_leaves(parallel: dict, world: int
 def test_layouts_that_fit_pass(parallel: dict, world: int, kwargs: dict) -> None:
     check_parallel_layout(ParallelConfig(**parallel), world, LLAMA_8B, **kwargs)
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("ep,tp,world", [(8, 1, 8), (8, 1, 16), (2, 1, 8), (128, 1, 128), (4, 2, 8)])
+def test_expert_layouts_that_fit_pass(ep: int, tp: int, world: int) -> None:
+    """Qwen3-30B-A3B's 128 experts over ep ranks of a data-parallel world (EP8 on one node: 16
+    experts per GPU; EP8 on 16 GPUs: two groups of 8 holding the same experts; TP2 leaves 4
+    data-parallel ranks of 8, all of them expert-parallel)."""
+    parallel = ParallelConfig(expert_model_parallel_size=ep, tensor_model_parallel_size=tp)
+    check_parallel_layout(parallel, world, QWEN3_30B, seq_length=4096, global_batch_size=world, micro_batch_size=1)
+    assert not dist.is_initialized()
+
+
+def test_expert_parallel_size_must_be_positive() -> None:
+    with pytest.raises(ShoalError, match="expert_model_parallel_size must be a positive integer"):
+        ParallelConfig(expert_model_parallel_size=0)
 
 
 def test_only_what_is_given_is_checked() -> None:
