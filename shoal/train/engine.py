@@ -9,6 +9,7 @@ runs underneath. Saving and restoring `parts` and `optimizers` is shoal.checkpoi
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -195,6 +196,8 @@ def build_engine(
             # After the load (DoRA's magnitude starts from the loaded weights); seeded per layer name,
             # so the adapters start the same in every layout.
             init_lora_weights(part, seed=train.seed)
+        if not dims.dp_enabled:
+            store_frozen_in(part, compute_dtype)
     t = train
     optimizers = [build_optimizer(p, t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps) for p in parts]
     autocast = lambda: autocast_context(dims, parallel, device.type, compute_dtype)  # noqa: E731
@@ -203,6 +206,42 @@ def build_engine(
         parallel.fsdp_gradient_sync, parts, dims, device)
     return Engine(parts, optimizers, dims, document_mask, autocast, pipeline, loss_fn, defer, float8,
                   moe=cfg.is_moe, aux_loss_coef=cfg.router_aux_loss_coef)
+
+
+@torch.no_grad()
+def store_frozen_in(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """Keep the frozen floating-point parameters (a LoRA/DoRA base) in the compute dtype.
+
+    Without FSDP, weights held in fp32 are cast by `torch.autocast` at every use (again in
+    recomputation) and take twice the memory; a frozen weight never meets the optimizer, so it
+    needs no fp32 master. Trainable parameters stay as they are (fp32 masters). A weight shared by
+    several modules (tied embeddings) is converted once and stays shared. Under FSDP its
+    `MixedPrecisionPolicy` does the casting instead, so this is for the no-FSDP path only.
+    """
+    if dtype is None or dtype == torch.float32:
+        return
+    converted: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        stored: dict[str, torch.dtype] = {}
+        for name, param in list(module._parameters.items()):
+            if param is None or param.requires_grad or not param.is_floating_point() or param.dtype == dtype:
+                continue
+            if id(param) not in converted:
+                converted[id(param)] = nn.Parameter(param.detach().to(dtype), requires_grad=False)
+            module._parameters[name] = converted[id(param)]
+            stored[name] = param.dtype
+        if stored:
+            module.register_state_dict_post_hook(functools.partial(_state_in_original_dtype, stored=stored))
+
+
+def _state_in_original_dtype(module: nn.Module, state: dict, prefix: str, local_metadata: Any,
+                             stored: dict[str, torch.dtype]) -> None:
+    # Checkpoints keep the dtype the weights had before `store_frozen_in` (fp32): their format does
+    # not depend on the layout, and a bf16 value upcast to fp32 is exact. A load fills these
+    # copies, then copies them back into the parameters (shoal.checkpoint.state.load_model_into).
+    for name, dtype in stored.items():
+        if prefix + name in state:
+            state[prefix + name] = state[prefix + name].to(dtype)
 
 
 def _apply_float8(model: nn.Module, plan: Float8Plan, device: torch.device) -> None:
