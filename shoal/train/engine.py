@@ -30,6 +30,7 @@ from shoal.distributed.parallelize import autocast_context
 from shoal.models import ModelConfig
 from shoal.models.model import Transformer
 from shoal.peft.config import LoraConfig
+from shoal.train.linear_cross_entropy import chunk_loss_and_grad, linear_cross_entropy_sum
 from shoal.train.step import build_optimizer, masked_cross_entropy_sum, model_inputs
 
 
@@ -53,6 +54,9 @@ class Engine:
     aux_loss_coef: float = 0.0
     last_aux_loss: torch.Tensor | None = None
     expert_counts: torch.Tensor | None = None  # [sparse layers, X]: last step's routing counts on this rank
+    # Output layer + loss a chunk of tokens at a time (shoal.train.linear_cross_entropy), where
+    # lm_head is a plain, whole nn.Linear of this process: no [tokens, vocab] logits are kept.
+    head_loss_fn: Callable[..., torch.Tensor] | None = None
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for part in self.parts for p in part.parameters() if p.requires_grad]
@@ -82,9 +86,7 @@ class Engine:
             if self.defer_gradient_sync:
                 self._gradient_sync(i == len(mbs) - 1)
             with self._sequence_shard(mb) as (tokens, labels, loss_mask, inputs):
-                with self.autocast():
-                    logits = self.parts[0](tokens, **inputs)
-                loss_sum = self.loss_fn(logits, labels, loss_mask)
+                loss_sum = self._loss_sum(tokens, labels, loss_mask, inputs)
                 # Gradients are summed (not averaged) across data-parallel ranks, see docs/parallelism.md.
                 objective = loss_sum / global_tokens
                 if aux_total is not None:
@@ -132,10 +134,19 @@ class Engine:
         total = torch.zeros((), device=mbs[0]["tokens"].device)
         for mb in mbs:
             with self._sequence_shard(mb) as (tokens, labels, loss_mask, inputs):
-                with self.autocast():
-                    logits = self.parts[0](tokens, **inputs)
-                total += self.loss_fn(logits, labels, loss_mask)
+                total += self._loss_sum(tokens, labels, loss_mask, inputs)
         return total
+
+    def _loss_sum(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
+                  inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Σ CE·mask of one micro-batch (shard) through the one model part."""
+        model = self.parts[0]
+        with self.autocast():
+            if self.head_loss_fn is not None:
+                hidden = model(tokens, head=False, **inputs)
+                return self.head_loss_fn(hidden, model.lm_head.weight, labels, loss_mask)
+            logits = model(tokens, **inputs)
+        return self.loss_fn(logits, labels, loss_mask)
 
     def clip_and_step(self, max_norm: float, lr: float) -> torch.Tensor:
         norm = clip_grad_norm_(self.parameters(), max_norm, self.dims)
@@ -202,10 +213,17 @@ def build_engine(
     optimizers = [build_optimizer(p, t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps) for p in parts]
     autocast = lambda: autocast_context(dims, parallel, device.type, compute_dtype)  # noqa: E731
     loss_fn = torch.compile(masked_cross_entropy_sum) if parallel.compile else masked_cross_entropy_sum
+    head_loss_fn = None
+    if pipeline is None and not dims.tp_enabled and not dims.dp_enabled and type(parts[0].lm_head) is nn.Linear:
+        # Not under tensor parallelism (a vocabulary-sharded head), pipelining (the schedule owns
+        # the loss) or FSDP (lm_head's weight is gathered only inside its own forward), nor for an
+        # FP8 or adapted head: those keep the plain path.
+        chunk_fn = torch.compile(chunk_loss_and_grad) if parallel.compile else chunk_loss_and_grad
+        head_loss_fn = functools.partial(linear_cross_entropy_sum, chunk_fn=chunk_fn)
     defer = pipeline is None and micro_batches_per_step > 1 and _defer_gradient_sync(
         parallel.fsdp_gradient_sync, parts, dims, device)
     return Engine(parts, optimizers, dims, document_mask, autocast, pipeline, loss_fn, defer, float8,
-                  moe=cfg.is_moe, aux_loss_coef=cfg.router_aux_loss_coef)
+                  moe=cfg.is_moe, aux_loss_coef=cfg.router_aux_loss_coef, head_loss_fn=head_loss_fn)
 
 
 @torch.no_grad()
