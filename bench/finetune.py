@@ -10,8 +10,8 @@ Cases (`--cases`, comma-separated):
     full_1b, full_3b            full fine-tuning (every parameter trains)
 
 on the Llama-3.1-8B, -3.2-1B and -3.2-3B shapes (random weights). Variants (`--variants`): `hf`,
-`hf_compile` (transformers `AutoModelForCausalLM`, SDPA, `torch.compile` of the whole model and its
-loss), `shoal`, `shoal_compile` (shoal's own engine as `shoal finetune` builds it, compiled layers
+`hf_compile` (transformers `AutoModelForCausalLM`, SDPA; compiled: each decoder layer and the loss
+with `torch.compile`, or the whole model with `--peer_compile model`), `shoal`, `shoal_compile` (shoal's own engine as `shoal finetune` builds it, compiled layers
 and loss). `--num_layers N` shrinks every shape to N layers for a quick smoke run; `--preset P`
 replaces every shape (with `--device cpu`, a tiny preset checks the script without a GPU).
 
@@ -187,7 +187,16 @@ def bench_hf(args, case: str, compile_: bool, device: torch.device) -> dict:
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.1, fused=device.type == "cuda")
-    forward = torch.compile(model) if compile_ else model
+    forward = model
+    if compile_ and args.peer_compile == "model":
+        forward = torch.compile(model)
+    elif compile_:
+        # Each decoder layer (one graph serves all: minutes less to compile than the whole model)
+        # and transformers' loss, where the fp32 upcast and softmax of the logits fuse.
+        for layer in (model.base_model.model if kind is not None else model).model.layers:
+            layer.compile()
+        inner = model.base_model.model if kind is not None else model
+        inner.loss_function = torch.compile(inner.loss_function)
     batch = packed_batch(cfg.vocab_size, args.micro_batch_size, args.seq_length, device)
     tokens = batch["loss_mask"].sum()
     # transformers' own loss (inside the compiled graph): labels already shifted, -100 off the answers.
@@ -269,6 +278,8 @@ def main() -> int:
     parser.add_argument("--num_layers", type=int, default=None, help="shrink every shape (smoke runs)")
     parser.add_argument("--preset", default=None, help="replace every case's shape by this preset (smoke runs)")
     parser.add_argument("--activation_checkpointing", default="none", choices=["none", "full", "selective", "auto"])
+    parser.add_argument("--peer_compile", default="layers", choices=["layers", "model"],
+                        help="hf_compile: torch.compile each decoder layer and the loss, or the whole model")
     parser.add_argument("--peer_documents", default="ignore", choices=["ignore", "isolate"])
     parser.add_argument("--profile", default=None, help="folder for one profiled step of each shoal variant")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: smoke runs of tiny shapes")
