@@ -10,8 +10,9 @@ Cases (`--cases`, comma-separated):
     full_1b, full_3b            full fine-tuning (every parameter trains)
 
 on the Llama-3.1-8B, -3.2-1B and -3.2-3B shapes (random weights). Variants (`--variants`): `hf`,
-`hf_compile` (transformers `AutoModelForCausalLM`, SDPA; compiled: each decoder layer and the loss
-with `torch.compile`, or the whole model with `--peer_compile model`), `shoal`, `shoal_compile` (shoal's own engine as `shoal finetune` builds it, compiled layers
+`hf_compile` (transformers `AutoModelForCausalLM`, SDPA; compiled: the whole model with its loss, or
+with `--peer_compile layers` each decoder layer and the loss, which recompiles per layer on
+transformers 5.17 and then runs slower than eager), `shoal`, `shoal_compile` (shoal's own engine as `shoal finetune` builds it, compiled layers
 and loss). `--num_layers N` shrinks every shape to N layers for a quick smoke run; `--preset P`
 replaces every shape (with `--device cpu`, a tiny preset checks the script without a GPU).
 
@@ -65,14 +66,14 @@ from shoal.train.metrics import mfu_fields  # noqa: E402
 
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR = (*QKVO, "gate_proj", "up_proj", "down_proj")
-# case -> (preset, peft kind or None, target modules)
+# case -> (preset, peft kind or None, target modules, micro batch: rows of --seq_length tokens)
 CASES = {
-    "lora_qkvo_8b": ("llama31_8b", "lora", QKVO),
-    "lora_all_8b": ("llama31_8b", "lora", ALL_LINEAR),
-    "dora_qkvo_8b": ("llama31_8b", "dora", QKVO),
-    "dora_all_8b": ("llama31_8b", "dora", ALL_LINEAR),
-    "full_1b": ("llama32_1b", None, ()),
-    "full_3b": ("llama32_3b", None, ()),
+    "lora_qkvo_8b": ("llama31_8b", "lora", QKVO, 1),
+    "lora_all_8b": ("llama31_8b", "lora", ALL_LINEAR, 1),
+    "dora_qkvo_8b": ("llama31_8b", "dora", QKVO, 1),
+    "dora_all_8b": ("llama31_8b", "dora", ALL_LINEAR, 1),
+    "full_1b": ("llama32_1b", None, (), 4),
+    "full_3b": ("llama32_3b", None, (), 2),
 }
 RANK, ALPHA = 32, 32.0
 
@@ -118,10 +119,14 @@ def time_steps(step, warmup: int, steps: int, device: torch.device) -> tuple[flo
     return times[len(times) // 2], (torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
 
 
+def micro_batch(args, case: str) -> int:
+    return args.micro_batch_size or CASES[case][3]
+
+
 def shape(case: str, num_layers: int | None, preset_override: str | None = None):
     import dataclasses
 
-    preset, kind, targets = CASES[case]
+    preset, kind, targets, _ = CASES[case]
     cfg = get_preset(preset_override or preset)
     if num_layers:
         cfg = dataclasses.replace(cfg, num_layers=num_layers)
@@ -130,7 +135,7 @@ def shape(case: str, num_layers: int | None, preset_override: str | None = None)
 
 def bench_shoal(args, case: str, compile_: bool, device: torch.device) -> dict:
     cfg, kind, targets = shape(case, args.num_layers, args.preset)
-    train = TrainSection(micro_batch_size=args.micro_batch_size, global_batch_size=args.micro_batch_size,
+    train = TrainSection(micro_batch_size=micro_batch(args, case), global_batch_size=micro_batch(args, case),
                          weight_decay=0.1)
     parallel = ParallelConfig(compile=compile_, activation_checkpointing=args.activation_checkpointing)
     peft = None if kind is None else LoraConfig(rank=RANK, alpha=ALPHA, target_modules=targets, use_dora=kind == "dora")
@@ -138,7 +143,7 @@ def bench_shoal(args, case: str, compile_: bool, device: torch.device) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     engine = build_engine(cfg, train=train, parallel=parallel, peft=peft, dims=dims, device=device,
                           compute_dtype=dtype, document_mask=True)
-    batch = packed_batch(cfg.vocab_size, args.micro_batch_size, args.seq_length, device)
+    batch = packed_batch(cfg.vocab_size, micro_batch(args, case), args.seq_length, device)
     tokens = float(batch["loss_mask"].sum())
 
     def step():
@@ -197,7 +202,7 @@ def bench_hf(args, case: str, compile_: bool, device: torch.device) -> dict:
             layer.compile()
         inner = model.base_model.model if kind is not None else model
         inner.loss_function = torch.compile(inner.loss_function)
-    batch = packed_batch(cfg.vocab_size, args.micro_batch_size, args.seq_length, device)
+    batch = packed_batch(cfg.vocab_size, micro_batch(args, case), args.seq_length, device)
     tokens = batch["loss_mask"].sum()
     # transformers' own loss (inside the compiled graph): labels already shifted, -100 off the answers.
     shift_labels = batch["labels"].masked_fill(batch["loss_mask"] == 0, -100)
@@ -229,7 +234,7 @@ def run_case(args, case: str, device: torch.device) -> dict:
     cfg, kind, _ = shape(case, args.num_layers, args.preset)
     frozen = cfg.num_params if kind is not None else 0
     flops_per_token = cfg.flops_per_token(args.seq_length, frozen_params=frozen)
-    tokens_per_step = args.micro_batch_size * args.seq_length
+    tokens_per_step = micro_batch(args, case) * args.seq_length
     results = {}
     for name in args.variants.split(","):
         fn, compile_ = RUNNERS[name]
@@ -251,7 +256,7 @@ def run_case(args, case: str, device: torch.device) -> dict:
     for r in results.values():
         if best and "tokens_per_s" in r:
             r["vs_best_peer"] = r["tokens_per_s"] / best
-    return {"preset": CASES[case][0], "flops_per_token": flops_per_token, "variants": results}
+    return {"preset": CASES[case][0], "micro_batch_size": micro_batch(args, case), "flops_per_token": flops_per_token, "variants": results}
 
 
 def print_table(all_results: dict) -> None:
@@ -272,13 +277,13 @@ def main() -> int:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--variants", default="hf,hf_compile,shoal,shoal_compile")
     parser.add_argument("--seq_length", type=int, default=2048)
-    parser.add_argument("--micro_batch_size", type=int, default=1)
+    parser.add_argument("--micro_batch_size", type=int, default=None, help="rows per step (default: the case's)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--num_layers", type=int, default=None, help="shrink every shape (smoke runs)")
     parser.add_argument("--preset", default=None, help="replace every case's shape by this preset (smoke runs)")
     parser.add_argument("--activation_checkpointing", default="none", choices=["none", "full", "selective", "auto"])
-    parser.add_argument("--peer_compile", default="layers", choices=["layers", "model"],
+    parser.add_argument("--peer_compile", default="model", choices=["layers", "model"],
                         help="hf_compile: torch.compile each decoder layer and the loss, or the whole model")
     parser.add_argument("--peer_documents", default="ignore", choices=["ignore", "isolate"])
     parser.add_argument("--profile", default=None, help="folder for one profiled step of each shoal variant")

@@ -106,3 +106,13 @@ def test_fp32_compute_and_full_training_keep_fp32():
                         parallel=parallel, peft=None, dims=build_mesh(parallel, 1, "cpu"),
                         device=torch.device("cpu"), compute_dtype=torch.bfloat16)
     assert all(p.dtype == torch.float32 and p.requires_grad for p in full.parts[0].parameters())
+
+
+def test_dora_output_keeps_the_compute_dtype():
+    # The fp32 magnitude must not turn a bf16 layer's output into fp32 (flash attention takes
+    # bf16 only, and the residual stream would double in size).
+    engine = _engine(tiny_peft_hf("llama"), dora=True, compute_dtype=torch.bfloat16)
+    layer = engine.parts[0].model.layers["0"].self_attn.q_proj
+    x = torch.randn(2, 5, layer.in_features, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
