@@ -3,13 +3,14 @@
 Every formula follows what shoal really keeps (docs/planning.md derives each one):
 
 * weights live in fp32 (the model is built in fp32 and FSDP2 shards those master weights); with
-  bf16 compute FSDP2 all-gathers bf16 copies per decoder layer, and without FSDP `torch.autocast`
-  caches bf16 casts of the trainable weights for the step;
+  bf16 compute FSDP2 all-gathers bf16 copies per decoder layer, and without FSDP frozen weights are
+  kept in bf16 and `torch.autocast` caches bf16 casts of the trainable weights for the step;
 * gradients are fp32, sharded like the weights, except under `fsdp_gradient_sync=last_micro_batch`
   where each rank accumulates its unsharded fp32 gradients (and keeps the bf16 copies gathered);
 * AdamW keeps two fp32 moments per trainable parameter (`shoal.train.step.build_optimizer`);
 * activations follow the checkpointing mode, sharded by tensor/sequence and context parallelism;
-* logits are whole on every tensor-parallel rank (the loss runs as in one process).
+* logits are whole on every tensor-parallel rank (the loss runs as in one process); in one process
+  without FSDP or pipelining only one chunk of them exists at a time (the chunked output layer + loss).
 
 Throughput is never derived from first principles: it is the MFU that shoal's benchmarks measured
 on the nearest benchmarked configuration (`shoal.plan.measured`), adjusted only for the number of
@@ -28,6 +29,7 @@ from shoal.models import ModelConfig
 from shoal.plan.counts import ParamCounts
 from shoal.plan.hardware import GIB, GpuKind
 from shoal.plan.measured import MEASUREMENTS, Measurement
+from shoal.train.linear_cross_entropy import CHUNK_ELEMENTS
 
 # Outside torch's allocator (not in max_memory_allocated): CUDA context, cuBLAS/NCCL workspaces.
 CONTEXT_BYTES = int(1.5 * GIB)
@@ -223,6 +225,9 @@ def estimate_memory(cfg: ModelConfig, counts: ParamCounts, layout: Layout, work:
     deferred = resolve_gradient_sync(layout, t_rank, micro_batches, gpu)
 
     parameters = 4 * p_rank / shards  # fp32 master weights
+    if bf16 and not layout.fsdp:
+        # Without FSDP the frozen weights (a LoRA/DoRA base) are kept in bf16 (shoal.train.engine.store_frozen_in).
+        parameters = 4 * t_rank + 2 * (p_rank - t_rank)
     gradients = 4 * t_rank if deferred else 4 * t_rank / shards
     if layout.tp > 1 and not layout.fsdp and counts.trainable == counts.total:
         # Under tensor parallelism alone the vocabulary-sharded embedding gets a whole (Replicate)
@@ -247,8 +252,8 @@ def estimate_memory(cfg: ModelConfig, counts: ParamCounts, layout: Layout, work:
             at_loss = end_of_backward = per_layer + 4 * counts.layer_trainable / layout.tp
     elif bf16:
         # torch.autocast caches the bf16 cast of every trainable weight for the forward, and autograd
-        # keeps them (and one frozen layer's casts) until backward frees them.
-        at_loss = 2 * t_rank + (2 * layer_rank if counts.frozen else 0)
+        # keeps them until backward frees them (frozen weights are bf16 already: nothing to cast).
+        at_loss = 2 * t_rank
 
     tokens = work.micro_batch_size * work.seq_length / layout.cp
     mode = layout.activation_checkpointing
@@ -262,7 +267,11 @@ def estimate_memory(cfg: ModelConfig, counts: ParamCounts, layout: Layout, work:
         notes.append("DoRA: its weight-norm temporaries (one adapted weight per layer) are not modelled")
 
     logit_kind = "fp32" if not bf16 else ("compiled" if work.compile else "eager")
-    logits = tokens * cfg.vocab_size * LOGIT_BYTES[logit_kind]
+    logit_tokens = tokens
+    if not layout.fsdp and layout.tp == 1 and layout.pp == 1:
+        # The output layer and the loss run a chunk of tokens at a time (shoal.train.linear_cross_entropy).
+        logit_tokens = min(tokens, max(1, CHUNK_ELEMENTS // cfg.vocab_size))
+    logits = logit_tokens * cfg.vocab_size * LOGIT_BYTES[logit_kind]
     if layout.tp > 1:
         logits += tokens * cfg.vocab_size / layout.tp * element  # this rank's shard before the gather
 

@@ -171,9 +171,13 @@ def build_engine(
     micro_batches_per_step: int = 1,
     document_mask: bool = False,
     start: Path | None = None,
+    seq_length: int | None = None,
 ) -> Engine:
     """Build on meta, add adapters, apply the layout, materialise, then load `start`'s weights
-    (or initialise them); the optimizer is AdamW with `train`'s settings."""
+    (or initialise them); the optimizer is AdamW with `train`'s settings. `seq_length` is needed
+    only to resolve `parallel.activation_checkpointing: auto`."""
+    if parallel.activation_checkpointing == "auto":
+        parallel = resolve_auto_checkpointing(cfg, train, parallel, peft, dims, device, compute_dtype, seq_length)
     torch.manual_seed(train.seed)  # the same initial weights whatever the layout
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -224,6 +228,47 @@ def build_engine(
         parallel.fsdp_gradient_sync, parts, dims, device)
     return Engine(parts, optimizers, dims, document_mask, autocast, pipeline, loss_fn, defer, float8,
                   moe=cfg.is_moe, aux_loss_coef=cfg.router_aux_loss_coef, head_loss_fn=head_loss_fn)
+
+
+def resolve_auto_checkpointing(cfg: ModelConfig, train: TrainSection, parallel: ParallelConfig,
+                               peft: LoraConfig | None, dims: ParallelDims, device: torch.device,
+                               compute_dtype: torch.dtype, seq_length: int | None) -> ParallelConfig:
+    """`auto` made none, selective or full by the planner's memory estimate against this device's
+    free memory (shoal.plan.checkpointing); rank 0 says which and why."""
+    import dataclasses
+    import sys
+
+    import torch.distributed as dist
+
+    from shoal.errors import ShoalError
+    from shoal.plan.checkpointing import choose_activation_checkpointing
+    from shoal.plan.counts import count_parameters
+    from shoal.plan.estimate import Workload
+    from shoal.plan.layouts import layout_for
+
+    if seq_length is None:
+        raise ShoalError("parallel.activation_checkpointing=auto needs the sequence length (data.seq_length)")
+    method = "none" if peft is None else ("dora" if peft.use_dora else "lora")
+    try:
+        counts = count_parameters(cfg, method, peft.rank if peft else 16, peft.target_modules if peft else ())
+        work = Workload("finetune", seq_length, train.micro_batch_size, train.global_batch_size,
+                        precision="bf16" if compute_dtype == torch.bfloat16 else "fp32", compile=parallel.compile,
+                        peft=method, peft_rank=peft.rank if peft else 16)
+        choice = choose_activation_checkpointing(cfg, counts, layout_for(parallel, dims.world_size), work,
+                                                 _free_memory(device))
+        mode, reason = choice.mode, choice.reason
+    except ShoalError as err:  # a model the planner does not model (mixture of experts): the safe choice
+        mode, reason = "full", f"activation_checkpointing auto -> full: {err}"
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(f"shoal: {reason}", file=sys.stderr)
+    return dataclasses.replace(parallel, activation_checkpointing=mode)
+
+
+def _free_memory(device: torch.device) -> float:
+    """Bytes this process may still take: the GPU's free memory, or the host's available RAM."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
 @torch.no_grad()
