@@ -142,7 +142,7 @@ def bench_shoal(args, case: str, compile_: bool, device: torch.device) -> dict:
     dims = build_mesh(parallel, 1, device.type)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     engine = build_engine(cfg, train=train, parallel=parallel, peft=peft, dims=dims, device=device,
-                          compute_dtype=dtype, document_mask=True)
+                          compute_dtype=dtype, document_mask=True, seq_length=args.seq_length)
     batch = packed_batch(cfg.vocab_size, micro_batch(args, case), args.seq_length, device)
     tokens = float(batch["loss_mask"].sum())
 
@@ -243,6 +243,8 @@ def run_case(args, case: str, device: torch.device) -> dict:
             r = fn(args, case, compile_, device)
         except torch.OutOfMemoryError:
             r = {"error": "out of memory"}
+        except Exception as err:  # one broken variant must not cost the rest of a GPU session
+            r = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
