@@ -2,6 +2,7 @@
 
     python bench/finetune.py --output bench/results/finetune_h200.json
     python bench/finetune.py --cases lora_qkvo_8b,full_1b --variants hf_compile,shoal_compile
+    python bench/finetune.py --cases dora_qkvo_8b=hf+shoal_compile,full_3b   # a case's own variants
 
 Cases (`--cases`, comma-separated):
 
@@ -230,13 +231,13 @@ RUNNERS = {"hf": (bench_hf, False), "hf_compile": (bench_hf, True),
            "shoal": (bench_shoal, False), "shoal_compile": (bench_shoal, True)}
 
 
-def run_case(args, case: str, device: torch.device) -> dict:
+def run_case(args, case: str, device: torch.device, variants: list[str]) -> dict:
     cfg, kind, _ = shape(case, args.num_layers, args.preset)
     frozen = cfg.num_params if kind is not None else 0
     flops_per_token = cfg.flops_per_token(args.seq_length, frozen_params=frozen)
     tokens_per_step = micro_batch(args, case) * args.seq_length
     results = {}
-    for name in args.variants.split(","):
+    for name in variants:
         fn, compile_ = RUNNERS[name]
         torch.manual_seed(0)
         try:
@@ -292,12 +293,15 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: smoke runs of tiny shapes")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args()
-    for name in args.cases.split(","):
+    plan = {}  # case -> variants; "case=v1+v2" gives a case its own variants
+    for entry in args.cases.split(","):
+        name, _, own = entry.partition("=")
         if name not in CASES:
             raise SystemExit(f"unknown case {name!r}: expected some of {', '.join(CASES)}")
-    for name in args.variants.split(","):
-        if name not in RUNNERS:
-            raise SystemExit(f"unknown variant {name!r}: expected some of {', '.join(RUNNERS)}")
+        plan[name] = own.split("+") if own else args.variants.split(",")
+        for variant in plan[name]:
+            if variant not in RUNNERS:
+                raise SystemExit(f"unknown variant {variant!r}: expected some of {', '.join(RUNNERS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench/finetune.py needs a CUDA GPU (or --device cpu for a smoke run)", file=sys.stderr)
         return 2
@@ -305,8 +309,8 @@ def main() -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     all_results = {}
-    for case in args.cases.split(","):
-        all_results[case] = run_case(args, case, device)
+    for case, variants in plan.items():
+        all_results[case] = run_case(args, case, device, variants)
         if args.output:  # after every case: a run cut short keeps what it measured
             Path(args.output).write_text(json.dumps(
                 {"args": vars(args), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
