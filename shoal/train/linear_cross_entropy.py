@@ -48,15 +48,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad_h = torch.empty_like(hidden) if want_hidden else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+            grad_w = None  # fp32 [V, E], the sum of the chunks' (compute-dtype) products
             for start in range(0, h.shape[0], chunk):
                 h_c = h[start:start + chunk]
                 loss, grad_logits = chunk_fn(h_c @ w.T, labels[start:start + chunk], mask[start:start + chunk])
                 total += loss
                 if grad_h is not None:
                     grad_h[start:start + chunk] = grad_logits @ w
-                if grad_w is not None:
-                    grad_w += (grad_logits.T @ h_c).float()
+                if want_weight:
+                    part = grad_logits.T @ h_c
+                    # The first chunk's product upcast, then each next one added in place: one pass
+                    # over [V, E] per chunk, no zero-filled buffer and no fp32 copy of each product.
+                    grad_w = part.float() if grad_w is None else grad_w.add_(part)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
