@@ -36,9 +36,15 @@ CONTEXT_BYTES = int(1.5 * GIB)
 # Allocator slack (reserved − allocated), as a fraction of the allocated peak.
 FRAGMENTATION = 0.05
 # Bytes per logit per token in the loss: the bf16 logits and their bf16 gradient when the loss is
-# compiled with the model (upcast and softmax fused). Eager (or fp32) cross-entropy holds four fp32
-# tensors during its backward: the logits, their log-softmax, and the gradients of both.
-LOGIT_BYTES = {"compiled": 4, "eager": 16, "fp32": 16}
+# compiled with the model (upcast and softmax fused). Eager (or fp32) cross-entropy holds three fp32
+# tensors during its backward: the log-softmax and the gradients of it and of the logits (the
+# training step no longer keeps a reference to the logits themselves through backward).
+LOGIT_BYTES = {"compiled": 4, "eager": 12, "fp32": 12}
+# The same for one chunk of the chunked output layer + loss (one process, no FSDP): its forward holds
+# the logits, their softmax and the one-hot-corrected gradient at once (three fp32 tensors in an
+# fp32 run, as measured on CPU by tests/unit/plan); compiled, the bf16 logits and bf16 gradient; in
+# eager bf16 the bf16 logits, three fp32 temporaries and the bf16 gradient.
+CHUNKED_LOGIT_BYTES = {"compiled": 4, "eager": 14, "fp32": 12}
 # Shares of one step that survive sharding the data-parallel work over S FSDP ranks, measured by
 # bench/scale.py (Llama-3.2-1B: 94% of one GPU's MFU on 2 GPUs, 88% on 4): 1 − 0.06·log2(S).
 FSDP_LOSS_PER_DOUBLING = 0.06
@@ -267,11 +273,11 @@ def estimate_memory(cfg: ModelConfig, counts: ParamCounts, layout: Layout, work:
         notes.append("DoRA: its weight-norm temporaries (one adapted weight per layer) are not modelled")
 
     logit_kind = "fp32" if not bf16 else ("compiled" if work.compile else "eager")
-    logit_tokens = tokens
     if not layout.fsdp and layout.tp == 1 and layout.pp == 1:
         # The output layer and the loss run a chunk of tokens at a time (shoal.train.linear_cross_entropy).
-        logit_tokens = min(tokens, max(1, CHUNK_ELEMENTS // cfg.vocab_size))
-    logits = logit_tokens * cfg.vocab_size * LOGIT_BYTES[logit_kind]
+        logits = min(tokens, max(1, CHUNK_ELEMENTS // cfg.vocab_size)) * cfg.vocab_size * CHUNKED_LOGIT_BYTES[logit_kind]
+    else:
+        logits = tokens * cfg.vocab_size * LOGIT_BYTES[logit_kind]
     if layout.tp > 1:
         logits += tokens * cfg.vocab_size / layout.tp * element  # this rank's shard before the gather
 
