@@ -255,7 +255,7 @@ def resolve_auto_checkpointing(cfg: ModelConfig, train: TrainSection, parallel: 
                         precision="bf16" if compute_dtype == torch.bfloat16 else "fp32", compile=parallel.compile,
                         peft=method, peft_rank=peft.rank if peft else 16)
         choice = choose_activation_checkpointing(cfg, counts, layout_for(parallel, dims.world_size), work,
-                                                 _free_memory(device))
+                                                 _free_memory(device, dist))
         mode, reason = choice.mode, choice.reason
     except ShoalError as err:  # a model the planner does not model (mixture of experts): the safe choice
         mode, reason = "full", f"activation_checkpointing auto -> full: {err}"
@@ -264,11 +264,18 @@ def resolve_auto_checkpointing(cfg: ModelConfig, train: TrainSection, parallel: 
     return dataclasses.replace(parallel, activation_checkpointing=mode)
 
 
-def _free_memory(device: torch.device) -> float:
-    """Bytes this process may still take: the GPU's free memory, or the host's available RAM."""
+def _free_memory(device: torch.device, dist: Any) -> float:
+    """Bytes each process may still take: the GPU's free memory, or the host's available RAM; the
+    least over all ranks, so that every rank makes the same choice."""
     if device.type == "cuda":
-        return float(torch.cuda.mem_get_info(device)[0])
-    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+        free = float(torch.cuda.mem_get_info(device)[0])
+    else:
+        free = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    if dist.is_available() and dist.is_initialized():
+        least = torch.tensor([free], dtype=torch.float64, device=device)
+        dist.all_reduce(least, op=dist.ReduceOp.MIN)
+        free = float(least.item())
+    return free
 
 
 @torch.no_grad()

@@ -54,7 +54,7 @@ def test_training_resolves_auto_against_the_free_memory_and_logs_it(monkeypatch,
     from shoal.distributed.parallelize import _checkpointed_forward
     from shoal.train import engine as engine_module
 
-    monkeypatch.setattr(engine_module, "_free_memory", lambda device: 7 * GIB)
+    monkeypatch.setattr(engine_module, "_free_memory", lambda device, dist: 7 * GIB)
     parallel = ParallelConfig(activation_checkpointing="auto")
     built = engine_module.build_engine(
         CFG, train=TrainSection(micro_batch_size=1, global_batch_size=1), parallel=parallel, peft=None,
@@ -79,3 +79,27 @@ def test_plan_resolves_auto_for_the_gpu():
     long = Workload("finetune", seq_length=65536, micro_batch_size=1, global_batch_size=8, peft="lora", peft_rank=32)
     est = plan_layout(cfg, counts, ParallelConfig(activation_checkpointing="auto"), long, gpu_kind("h100"), 1)
     assert est.layout.activation_checkpointing in ("selective", "full")
+
+
+def _free_memory_seen(pages_by_rank: list[int]) -> float:
+    """In each gloo rank: the free memory `auto` decides on, with this rank's RAM faked."""
+    import os
+
+    import torch.distributed as dist
+
+    from shoal.train.engine import _free_memory
+
+    pages = pages_by_rank[dist.get_rank()]
+    real = os.sysconf
+    os.sysconf = lambda name: pages if name == "SC_AVPHYS_PAGES" else real(name)
+    try:
+        return _free_memory(torch.device("cpu"), dist) / real("SC_PAGE_SIZE")
+    finally:
+        os.sysconf = real
+
+
+def test_every_rank_decides_on_the_least_free_memory():
+    from tests.helpers.distributed import run_distributed
+
+    # Ranks that saw different free memory would checkpoint differently and stop matching.
+    assert run_distributed(_free_memory_seen, 2, [5_000_000, 3_000_000]) == [3_000_000.0, 3_000_000.0]
