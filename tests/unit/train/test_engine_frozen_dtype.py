@@ -117,3 +117,36 @@ def test_dora_output_keeps_the_compute_dtype():
     x = torch.randn(2, 5, layer.in_features, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x).dtype == torch.bfloat16
+
+
+def _tp_lora_loss(compute_dtype_name: str) -> dict:
+    """One forward/backward of a LoRA engine under tensor parallelism alone (as the seed's TP2 runs)."""
+    import torch.distributed as dist
+
+    from shoal.models import get_preset
+
+    dtype = getattr(torch, compute_dtype_name)
+    tp = dist.get_world_size() if dist.is_initialized() else 1
+    parallel = ParallelConfig(tensor_model_parallel_size=tp)
+    engine = build_engine(
+        get_preset("llama_tiny"), train=TrainSection(micro_batch_size=2, global_batch_size=2), parallel=parallel,
+        peft=LoraConfig(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"]),
+        dims=build_mesh(parallel, tp, "cpu"), device=torch.device("cpu"), compute_dtype=dtype,
+    )
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 512, (2, 17), generator=gen)
+    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(2, 16),
+             "position_ids": torch.arange(16).expand(2, 16)}
+    loss = engine.forward_backward([batch], 32.0) / 32.0
+    frozen = {str(p.dtype) for n, p in engine.parts[0].named_parameters() if "lora_" not in n}
+    return {"loss": float(loss), "frozen": sorted(frozen)}
+
+
+def test_tensor_parallel_lora_keeps_a_bf16_base_and_the_one_process_loss():
+    from tests.helpers.distributed import run_distributed
+
+    one = _tp_lora_loss("bfloat16")
+    ranks = run_distributed(_tp_lora_loss, 2, "bfloat16")
+    assert one["frozen"] == ["torch.bfloat16"] and all(r["frozen"] == ["torch.bfloat16"] for r in ranks)
+    for r in ranks:
+        assert abs(r["loss"] - one["loss"]) <= 2e-2 * abs(one["loss"])  # bf16 matmuls split over 2 ranks
