@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU machine's share of the work, in one call: GPU tests, then scaling benchmarks.
-#   bash bench/gpu_suite.sh tests|scale1b|scale8b|train1|fp8tests|fp8_1b|fp8_3b|fp8_8b_lora|ckpt_stall|moe_full|moe_lora
+#   bash bench/gpu_suite.sh tests|scale1b|scale8b|train1|fp8tests|fp8_1b|fp8_3b|fp8_8b_lora|ckpt_stall|moe_full|moe_lora|finetune_lora|finetune_dora|finetune_full
 #   (results under $OUT, or ./bench_out; the fp8 ones need torchao on the path)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +38,14 @@ for what in "$@"; do
     train1)  # one GPU: shoal against transformers (bench/train.py)
       CUDA_VISIBLE_DEVICES=0 run python3 bench/train.py --variants hf_compile,shoal_compile --warmup 4 --steps 12 \
         --output "$OUT/train_1b.json" ;;
+    finetune_lora|finetune_dora|finetune_full)  # one GPU: shoal against transformers + peft (bench/finetune.py), ~5 min each
+      case $what in
+        finetune_lora) cases=lora_qkvo_8b=hf+hf_compile+shoal_compile,lora_all_8b=hf_compile+shoal_compile ;;
+        finetune_dora) cases=dora_qkvo_8b=hf+hf_compile+shoal_compile,dora_all_8b=hf+shoal_compile ;;
+        finetune_full) cases=full_1b=hf_compile+shoal_compile,full_3b=hf_compile+shoal_compile ;;
+      esac
+      CUDA_VISIBLE_DEVICES=0 run python3 bench/finetune.py --cases "$cases" --warmup 2 --steps 8 \
+        --output "$OUT/${what}.json" ;;
     scale1b)  # Llama-3.2-1B shape, seq 4096, micro batch 4, FSDP2, on 1, 2 and 4 GPUs
       for n in 1 2 4; do [ "$n" -le "$GPUS" ] || continue
         run torchrun --standalone --nproc_per_node "$n" bench/scale.py --impl shoal --preset llama32_1b \

@@ -54,7 +54,9 @@ class ParallelConfig:
     fsdp_gradient_sync: Literal["auto", "last_micro_batch", "every_micro_batch"] = "auto"
     # Recompute activations in backward: "full" keeps only each layer's input; "selective" keeps
     # the matmul and attention outputs and recomputes the cheap element-wise ops between them.
-    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    # "auto": the least recomputation (none, then selective, then full) whose planned memory fits
+    # the device's free memory (shoal.plan.checkpointing); the run's log says which and why.
+    activation_checkpointing: Literal["none", "full", "selective", "auto"] = "none"
     # torch.compile each decoder layer.
     compile: bool = False
     # dtype of parameters during forward/backward under FSDP (master weights stay fp32).

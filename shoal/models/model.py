@@ -282,6 +282,7 @@ class Transformer(nn.Module):
         document_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        head: bool = True,
     ) -> torch.Tensor:
         """tokens: ids [B, S], or hidden states [B, S, E] on a pipeline stage without the embedding.
 
@@ -289,7 +290,8 @@ class Transformer(nn.Module):
         document_ids [B, S], when given, keep tokens from attending across documents.
         cache (generation): the tokens follow those already in it; positions come from it, and
         attention_mask [B, S] (True for real tokens) marks left padding.
-        Returns logits [B, S, V], or hidden states on a stage without `lm_head`.
+        head=False stops before `lm_head` (a loss that applies it itself, chunk by chunk).
+        Returns logits [B, S, V], or hidden states on a stage without `lm_head` or with head=False.
         """
         emb = self.model.embed_tokens
         h = emb(tokens) if emb is not None else tokens
@@ -308,7 +310,7 @@ class Transformer(nn.Module):
             cache.advance(s)
         if self.model.norm is not None:
             h = self.model.norm(h)
-        return self.lm_head(h) if self.lm_head is not None else h
+        return self.lm_head(h) if self.lm_head is not None and head else h
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", init: bool = True) -> Transformer:

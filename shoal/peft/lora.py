@@ -154,6 +154,7 @@ class LoraLinear(nn.Module):
             out = base + (scale - 1) * self.base_linear(x_adapter, self.weight) + scale * lora
         else:
             out = scale * (base + lora)
+        out = out.to(base.dtype)  # the fp32 magnitude must not promote bf16 activations (PEFT casts back too)
         return out if self.bias is None else out + self.bias
 
     def merged(self) -> nn.Linear:

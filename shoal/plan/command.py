@@ -156,7 +156,7 @@ def render_text(plan: Plan) -> str:
                 "every micro-batch" if est.layout.fsdp and micro > 1 else "n/a")
         out += [f"layout: {est.layout.describe()}; {micro} micro-batches per rank per step; FSDP gradient sync {sync}",
                 "memory per GPU (estimated peak):",
-                f"  parameters (fp32 master weights)        {_gib(m.parameters)}",
+                f"  {_parameters_label(w, est.layout):40s}{_gib(m.parameters)}",
                 f"  gradients (fp32)                        {_gib(m.gradients)}",
                 f"  optimizer state (AdamW, 2 × fp32)       {_gib(m.optimizer)}",
                 f"  bf16 weight copies for compute          {_gib(m.working_copies)}",
@@ -246,3 +246,10 @@ def main(args: argparse.Namespace) -> int:
     print(json.dumps(plan_dict(plan), indent=1) if args.json else render_text(plan))
     fits = plan.estimate is not None and plan.estimate.memory.fits
     return 0 if fits else 1
+
+
+def _parameters_label(work: Workload, layout) -> str:
+    # Without FSDP a LoRA/DoRA base is kept in bf16 (shoal.train.engine.store_frozen_in).
+    if work.peft != "none" and work.precision == "bf16" and not layout.fsdp:
+        return "parameters (fp32 adapters, bf16 base)"
+    return "parameters (fp32 master weights)"

@@ -3,13 +3,14 @@
 Every formula follows what shoal really keeps (docs/planning.md derives each one):
 
 * weights live in fp32 (the model is built in fp32 and FSDP2 shards those master weights); with
-  bf16 compute FSDP2 all-gathers bf16 copies per decoder layer, and without FSDP `torch.autocast`
-  caches bf16 casts of the trainable weights for the step;
+  bf16 compute FSDP2 all-gathers bf16 copies per decoder layer, and without FSDP frozen weights are
+  kept in bf16 and `torch.autocast` caches bf16 casts of the trainable weights for the step;
 * gradients are fp32, sharded like the weights, except under `fsdp_gradient_sync=last_micro_batch`
   where each rank accumulates its unsharded fp32 gradients (and keeps the bf16 copies gathered);
 * AdamW keeps two fp32 moments per trainable parameter (`shoal.train.step.build_optimizer`);
 * activations follow the checkpointing mode, sharded by tensor/sequence and context parallelism;
-* logits are whole on every tensor-parallel rank (the loss runs as in one process).
+* logits are whole on every tensor-parallel rank (the loss runs as in one process); in one process
+  without FSDP or pipelining only one chunk of them exists at a time (the chunked output layer + loss).
 
 Throughput is never derived from first principles: it is the MFU that shoal's benchmarks measured
 on the nearest benchmarked configuration (`shoal.plan.measured`), adjusted only for the number of
@@ -28,15 +29,22 @@ from shoal.models import ModelConfig
 from shoal.plan.counts import ParamCounts
 from shoal.plan.hardware import GIB, GpuKind
 from shoal.plan.measured import MEASUREMENTS, Measurement
+from shoal.train.linear_cross_entropy import CHUNK_ELEMENTS
 
 # Outside torch's allocator (not in max_memory_allocated): CUDA context, cuBLAS/NCCL workspaces.
 CONTEXT_BYTES = int(1.5 * GIB)
 # Allocator slack (reserved − allocated), as a fraction of the allocated peak.
 FRAGMENTATION = 0.05
 # Bytes per logit per token in the loss: the bf16 logits and their bf16 gradient when the loss is
-# compiled with the model (upcast and softmax fused). Eager (or fp32) cross-entropy holds four fp32
-# tensors during its backward: the logits, their log-softmax, and the gradients of both.
-LOGIT_BYTES = {"compiled": 4, "eager": 16, "fp32": 16}
+# compiled with the model (upcast and softmax fused). Eager (or fp32) cross-entropy holds three fp32
+# tensors during its backward: the log-softmax and the gradients of it and of the logits (the
+# training step no longer keeps a reference to the logits themselves through backward).
+LOGIT_BYTES = {"compiled": 4, "eager": 12, "fp32": 12}
+# The same for one chunk of the chunked output layer + loss (one process, no FSDP): its forward holds
+# the logits, their softmax and the one-hot-corrected gradient at once (three fp32 tensors in an
+# fp32 run, as measured on CPU by tests/unit/plan); compiled, the bf16 logits and bf16 gradient; in
+# eager bf16 the bf16 logits, three fp32 temporaries and the bf16 gradient.
+CHUNKED_LOGIT_BYTES = {"compiled": 4, "eager": 14, "fp32": 12}
 # Shares of one step that survive sharding the data-parallel work over S FSDP ranks, measured by
 # bench/scale.py (Llama-3.2-1B: 94% of one GPU's MFU on 2 GPUs, 88% on 4): 1 − 0.06·log2(S).
 FSDP_LOSS_PER_DOUBLING = 0.06
@@ -225,6 +233,9 @@ def estimate_memory(cfg: ModelConfig, counts: ParamCounts, layout: Layout, work:
     deferred = resolve_gradient_sync(layout, t_rank, micro_batches, gpu)
 
     parameters = 4 * p_rank / shards  # fp32 master weights
+    if bf16 and not layout.fsdp:
+        # Without FSDP the frozen weights (a LoRA/DoRA base) are kept in bf16 (shoal.train.engine.store_frozen_in).
+        parameters = 4 * t_rank + 2 * (p_rank - t_rank)
     gradients = 4 * t_rank if deferred else 4 * t_rank / shards
     if layout.tp > 1 and not layout.fsdp and counts.trainable == counts.total:
         # Under tensor parallelism alone the vocabulary-sharded embedding gets a whole (Replicate)
@@ -249,8 +260,8 @@ def estimate_memory(cfg: ModelConfig, counts: ParamCounts, layout: Layout, work:
             at_loss = end_of_backward = per_layer + 4 * counts.layer_trainable / layout.tp
     elif bf16:
         # torch.autocast caches the bf16 cast of every trainable weight for the forward, and autograd
-        # keeps them (and one frozen layer's casts) until backward frees them.
-        at_loss = 2 * t_rank + (2 * layer_rank if counts.frozen else 0)
+        # keeps them until backward frees them (frozen weights are bf16 already: nothing to cast).
+        at_loss = 2 * t_rank
 
     tokens = work.micro_batch_size * work.seq_length / layout.cp
     mode = layout.activation_checkpointing
@@ -264,7 +275,11 @@ def estimate_memory(cfg: ModelConfig, counts: ParamCounts, layout: Layout, work:
         notes.append("DoRA: its weight-norm temporaries (one adapted weight per layer) are not modelled")
 
     logit_kind = "fp32" if not bf16 else ("compiled" if work.compile else "eager")
-    logits = tokens * cfg.vocab_size * LOGIT_BYTES[logit_kind]
+    if not layout.fsdp and layout.tp == 1 and layout.pp == 1:
+        # The output layer and the loss run a chunk of tokens at a time (shoal.train.linear_cross_entropy).
+        logits = min(tokens, max(1, CHUNK_ELEMENTS // cfg.vocab_size)) * cfg.vocab_size * CHUNKED_LOGIT_BYTES[logit_kind]
+    else:
+        logits = tokens * cfg.vocab_size * LOGIT_BYTES[logit_kind]
     if layout.tp > 1:
         logits += tokens * cfg.vocab_size / layout.tp * element  # this rank's shard before the gather
 

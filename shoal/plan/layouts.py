@@ -63,7 +63,13 @@ def plan_layout(cfg: ModelConfig, counts: ParamCounts, parallel: ParallelConfig,
     """Check the layout as training would (ShoalError if it cannot run), then estimate it."""
     check_parallel_layout(parallel, world_size, cfg, seq_length=work.seq_length,
                           global_batch_size=work.global_batch_size, micro_batch_size=work.micro_batch_size)
-    return estimate(cfg, counts, layout_for(parallel, world_size), work, gpu, steps=steps)
+    layout = layout_for(parallel, world_size)
+    if layout.activation_checkpointing == "auto":  # as training resolves it, against this GPU's memory
+        from shoal.plan.checkpointing import choose_activation_checkpointing
+
+        mode = choose_activation_checkpointing(cfg, counts, layout, work, gpu.memory_bytes).mode
+        layout = dataclasses.replace(layout, activation_checkpointing=mode)
+    return estimate(cfg, counts, layout, work, gpu, steps=steps)
 
 
 def better_layouts(cfg: ModelConfig, counts: ParamCounts, parallel: ParallelConfig, work: Workload, gpu: GpuKind,

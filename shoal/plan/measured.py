@@ -4,8 +4,8 @@
 planned one (see `shoal.plan.estimate.estimate_speed`). Memory figures are kept beside them only
 so the plan's tests can compare the memory formulas against them; the formulas never read them.
 Every row names the file its numbers come from. Rows marked `superseded` were measured before a
-later change to shoal (dense document masks, replaced by varlen attention) and are not used as
-references; they stay for the record.
+later change to shoal (dense document masks, replaced by varlen attention; whole logits, replaced by
+the chunked output layer + loss in one process) and are not used as references; they stay for the record.
 """
 
 from __future__ import annotations
@@ -40,13 +40,16 @@ def _m(*args, **kwargs) -> Measurement:
 
 MEASUREMENTS: list[Measurement] = [
     # bench/train.py: one GPU, Llama-3.2-1B shape, seq 4096, micro batch 4, compiled layers and loss.
+    # (The first three measured the whole [tokens, vocab] logits, before the chunked output layer + loss.)
     _m("1b_1gpu_h100", "bench/results/train_1b_h100.json", "h100", "llama32_1b", "pretrain", "none",
-       4096, 4, 4, 1, 1, "none", "auto", 0.5370, 58842, 44.41),
+       4096, 4, 4, 1, 1, "none", "auto", 0.5370, 58842, 44.41, superseded=True),
     _m("1b_1gpu_h200", "bench/results/train_1b_h200.json", "h200", "llama32_1b", "pretrain", "none",
-       4096, 4, 4, 1, 1, "none", "auto", 0.5470, 59941, 44.41),
+       4096, 4, 4, 1, 1, "none", "auto", 0.5470, 59941, 44.41, superseded=True),
+    _m("1b_1gpu_chunked_h200", "bench/results/train_1b_h200_chunked_loss.json", "h200", "llama32_1b", "pretrain",
+       "none", 4096, 4, 4, 1, 1, "none", "auto", 0.5216, 57153, 38.98),
     # bench/scale.py on 4 × H100: FSDP2 over 1, 2, 4 GPUs (micro batch 4 per GPU, one per step).
     _m("1b_fsdp1_h100", "bench/results/scale_h100x4_1b_and_hf8b.jsonl", "h100", "llama32_1b", "pretrain", "none",
-       4096, 4, 4, 1, 1, "none", "auto", 0.5399, 59165, 44.41),
+       4096, 4, 4, 1, 1, "none", "auto", 0.5399, 59165, 44.41, superseded=True),
     _m("1b_fsdp2_h100", "bench/results/scale_h100x4_1b_and_hf8b.jsonl", "h100", "llama32_1b", "pretrain", "none",
        4096, 4, 8, 2, 1, "none", "auto", 0.5090, 55777, 34.74),
     _m("1b_fsdp4_h100", "bench/results/scale_h100x4_1b_and_hf8b.jsonl", "h100", "llama32_1b", "pretrain", "none",

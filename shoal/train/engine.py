@@ -9,6 +9,7 @@ runs underneath. Saving and restoring `parts` and `optimizers` is shoal.checkpoi
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from shoal.distributed.parallelize import autocast_context
 from shoal.models import ModelConfig
 from shoal.models.model import Transformer
 from shoal.peft.config import LoraConfig
+from shoal.train.linear_cross_entropy import chunk_loss_and_grad, linear_cross_entropy_sum
 from shoal.train.step import build_optimizer, masked_cross_entropy_sum, model_inputs
 
 
@@ -52,6 +54,9 @@ class Engine:
     aux_loss_coef: float = 0.0
     last_aux_loss: torch.Tensor | None = None
     expert_counts: torch.Tensor | None = None  # [sparse layers, X]: last step's routing counts on this rank
+    # Output layer + loss a chunk of tokens at a time (shoal.train.linear_cross_entropy), where
+    # lm_head is a plain, whole nn.Linear of this process: no [tokens, vocab] logits are kept.
+    head_loss_fn: Callable[..., torch.Tensor] | None = None
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for part in self.parts for p in part.parameters() if p.requires_grad]
@@ -81,9 +86,7 @@ class Engine:
             if self.defer_gradient_sync:
                 self._gradient_sync(i == len(mbs) - 1)
             with self._sequence_shard(mb) as (tokens, labels, loss_mask, inputs):
-                with self.autocast():
-                    logits = self.parts[0](tokens, **inputs)
-                loss_sum = self.loss_fn(logits, labels, loss_mask)
+                loss_sum = self._loss_sum(tokens, labels, loss_mask, inputs)
                 # Gradients are summed (not averaged) across data-parallel ranks, see docs/parallelism.md.
                 objective = loss_sum / global_tokens
                 if aux_total is not None:
@@ -131,10 +134,19 @@ class Engine:
         total = torch.zeros((), device=mbs[0]["tokens"].device)
         for mb in mbs:
             with self._sequence_shard(mb) as (tokens, labels, loss_mask, inputs):
-                with self.autocast():
-                    logits = self.parts[0](tokens, **inputs)
-                total += self.loss_fn(logits, labels, loss_mask)
+                total += self._loss_sum(tokens, labels, loss_mask, inputs)
         return total
+
+    def _loss_sum(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
+                  inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Σ CE·mask of one micro-batch (shard) through the one model part."""
+        model = self.parts[0]
+        with self.autocast():
+            if self.head_loss_fn is not None:
+                hidden = model(tokens, head=False, **inputs)
+                return self.head_loss_fn(hidden, model.lm_head.weight, labels, loss_mask)
+            logits = model(tokens, **inputs)
+        return self.loss_fn(logits, labels, loss_mask)
 
     def clip_and_step(self, max_norm: float, lr: float) -> torch.Tensor:
         norm = clip_grad_norm_(self.parameters(), max_norm, self.dims)
@@ -159,9 +171,13 @@ def build_engine(
     micro_batches_per_step: int = 1,
     document_mask: bool = False,
     start: Path | None = None,
+    seq_length: int | None = None,
 ) -> Engine:
     """Build on meta, add adapters, apply the layout, materialise, then load `start`'s weights
-    (or initialise them); the optimizer is AdamW with `train`'s settings."""
+    (or initialise them); the optimizer is AdamW with `train`'s settings. `seq_length` is needed
+    only to resolve `parallel.activation_checkpointing: auto`."""
+    if parallel.activation_checkpointing == "auto":
+        parallel = resolve_auto_checkpointing(cfg, train, parallel, peft, dims, device, compute_dtype, seq_length)
     torch.manual_seed(train.seed)  # the same initial weights whatever the layout
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -195,14 +211,107 @@ def build_engine(
             # After the load (DoRA's magnitude starts from the loaded weights); seeded per layer name,
             # so the adapters start the same in every layout.
             init_lora_weights(part, seed=train.seed)
+        if not dims.dp_enabled:
+            store_frozen_in(part, compute_dtype)
     t = train
     optimizers = [build_optimizer(p, t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps) for p in parts]
     autocast = lambda: autocast_context(dims, parallel, device.type, compute_dtype)  # noqa: E731
     loss_fn = torch.compile(masked_cross_entropy_sum) if parallel.compile else masked_cross_entropy_sum
+    head_loss_fn = None
+    if pipeline is None and not dims.tp_enabled and not dims.dp_enabled and type(parts[0].lm_head) is nn.Linear:
+        # Not under tensor parallelism (a vocabulary-sharded head), pipelining (the schedule owns
+        # the loss) or FSDP (lm_head's weight is gathered only inside its own forward), nor for an
+        # FP8 or adapted head: those keep the plain path.
+        chunk_fn = torch.compile(chunk_loss_and_grad) if parallel.compile else chunk_loss_and_grad
+        head_loss_fn = functools.partial(linear_cross_entropy_sum, chunk_fn=chunk_fn)
     defer = pipeline is None and micro_batches_per_step > 1 and _defer_gradient_sync(
         parallel.fsdp_gradient_sync, parts, dims, device)
     return Engine(parts, optimizers, dims, document_mask, autocast, pipeline, loss_fn, defer, float8,
-                  moe=cfg.is_moe, aux_loss_coef=cfg.router_aux_loss_coef)
+                  moe=cfg.is_moe, aux_loss_coef=cfg.router_aux_loss_coef, head_loss_fn=head_loss_fn)
+
+
+def resolve_auto_checkpointing(cfg: ModelConfig, train: TrainSection, parallel: ParallelConfig,
+                               peft: LoraConfig | None, dims: ParallelDims, device: torch.device,
+                               compute_dtype: torch.dtype, seq_length: int | None) -> ParallelConfig:
+    """`auto` made none, selective or full by the planner's memory estimate against this device's
+    free memory (shoal.plan.checkpointing); rank 0 says which and why."""
+    import dataclasses
+    import sys
+
+    import torch.distributed as dist
+
+    from shoal.errors import ShoalError
+    from shoal.plan.checkpointing import choose_activation_checkpointing
+    from shoal.plan.counts import count_parameters
+    from shoal.plan.estimate import Workload
+    from shoal.plan.layouts import layout_for
+
+    if seq_length is None:
+        raise ShoalError("parallel.activation_checkpointing=auto needs the sequence length (data.seq_length)")
+    method = "none" if peft is None else ("dora" if peft.use_dora else "lora")
+    try:
+        counts = count_parameters(cfg, method, peft.rank if peft else 16, peft.target_modules if peft else ())
+        work = Workload("finetune", seq_length, train.micro_batch_size, train.global_batch_size,
+                        precision="bf16" if compute_dtype == torch.bfloat16 else "fp32", compile=parallel.compile,
+                        peft=method, peft_rank=peft.rank if peft else 16)
+        choice = choose_activation_checkpointing(cfg, counts, layout_for(parallel, dims.world_size), work,
+                                                 _free_memory(device, dist))
+        mode, reason = choice.mode, choice.reason
+    except ShoalError as err:  # a model the planner does not model (mixture of experts): the safe choice
+        mode, reason = "full", f"activation_checkpointing auto -> full: {err}"
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(f"shoal: {reason}", file=sys.stderr)
+    return dataclasses.replace(parallel, activation_checkpointing=mode)
+
+
+def _free_memory(device: torch.device, dist: Any) -> float:
+    """Bytes each process may still take: the GPU's free memory, or the host's available RAM; the
+    least over all ranks, so that every rank makes the same choice."""
+    if device.type == "cuda":
+        free = float(torch.cuda.mem_get_info(device)[0])
+    else:
+        free = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    if dist.is_available() and dist.is_initialized():
+        least = torch.tensor([free], dtype=torch.float64, device=device)
+        dist.all_reduce(least, op=dist.ReduceOp.MIN)
+        free = float(least.item())
+    return free
+
+
+@torch.no_grad()
+def store_frozen_in(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """Keep the frozen floating-point parameters (a LoRA/DoRA base) in the compute dtype.
+
+    Without FSDP, weights held in fp32 are cast by `torch.autocast` at every use (again in
+    recomputation) and take twice the memory; a frozen weight never meets the optimizer, so it
+    needs no fp32 master. Trainable parameters stay as they are (fp32 masters). A weight shared by
+    several modules (tied embeddings) is converted once and stays shared. Under FSDP its
+    `MixedPrecisionPolicy` does the casting instead, so this is for the no-FSDP path only.
+    """
+    if dtype is None or dtype == torch.float32:
+        return
+    converted: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        stored: dict[str, torch.dtype] = {}
+        for name, param in list(module._parameters.items()):
+            if param is None or param.requires_grad or not param.is_floating_point() or param.dtype == dtype:
+                continue
+            if id(param) not in converted:
+                converted[id(param)] = nn.Parameter(param.detach().to(dtype), requires_grad=False)
+            module._parameters[name] = converted[id(param)]
+            stored[name] = param.dtype
+        if stored:
+            module.register_state_dict_post_hook(functools.partial(_state_in_original_dtype, stored=stored))
+
+
+def _state_in_original_dtype(module: nn.Module, state: dict, prefix: str, local_metadata: Any,
+                             stored: dict[str, torch.dtype]) -> None:
+    # Checkpoints keep the dtype the weights had before `store_frozen_in` (fp32): their format does
+    # not depend on the layout, and a bf16 value upcast to fp32 is exact. A load fills these
+    # copies, then copies them back into the parameters (shoal.checkpoint.state.load_model_into).
+    for name, dtype in stored.items():
+        if prefix + name in state:
+            state[prefix + name] = state[prefix + name].to(dtype)
 
 
 def _apply_float8(model: nn.Module, plan: Float8Plan, device: torch.device) -> None:

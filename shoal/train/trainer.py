@@ -83,7 +83,7 @@ def _train(recipe: Recipe, runtime: Runtime, build_datasets: DatasetBuilder, arg
     engine = build_engine(
         start.model_config, train=t, parallel=recipe.parallel, peft=recipe.peft, dims=runtime.dims,
         device=runtime.device, compute_dtype=runtime.compute_dtype, micro_batches_per_step=accum,
-        document_mask=recipe.data.document_mask, start=start.weights,
+        document_mask=recipe.data.document_mask, start=start.weights, seq_length=recipe.data.seq_length,
     )
     progress = Progress()
     if start.resume is not None:
