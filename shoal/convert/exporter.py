@@ -36,7 +36,7 @@ from shoal.checkpoint.format import (
     read_model_config,
 )
 from shoal.convert.adapters import get_adapter
-from shoal.convert.options import add_overwrite_argument, check_output, parse_size
+from shoal.convert.options import DEFAULT_MAX_SHARD_SIZE, check_output, parse_size
 from shoal.convert.provenance import base_model_name, describe_checkpoint, resolve_export_source, source_dtype
 from shoal.convert.safetensors_io import SafetensorsWriter, plan_shards, shard_file_names, write_index
 from shoal.convert.streaming import DCPWeightReader, WeightReader
@@ -44,7 +44,6 @@ from shoal.errors import ShoalError
 from shoal.models.config import to_hf_config
 from shoal.peft.export import merged_weight_reader, write_peft_adapter
 
-DEFAULT_MAX_SHARD_SIZE = 5_000_000_000  # Hugging Face's default, decimal bytes
 DEFAULT_LOAD_BUDGET = 256 << 20  # bytes of weights read from DCP per load (plus one tensor in flight)
 
 WeightReaderFactory = Callable[[Path], WeightReader]
@@ -196,26 +195,6 @@ def _write_shard(writer: SafetensorsWriter, written: dict[str, tuple[str, int | 
     if group:
         flush()
     writer.close()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", "--path", dest="source", required=True,
-                        help="shoal checkpoint, or an experiment / checkpoints folder (its latest checkpoint)")
-    parser.add_argument("--output_path", "--output-path", dest="output_path", required=True,
-                        help="the Hugging Face model folder to write")
-    add_overwrite_argument(parser)
-    parser.add_argument("--dtype", default=None,
-                        help="convert weights to this dtype (bfloat16, float16, float32); default: the source "
-                             "model's dtype (training checkpoints hold float32; the export goes back to it)")
-    parser.add_argument("--max_shard_size", "--max-shard-size", dest="max_shard_size", type=parse_size,
-                        default=DEFAULT_MAX_SHARD_SIZE, help="largest safetensors file, e.g. 5GB (default), 500MB")
-    parser.add_argument("--target", default="hf", choices=["hf", "hf-peft"],
-                        help="hf: a full model (adapters merged); hf-peft: the adapters alone (NeMo's names)")
-    parser.add_argument("--adapter_only", "--adapter-only", action="store_true",
-                        help="write only the LoRA/DoRA adapters, in Hugging Face PEFT format (same as target=hf-peft)")
-    parser.add_argument("--base_model", "--base-model", default=None, metavar="ID|DIR",
-                        help="with --adapter_only: the base_model_name_or_path to record (default: the "
-                             "checkpoint's --hf_model_id or import source)")
 
 
 def export_adapter(source: str | os.PathLike, output_path: str | os.PathLike, overwrite: bool = False,

@@ -23,7 +23,7 @@ from shoal.checkpoint.atomic import atomic_directory, refuse_overlap
 from shoal.checkpoint.format import MODEL_DIR, TensorInfo, copy_tokenizer, dtype_name, write_metadata
 from shoal.convert import hub
 from shoal.convert.adapters import get_adapter
-from shoal.convert.options import add_overwrite_argument, check_output
+from shoal.convert.options import check_output
 from shoal.convert.safetensors_io import find_weight_files, read_tensor
 from shoal.convert.streaming import stream_to_dcp
 from shoal.errors import ShoalError
@@ -190,18 +190,6 @@ def import_checkpoint(
         extra = {"generation_config": generation_config} if generation_config else {}
         write_metadata(tmp, cfg, dtype_name(_dominant_dtype(specs)), made_by=made_by, extra=extra)
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", required=True,
-                        help="Hugging Face model folder, or hf://ORG/NAME[@REVISION] to download from the Hub")
-    parser.add_argument("--output_path", "--output-path", dest="output_path", default=None,
-                        help="the shoal checkpoint to write (default $SHOAL_HOME/models/ORG/NAME)")
-    add_overwrite_argument(parser)
-    parser.add_argument("--hf_token", "--hf-token", dest="hf_token", default=None,
-                        help="Hugging Face token for gated/private models (default: $HF_TOKEN); never saved")
-    parser.add_argument("--model", "-M", default=None,
-                        help="preset name as in NeMo's `model=llama3_8b`; checked against config.json")
 
 
 def main(args: argparse.Namespace) -> int:
