@@ -175,12 +175,19 @@ def import_checkpoint(
             return adapter.to_shoal(hf_name, torch.stack([read_tensor(entries[m]) for m in members]))
         return adapter.to_shoal(hf_name, read_tensor(entries[hf_name]))
 
+    def source(name: str) -> tuple[str, int, int] | None:
+        hf_name = plan[name]
+        if not adapter.keeps_bytes(hf_name):
+            return None
+        entry = entries[hf_name]
+        return str(entry.path), entry.begin, entry.end - entry.begin
+
     with atomic_directory(out, overwrite=overwrite) as tmp:
         copied = copy_tokenizer(model_dir, tmp)
         if not copied:
             print(f"shoal import: warning: {model_dir} has no tokenizer files; the checkpoint has no tokenizer/",
                   file=sys.stderr)
-        stream_to_dcp(specs, read, tmp / MODEL_DIR)
+        stream_to_dcp(specs, read, tmp / MODEL_DIR, source=source)
         made_by = {
             "command": "shoal import",
             "source": str(hub_source) if hub_source else str(model_dir.absolute()),

@@ -2,8 +2,10 @@
 
 Import: DCP plans a save from tensor shapes and dtypes alone, and asks for each tensor's data
 only when it writes that tensor. `LazySavePlanner` hands DCP meta-device placeholders to plan
-with and reads the real tensor from its safetensors file at that moment, so one tensor at a time
-is in memory.
+with and reads the real tensor from its safetensors file at that moment, so one tensor per writer
+thread is in memory; a tensor kept as the file holds it is not read at all: the planner tells the
+writer where its bytes lie (`byte_source`) and they are copied in the kernel, as `cp` does
+(`shoal.checkpoint.storage`).
 
 Export: `DCPWeightReader.load` does partial DCP loads of a caller-chosen group of names, which
 the exporter bounds by bytes.
@@ -21,14 +23,23 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from shoal.checkpoint.format import TensorInfo, load_model_state, model_state_info, save_model_state
+from shoal.checkpoint.storage import SafetensorsStorageWriter
 
 
 class LazySavePlanner(DefaultSavePlanner):
     """A DCP save planner whose state dict holds meta tensors; `read(name)` supplies the data."""
 
-    def __init__(self, read: Callable[[str], torch.Tensor]):
+    def __init__(self, read: Callable[[str], torch.Tensor],
+                 source: Callable[[str], tuple[str, int, int] | None] | None = None):
         super().__init__()
         self._read = read
+        self._source = source
+
+    def byte_source(self, index: MetadataIndex) -> tuple[str, int, int] | None:
+        """(file, offset, length) holding the tensor's bytes as stored, when `source` knows them."""
+        if self._source is None or any(index.offset or ()):  # whole tensors only: one process saves
+            return None
+        return self._source(index.fqn)
 
     def lookup_object(self, index: MetadataIndex) -> Any:
         placeholder = super().lookup_object(index)
@@ -41,10 +52,13 @@ class LazySavePlanner(DefaultSavePlanner):
 
 
 def stream_to_dcp(specs: dict[str, TensorInfo], read: Callable[[str], torch.Tensor],
-                  model_dir: str | os.PathLike) -> None:
-    """Write a DCP checkpoint of tensors described by `specs`, reading each with `read(name)` just in time."""
+                  model_dir: str | os.PathLike,
+                  source: Callable[[str], tuple[str, int, int] | None] | None = None) -> None:
+    """Write a DCP checkpoint of tensors described by `specs`, reading each with `read(name)` just in
+    time, or copying the bytes `source(name)` names (file, offset, length) when it names any."""
     placeholders = {name: torch.empty(info.shape, dtype=info.dtype, device="meta") for name, info in specs.items()}
-    save_model_state(placeholders, model_dir, planner=LazySavePlanner(read), file_per_tensor=True)
+    save_model_state(placeholders, model_dir, planner=LazySavePlanner(read, source),
+                     storage_writer=SafetensorsStorageWriter(model_dir))
 
 
 class WeightReader(Protocol):
