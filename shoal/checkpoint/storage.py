@@ -51,6 +51,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from shoal.checkpoint.format import SafeFileSystemReader
+from shoal.checkpoint.parallel_io import Threads, copy_range, read_exact, write_all
 from shoal.convert.safetensors_io import DTYPE_CODES
 from shoal.errors import ShoalError
 
@@ -58,7 +59,6 @@ DATA_SUFFIX = ".safetensors"
 METADATA_NAME = ".metadata"
 DEFAULT_THREADS = 2
 SHARDING_INFO_KEY = "DCP_SHARDING_INFO"  # torch's key: each chunk's offsets in its global tensor
-_MAX_IO = 1 << 30  # bytes per system call (Linux caps one read/write at just under 2 GiB)
 
 # A planner may offer, per write item, (path, offset, length) of a file that already holds its
 # bytes exactly as they are to be stored; the writer then copies them in the kernel.
@@ -149,81 +149,9 @@ def _with_header(file: _DataFile) -> _DataFile:
     return file
 
 
-def _write_all(fd: int, data: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:done + _MAX_IO], offset + done)
-
-
-def _copy_range(src_path: str, src_offset: int, length: int, fd: int, offset: int) -> None:
-    """Copy bytes of another file into ours: in the kernel where it can, else through a buffer."""
-    with open(src_path, "rb") as src:
-        done = 0
-        while done < length:
-            try:
-                got = os.copy_file_range(src.fileno(), fd, min(length - done, _MAX_IO),
-                                         src_offset + done, offset + done)
-            except (AttributeError, OSError) as err:  # another file system, or no copy_file_range here
-                if isinstance(err, OSError) and err.errno not in (18, 22, 38, 95):  # EXDEV EINVAL ENOSYS EOPNOTSUPP
-                    raise
-                break
-            if got == 0:
-                raise ShoalError(f"{src_path}: truncated: {length - done} byte(s) missing at {src_offset + done}")
-            done += got
-        while done < length:
-            src.seek(src_offset + done)
-            chunk = src.read(min(length - done, 64 << 20))
-            if not chunk:
-                raise ShoalError(f"{src_path}: truncated: {length - done} byte(s) missing at {src_offset + done}")
-            _write_all(fd, memoryview(chunk), offset + done)
-            done += len(chunk)
-
-
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
-
-
-class _Threads:
-    """Run `work(i)` for every i on `count` threads (the caller's among them); every thread is
-    joined before this returns, and the first error of any thread is raised. Once one fails,
-    `stopped()` tells the others to stop at their next step."""
-
-    def __init__(self) -> None:
-        self._stop = threading.Event()
-        self._errors: list[BaseException] = []
-        self._lock = threading.Lock()
-
-    def stopped(self) -> bool:
-        return self._stop.is_set()
-
-    def _run(self, work: Callable[[int], None], i: int) -> None:
-        try:
-            work(i)
-        except BaseException as err:  # noqa: BLE001 - kept and raised by the caller, never lost
-            with self._lock:
-                self._errors.append(err)
-            self._stop.set()
-
-    def run(self, work: Callable[[int], None], count: int) -> None:
-        threads = [threading.Thread(target=self._run, args=(work, i), daemon=True) for i in range(1, count)]
-        for thread in threads:
-            thread.start()
-        interrupted: BaseException | None = None
-        if count:
-            self._run(work, 0)
-        for thread in threads:  # every thread is waited for, a Ctrl-C meanwhile only stops them sooner
-            while thread.is_alive():
-                try:
-                    thread.join()
-                except BaseException as err:  # noqa: BLE001 - raised once all have stopped
-                    self._stop.set()
-                    interrupted = err
-        if interrupted is not None:
-            raise interrupted
-        if self._errors:
-            raise next((e for e in self._errors if isinstance(e, KeyboardInterrupt)),
-                       next((e for e in self._errors if isinstance(e, ShoalError)), self._errors[0]))
 
 
 class SafetensorsStorageWriter(StorageWriter):
@@ -275,7 +203,7 @@ class SafetensorsStorageWriter(StorageWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         files = _lay_out(plan.items, self.thread_count, plan.storage_data or "__0_")
         source: ByteSource | None = getattr(planner, "byte_source", None)
-        threads = _Threads()
+        threads = Threads()
         written: list[Path] = []
         lock = threading.Lock()
 
@@ -286,18 +214,18 @@ class SafetensorsStorageWriter(StorageWriter):
             with lock:
                 written.append(path)
             try:
-                _write_all(fd, memoryview(file.header), 0)
+                write_all(fd, memoryview(file.header), 0)
                 for entry in file.entries:
                     if threads.stopped():
                         return
                     found = source(entry.item.index) if source is not None else None
                     if found is not None and found[2] == entry.nbytes:
-                        _copy_range(found[0], found[1], found[2], fd, entry.begin)
+                        copy_range(found[0], found[1], found[2], fd, entry.begin)
                         continue
                     data = _tensor_bytes(planner.resolve_data(entry.item))
                     if len(data) != entry.nbytes:
                         raise RuntimeError(f"{entry.item.index.fqn}: {len(data)} bytes to write, planned {entry.nbytes}")
-                    _write_all(fd, data, entry.begin)
+                    write_all(fd, data, entry.begin)
                     del data
                 if self.sync_files:
                     os.fsync(fd)
@@ -348,15 +276,6 @@ class SafetensorsStorageWriter(StorageWriter):
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_exact(fd: int, view: memoryview, offset: int, path: Path) -> None:
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:done + _MAX_IO]], offset + done)
-        if not got:
-            raise ShoalError(f"{path}: truncated: {len(view) - done} byte(s) missing at byte {offset + done}")
-        done += got
-
-
 class CheckpointStorageReader(SafeFileSystemReader):
     """Reads a DCP folder whose data files are safetensors (raw chunks) or `.distcp` (torch.save),
     with `.metadata` unpickled by shoal's restricted unpickler. Raw chunks are read by
@@ -394,7 +313,7 @@ class CheckpointStorageReader(SafeFileSystemReader):
             i = loads.index(min(loads))
             shares[i].append(req)
             loads[i] += self._request_bytes(req)
-        threads = _Threads()
+        threads = Threads()
 
         def read_share(i: int) -> None:
             handles: dict[str, int] = {}
@@ -436,11 +355,11 @@ class CheckpointStorageReader(SafeFileSystemReader):
         if (whole_rows and target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous()
                 and tuple(target.shape) == tuple(slab_shape)):
             if target.numel():
-                _read_exact(fd, memoryview(target.reshape(-1).view(torch.uint8).numpy()), start, path)
+                read_exact(fd, memoryview(target.reshape(-1).view(torch.uint8).numpy()), start, path)
         else:
             slab = torch.empty(slab_shape, dtype=dtype)
             if slab.numel():
-                _read_exact(fd, memoryview(slab.reshape(-1).view(torch.uint8).numpy()), start, path)
+                read_exact(fd, memoryview(slab.reshape(-1).view(torch.uint8).numpy()), start, path)
             for dim in range(1, len(shape)):
                 slab = slab.narrow(dim, offsets[dim], lengths[dim])
             if tuple(target.shape) != tuple(slab.shape):

@@ -8,7 +8,8 @@ writer where its bytes lie (`byte_source`) and they are copied in the kernel, as
 (`shoal.checkpoint.storage`).
 
 Export: `DCPWeightReader.load` does partial DCP loads of a caller-chosen group of names, which
-the exporter bounds by bytes.
+the exporter bounds by bytes; `byte_source` names where a tensor stored whole lies, for the
+exporter to copy it in the kernel when it is written unchanged.
 """
 
 from __future__ import annotations
@@ -20,10 +21,16 @@ from typing import Any, Protocol
 
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import MetadataIndex
+from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
-from shoal.checkpoint.format import TensorInfo, load_model_state, model_state_info, save_model_state
-from shoal.checkpoint.storage import SafetensorsStorageWriter
+from shoal.checkpoint.format import (
+    SafeFileSystemReader,
+    TensorInfo,
+    load_model_state,
+    model_state_info,
+    save_model_state,
+)
+from shoal.checkpoint.storage import DATA_SUFFIX, SafetensorsStorageWriter
 
 
 class LazySavePlanner(DefaultSavePlanner):
@@ -61,6 +68,19 @@ def stream_to_dcp(specs: dict[str, TensorInfo], read: Callable[[str], torch.Tens
                      storage_writer=SafetensorsStorageWriter(model_dir))
 
 
+def stored_bytes(model_dir: Path) -> dict[str, tuple[str, int, int]]:
+    """{name: (file, offset, length)} for every tensor of a DCP folder stored as one whole raw chunk."""
+    metadata = SafeFileSystemReader(str(model_dir)).read_metadata()
+    found = {}
+    for index, info in (metadata.storage_data or {}).items():
+        md = metadata.state_dict_metadata.get(index.fqn)
+        if not isinstance(md, TensorStorageMetadata) or len(md.chunks) != 1 or any(index.offset or ()):
+            continue
+        if str(info.relative_path).endswith(DATA_SUFFIX):
+            found[index.fqn] = (str(model_dir / info.relative_path), int(info.offset), int(info.length))
+    return found
+
+
 class WeightReader(Protocol):
     """Where the exporter gets a checkpoint's weights from, by shoal name.
 
@@ -84,6 +104,12 @@ class DCPWeightReader:
     def __init__(self, model_dir: str | os.PathLike):
         self.model_dir = Path(model_dir)
         self._info = model_state_info(self.model_dir)
+        self._bytes = stored_bytes(self.model_dir)
+
+    def byte_source(self, name: str) -> tuple[str, int, int] | None:
+        """(file, offset, length) of a tensor stored whole as raw bytes, which an export may copy
+        without loading it; None for a tensor in pieces or in torch.save records (format 1)."""
+        return self._bytes.get(name)
 
     def tensor_info(self) -> dict[str, TensorInfo]:
         return dict(self._info)
