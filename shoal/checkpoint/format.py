@@ -394,7 +394,8 @@ def save_model_state(
     """
     aliases = _aliases(state_dict)
     to_save = {k: v for k, v in state_dict.items() if k not in aliases}
-    Path(model_dir).mkdir(parents=True, exist_ok=True)
+    if storage_writer is None:  # shoal's writer makes the folder itself, and removes it if the save fails
+        Path(model_dir).mkdir(parents=True, exist_ok=True)
     with _dcp_errors():
         # One writer thread: torch's extra DCP writer threads drop their exceptions and keep
         # writing after the main thread has failed, which would break the clean-up of a failed import.
