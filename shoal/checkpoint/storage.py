@@ -295,8 +295,10 @@ class CheckpointStorageReader(SafeFileSystemReader):
         }
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        raw = [r for r in plan.items if str(self.storage_data[r.storage_index].relative_path).endswith(DATA_SUFFIX)]
-        older = [r for r in plan.items if r not in raw]
+        raw, older = [], []
+        for req in plan.items:
+            kind = raw if str(self.storage_data[req.storage_index].relative_path).endswith(DATA_SUFFIX) else older
+            kind.append(req)
         if older:  # today's .distcp records: torch's own reader
             super().read_data(dataclasses.replace(plan, items=older), planner).wait()
         if raw:
