@@ -13,15 +13,16 @@ Then, in the same run and each as its own child process (wall time and `ru_maxrs
   import phase: `cp -r HF COPY` and `shoal import --source HF --output_path CKPT`, alternating,
   export phase: `cp -r CKPT COPY` and `shoal export --source CKPT --output_path OUT`, alternating,
 `--repeats` times each, outputs removed between runs, plus an interpreter baseline: a child that
-only imports shoal's CLI and conversion modules. Medians are reported (min/max in the JSON).
+only imports shoal's CLI and conversion modules (its peak RSS and, alternating with the others,
+its wall time: the start-up, reported beside the ratio of what is left after it). Medians are reported (min/max in the JSON).
 
 Fairness: `sync` runs (untimed) before every timed command so no earlier dirty pages are charged
 to it, and the command's source is read once (untimed) so that cp and shoal both start from a
 warm page cache (skipped when the source is over half the RAM; then both read partly from disk).
 Two times are given: the command alone ("wall"), and the command plus a `sync` after it
 ("durable"): shoal's DCP writer fsyncs each file it writes, `cp` does not, so "wall" favours cp
-and "durable" compares the same end state (the bytes on disk). Targets (from the issue): time
-<= 1.5x the copy, and (peak RSS - interpreter RSS) <= 1.5x the largest shard.
+and "durable" compares the same end state (the bytes on disk). Targets (issue 19): time
+<= 1.2x the copy, and (peak RSS - interpreter RSS) <= 1.5x the largest shard.
 
 The exported safetensors are checked tensor by tensor against the source before anything is
 reported. Results go to stdout and, as JSON, to `--output`.
@@ -48,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shoal.convert.options import parse_size  # noqa: E402
 from shoal.models import get_preset, to_hf_config  # noqa: E402
 
-TIME_TARGET = 1.5
+TIME_TARGET = 1.2  # issue 19
 RSS_TARGET = 1.5
 INTERPRETER_MODULES = "import shoal.cli, shoal.convert.importer, shoal.convert.exporter"
 
@@ -168,11 +169,18 @@ print(json.dumps({"wall_s": wall, "durable_s": time.perf_counter() - start,
 """
 
 
+def load_average() -> float:
+    """The 1-minute load average: the machine is shared, so each figure is noted with it."""
+    return os.getloadavg()[0]
+
+
 def measure(cmd: list[str], source: Path | None) -> dict:
-    """Run `cmd` as a grandchild: wall seconds, seconds including a sync after it, peak RSS bytes."""
+    """Run `cmd` as a grandchild: wall seconds, seconds including a sync after it, peak RSS bytes,
+    and the load average just before it started."""
     if source is not None:
         warm(source)
     os.sync()
+    load = load_average()
     done = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *cmd], capture_output=True, text=True)
     try:
         result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -180,7 +188,7 @@ def measure(cmd: list[str], source: Path | None) -> dict:
         result = {"rc": done.returncode}
     if done.returncode != 0 or result["rc"] != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({result['rc']}):\n{done.stderr[-3000:]}")
-    return {k: result[k] for k in ("wall_s", "durable_s", "maxrss_bytes")}
+    return {**{k: result[k] for k in ("wall_s", "durable_s", "maxrss_bytes")}, "load": load}
 
 
 def remove(path: Path) -> None:
@@ -201,19 +209,22 @@ def summary(runs: list[dict], key: str) -> dict:
 def run_phase(name: str, source: Path, cp_out: Path, shoal_out: Path, shoal_args: list[str],
               repeats: int, keep_last: bool) -> dict:
     """Alternate `cp -r source cp_out` and shoal; the last shoal output stays when `keep_last`."""
-    cp_runs, shoal_runs = [], []
+    cp_runs, shoal_runs, startup_runs = [], [], []
     for i in range(repeats):
         cp_runs.append(measure(["cp", "-r", str(source), str(cp_out)], source))
         remove(cp_out)
+        startup_runs.append(measure([sys.executable, "-c", INTERPRETER_MODULES], None))
         shoal_runs.append(measure(shoal_cmd() + shoal_args, source))
         if not (keep_last and i == repeats - 1):
             remove(shoal_out)
         print(f"  {name} {i + 1}/{repeats}: cp {cp_runs[-1]['wall_s']:.1f}s (durable {cp_runs[-1]['durable_s']:.1f}s), "
               f"shoal {shoal_runs[-1]['wall_s']:.1f}s (durable {shoal_runs[-1]['durable_s']:.1f}s), "
-              f"shoal peak RSS {shoal_runs[-1]['maxrss_bytes'] / 2**20:.0f} MiB", flush=True)
-    return {"cp_runs": cp_runs, "shoal_runs": shoal_runs,
-            "cp": {k: summary(cp_runs, k) for k in ("wall_s", "durable_s", "maxrss_bytes")},
-            "shoal": {k: summary(shoal_runs, k) for k in ("wall_s", "durable_s", "maxrss_bytes")}}
+              f"shoal peak RSS {shoal_runs[-1]['maxrss_bytes'] / 2**20:.0f} MiB, load {shoal_runs[-1]['load']:.1f}",
+              flush=True)
+    return {"cp_runs": cp_runs, "shoal_runs": shoal_runs, "startup_runs": startup_runs,
+            "startup_wall_s": summary(startup_runs, "wall_s"),
+            "cp": {k: summary(cp_runs, k) for k in ("wall_s", "durable_s", "maxrss_bytes", "load")},
+            "shoal": {k: summary(shoal_runs, k) for k in ("wall_s", "durable_s", "maxrss_bytes", "load")}}
 
 
 def verify(source: Path, exported: Path) -> int:
@@ -247,8 +258,14 @@ def verify(source: Path, exported: Path) -> int:
 
 def ratio_row(label: str, phase: dict, largest: int, interp: int) -> dict:
     cp, sh = phase["cp"], phase["shoal"]
+    startup_s = phase["startup_wall_s"]["median"]
     peak = sh["maxrss_bytes"]["median"]
     return {
+        # What the conversion itself costs: shoal's time less that of an interpreter that only
+        # imports its modules (torch, DCP: seconds on a loaded 2-core machine; measured in the same
+        # alternation), against the copy.
+        "startup_s": startup_s,
+        "time_ratio_durable_after_startup": (sh["durable_s"]["median"] - startup_s) / cp["durable_s"]["median"],
         "phase": label,
         "cp_wall_s": cp["wall_s"]["median"], "shoal_wall_s": sh["wall_s"]["median"],
         "time_ratio_wall": sh["wall_s"]["median"] / cp["wall_s"]["median"],
@@ -257,6 +274,8 @@ def ratio_row(label: str, phase: dict, largest: int, interp: int) -> dict:
         "peak_rss_bytes": peak, "interpreter_rss_bytes": interp, "largest_shard_bytes": largest,
         "rss_ratio": (peak - interp) / largest,
         "peak_rss_ratio_incl_interpreter": peak / largest,
+        "load_min": min(r["load"] for r in phase["cp_runs"] + phase["shoal_runs"]),
+        "load_max": max(r["load"] for r in phase["cp_runs"] + phase["shoal_runs"]),
     }
 
 
@@ -314,13 +333,15 @@ def main() -> int:
           f"(largest {made['largest_shard_bytes'] / gb:.2f} GB), shoal checkpoint {ckpt_bytes / gb:.2f} GB "
           f"(largest file {ckpt_largest / gb:.2f} GB); median of {args.repeats}; {os.cpu_count()} CPUs")
     print(f"{'phase':7s} {'cp s':>6s} {'shoal s':>8s} {'ratio':>6s} {'cp+sync':>8s} {'shoal+sync':>10s} {'ratio':>6s} "
-          f"{'time':>5s} {'peak MiB':>9s} {'interp MiB':>10s} {'shard MiB':>9s} {'(pk-int)/shard':>14s} {'RSS':>5s}")
+          f"{'time':>5s} {'peak MiB':>9s} {'interp MiB':>10s} {'shard MiB':>9s} {'(pk-int)/shard':>14s} {'RSS':>5s} "
+          f"{'load':>9s} {'start s':>7s} {'-start':>6s}")
     for r in rows:
         print(f"{r['phase']:7s} {r['cp_wall_s']:6.1f} {r['shoal_wall_s']:8.1f} {r['time_ratio_wall']:5.2f}x "
               f"{r['cp_durable_s']:8.1f} {r['shoal_durable_s']:10.1f} {r['time_ratio_durable']:5.2f}x "
               f"{ok(r['time_ratio_durable'], TIME_TARGET):>5s} {r['peak_rss_bytes'] / mib:9.0f} "
               f"{r['interpreter_rss_bytes'] / mib:10.0f} {r['largest_shard_bytes'] / mib:9.0f} "
-              f"{r['rss_ratio']:13.2f}x {ok(r['rss_ratio'], RSS_TARGET):>5s}")
+              f"{r['rss_ratio']:13.2f}x {ok(r['rss_ratio'], RSS_TARGET):>5s} {r['load_min']:4.1f}-{r['load_max']:<4.1f} "
+              f"{r['startup_s']:7.1f} {r['time_ratio_durable_after_startup']:5.2f}x")
     print(f"targets: time (cp+sync basis) <= {TIME_TARGET}x the copy; (peak - interpreter) RSS <= {RSS_TARGET}x "
           "the largest shard. Wall-only ratios favour cp, which does not fsync.")
     if args.output:

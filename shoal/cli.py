@@ -1,8 +1,10 @@
 """The `shoal` command: one sub-command per stage. Thin on purpose: parse, then call the stage.
 
-Each stage module provides `add_arguments(parser)` and `main(args) -> int | None`; modules are
-imported only when their command runs, so `shoal --help` stays fast and optional dependencies
-are loaded only by the stage that needs them.
+Each stage module provides `main(args) -> int | None` and, unless `OPTIONS` names another
+torch-free module for it, `add_arguments(parser)`. A command's stage module is imported only once
+its arguments have parsed, so `shoal --help` and `shoal COMMAND --help` never import torch or
+transformers (tests/unit/test_cli_startup.py), and optional dependencies are loaded only by the
+stage that needs them.
 """
 
 from __future__ import annotations
@@ -30,8 +32,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("shoal.generate.chat", "talk with a checkpoint in the terminal, turn by turn"),
     "eval": ("shoal.eval.command", "loss and perplexity on training data, or lm-eval-harness tasks"),
     "report": ("shoal.report", "plots and a summary table of a training run (PNG and HTML)"),
-    "plan": ("shoal.plan", "memory, speed and layouts of a training command line, before running it"),
+    "plan": ("shoal.plan.command", "memory, speed and layouts of a training command line, before running it"),
     "demo": ("shoal.demo.run", "run the four stages end to end on the embedded tiny default"),
+}
+
+# command -> "module:function" that adds its flags, for commands whose stage module imports torch:
+# the flags live in a module that does not, so `--help` and a bad flag are answered at once.
+# The module that defines a command's flags also says whether it takes dotted recipe overrides
+# (`ACCEPTS_OVERRIDES`).
+OPTIONS: dict[str, str] = {
+    "import": "shoal.convert.options:add_import_arguments",
+    "export": "shoal.convert.options:add_export_arguments",
+    "pretrain": "shoal.config.flags:add_pretrain_arguments",
+    "finetune": "shoal.config.flags:add_finetune_arguments",
+    "plan": "shoal.plan.options:add_arguments",
 }
 
 # The order `shoal --help` lists commands in: a model's life, first to last. Commands not named
@@ -109,6 +123,13 @@ def training_epilog() -> str:
     )
 
 
+def _options_module(command: str, stage_module: str):
+    """The module defining `command`'s flags, and its function that adds them to a parser."""
+    module_name, _, function = OPTIONS.get(command, f"{stage_module}:add_arguments").partition(":")
+    module = importlib.import_module(module_name)
+    return module, getattr(module, function)
+
+
 def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
     found = set(parser._option_string_actions)
     for action in parser._actions:  # sub-sub-commands (`shoal download pretrain`)
@@ -168,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         parser.parse_args(argv)  # exits: --version, --help, or an error naming the valid commands
         return 2
-    module = importlib.import_module(commands[chosen][0])
-    module.add_arguments(subparsers[chosen])
-    overrides = getattr(module, "ACCEPTS_OVERRIDES", False)
+    options, add_arguments = _options_module(chosen, commands[chosen][0])
+    add_arguments(subparsers[chosen])
+    overrides = getattr(options, "ACCEPTS_OVERRIDES", False)
     if overrides:
         subparsers[chosen].epilog = training_epilog()
         subparsers[chosen].formatter_class = argparse.RawDescriptionHelpFormatter
@@ -187,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if overrides:
         args.overrides = rest
     args.argv = ["shoal", *argv]  # what the user typed, for launchers and provenance records
+    module = importlib.import_module(commands[chosen][0])  # only now: the heavy imports of the stage
     try:
         return int(module.main(args) or 0)
     except ShoalError as err:

@@ -44,7 +44,9 @@ if TYPE_CHECKING:
     from shoal.peft.config import LoraConfig
 
 FORMAT_NAME = "shoal-checkpoint"
-FORMAT_VERSION = 1
+# 2: model/ may hold safetensors data files (shoal.checkpoint.storage); 1: torch.save records only.
+# This shoal reads both; a shoal that knows only 1 refuses a 2 with "written by a newer shoal".
+FORMAT_VERSION = 2
 METADATA_FILE = "shoal.json"
 TOKENIZER_DIR = "tokenizer"
 MODEL_DIR = "model"
@@ -383,24 +385,27 @@ def _dcp_errors() -> Iterator[None]:
 
 def save_model_state(
     state_dict: dict[str, torch.Tensor], model_dir: str | os.PathLike, planner: Any = None,
-    file_per_tensor: bool = False, process_group: Any = None,
+    file_per_tensor: bool = False, process_group: Any = None, storage_writer: Any = None,
 ) -> None:
     """Save weights keyed by HF names as DCP into `model_dir` (every rank calls this when distributed).
 
     Tied weights are stored once, under their first name (`model.embed_tokens.weight`, as HF does):
     pass `model.state_dict()` as it is. Values may be DTensors; each rank writes its own shards.
-    `planner` and `file_per_tensor` are for callers that stream tensors in (`shoal.convert.streaming`):
-    DCP's writer keeps every tensor of a data file referenced until that file is finished, so only
-    one file per tensor lets each be freed once written. `process_group` carries DCP's collectives
-    (None: the default group); a background save gives its own (`shoal.checkpoint.background`).
+    `planner` is for callers that stream tensors in (`shoal.convert.streaming`). `storage_writer`
+    replaces torch's FileSystemWriter (`shoal.checkpoint.storage.SafetensorsStorageWriter`: several
+    threads, large writes). With torch's, `file_per_tensor` lets each tensor be freed once written
+    (it keeps every tensor of a data file referenced until that file is finished).
+    `process_group` carries DCP's collectives (None: the default group); a background save gives
+    its own (`shoal.checkpoint.background`).
     """
     aliases = _aliases(state_dict)
     to_save = {k: v for k, v in state_dict.items() if k not in aliases}
-    Path(model_dir).mkdir(parents=True, exist_ok=True)
+    if storage_writer is None:  # shoal's writer makes the folder itself, and removes it if the save fails
+        Path(model_dir).mkdir(parents=True, exist_ok=True)
     with _dcp_errors():
         # One writer thread: torch's extra DCP writer threads drop their exceptions and keep
         # writing after the main thread has failed, which would break the clean-up of a failed import.
-        writer = dcp.FileSystemWriter(str(model_dir), single_file_per_rank=not file_per_tensor)
+        writer = storage_writer or dcp.FileSystemWriter(str(model_dir), single_file_per_rank=not file_per_tensor)
         dcp.save(to_save, storage_writer=writer, planner=planner, process_group=process_group, no_dist=_no_dist())
 
 
@@ -469,7 +474,9 @@ def load_model_state(state_dict: dict[str, torch.Tensor], model_dir: str | os.Pa
                 f"{model_dir}: tensor {name} has shape {list(saved[name].shape)} in the checkpoint, "
                 f"but the model expects {list(tensor.shape)}"
             )
+    from shoal.checkpoint.storage import CheckpointStorageReader  # it builds on this module
+
     with _dcp_errors():
         for part in (wanted, retie):
-            if part:
-                dcp.load(part, storage_reader=SafeFileSystemReader(str(model_dir)), no_dist=_no_dist())
+            if part:  # either kind of data file: safetensors (raw) or torch.save records (format 1)
+                dcp.load(part, storage_reader=CheckpointStorageReader(model_dir), no_dist=_no_dist())

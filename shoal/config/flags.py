@@ -15,7 +15,10 @@ from typing import Any
 
 from shoal.config.launch import add_launch_arguments
 from shoal.errors import ShoalError
-from shoal.models.presets import MODEL_SIZE_ALIASES
+
+# `shoal pretrain|finetune --help` builds its parser from this module: keep it free of torch
+# (shoal.models imports it), so the help and a flag's error come at once.
+ACCEPTS_OVERRIDES = True  # the training commands take dotted recipe overrides beside these flags
 
 # (flags, recipe key, argparse options)
 SEED_FLAGS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
@@ -94,8 +97,22 @@ def add_training_arguments(parser: argparse.ArgumentParser, stage: str | None = 
     add_launch_arguments(parser)
 
 
+def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
+    """`shoal pretrain`'s flags."""
+    add_training_arguments(parser, stage="pretrain")
+
+
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    """`shoal finetune`'s flags: the training flags, and the pretraining experiment to start from."""
+    add_training_arguments(parser, stage="finetune")
+    parser.add_argument("--pretrain_experiment", help="experiment whose latest checkpoint to fine-tune when "
+                        "--nemo_model is unset (default: the newest pretraining experiment under --results_dir)")
+
+
 def default_recipe_name(model: str | None, model_size: str | None) -> str:
     """The recipe of the --model (or --model_size) preset when one is shipped, else `default`."""
+    from shoal.models.presets import MODEL_SIZE_ALIASES  # imports torch (the models package)
+
     preset = model or (MODEL_SIZE_ALIASES.get(model_size, model_size) if model_size else None)
     if preset:
         try:

@@ -136,6 +136,11 @@ class StateDictAdapter:
         transform = self.transforms.get(self.inverse.get(_template(shoal_name), ""))
         return transform[1](tensor, self.cfg) if transform else tensor
 
+    def keeps_bytes(self, hf_name: str) -> bool:
+        """Whether the tensor is stored as the file holds it (no transform, no stacking of experts),
+        so a conversion may copy its bytes without reading them into memory."""
+        return _template(hf_name) not in self.transforms and self.expert_members(hf_name) is None
+
     # -- grouped experts ---------------------------------------------------------------------
     def group_experts(self, found: dict[str, TensorInfo], where: str | Path) -> dict[str, TensorInfo]:
         """An HF checkpoint's tensors with each projection's per-expert tensors replaced by one

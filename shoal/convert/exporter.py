@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,8 +36,9 @@ from shoal.checkpoint.format import (
     read_metadata,
     read_model_config,
 )
+from shoal.checkpoint.parallel_io import Threads
 from shoal.convert.adapters import get_adapter
-from shoal.convert.options import add_overwrite_argument, check_output, parse_size
+from shoal.convert.options import DEFAULT_MAX_SHARD_SIZE, check_output, parse_size
 from shoal.convert.provenance import base_model_name, describe_checkpoint, resolve_export_source, source_dtype
 from shoal.convert.safetensors_io import SafetensorsWriter, plan_shards, shard_file_names, write_index
 from shoal.convert.streaming import DCPWeightReader, WeightReader
@@ -44,8 +46,8 @@ from shoal.errors import ShoalError
 from shoal.models.config import to_hf_config
 from shoal.peft.export import merged_weight_reader, write_peft_adapter
 
-DEFAULT_MAX_SHARD_SIZE = 5_000_000_000  # Hugging Face's default, decimal bytes
 DEFAULT_LOAD_BUDGET = 256 << 20  # bytes of weights read from DCP per load (plus one tensor in flight)
+COPY_THREADS = 2  # threads copying unchanged tensors into a shard (one of them also writes the rest)
 
 WeightReaderFactory = Callable[[Path], WeightReader]
 Finalizer = Callable[[Path, Path], None]
@@ -119,6 +121,18 @@ def export_checkpoint(
         shape = tuple(info.shape) if expert is None else tuple(info.shape[1:])
         return TensorInfo(shape, target_dtype or info.dtype)
 
+    # Tensors written exactly as stored (no transform, no dtype change, one raw chunk in model/):
+    # their bytes are copied file to file in the kernel, never loaded (an import's export). Only
+    # from the plain reader of model/: a hook's reader returns other values than the stored bytes.
+    byte_source = reader.byte_source if weight_reader is None else None
+    copies = {}
+    for disk, (name, expert) in written.items():
+        if byte_source is not None and expert is None and adapter.keeps_bytes(disk) \
+                and out_info(disk).dtype == saved[name].dtype:
+            found = byte_source(name)
+            if found is not None:
+                copies[disk] = found
+
     shards = plan_shards([(disk, out_info(disk).nbytes) for disk in written], max_bytes)
     files = shard_file_names(len(shards))
     config_dtype = dtype_name(target_dtype or meta["dtype"])
@@ -129,7 +143,7 @@ def export_checkpoint(
             specs = {hf: (out_info(hf).shape, out_info(hf).dtype) for hf in shard}
             writer = SafetensorsWriter(tmp / file, specs, metadata={"format": "pt"})
             try:
-                _write_shard(writer, written, reader, adapter, target_dtype, out_info, load_budget)
+                _write_shard(writer, written, copies, reader, adapter, target_dtype, out_info, load_budget)
             finally:
                 writer.abort()
             weight_map.update({hf: file for hf in shard})
@@ -161,17 +175,42 @@ def _checked_base(ckpt: Path, override: str | os.PathLike | None) -> tuple[Path,
     return (base,) if base is not None else ()
 
 
-def _write_shard(writer: SafetensorsWriter, written: dict[str, tuple[str, int | None]], reader: WeightReader,
-                 adapter, target_dtype: torch.dtype | None, out_info: Callable[[str], TensorInfo],
-                 load_budget: int) -> None:
-    """Fill one shard in its data order, loading at most `load_budget` bytes of weights at a time
-    (plus, for an MoE model, the grouped expert tensors whose experts are still being written:
+def _write_shard(writer: SafetensorsWriter, written: dict[str, tuple[str, int | None]],
+                 copies: dict[str, tuple[str, int, int]], reader: WeightReader, adapter,
+                 target_dtype: torch.dtype | None, out_info: Callable[[str], TensorInfo], load_budget: int) -> None:
+    """Fill one shard: the tensors in `copies` by in-kernel copies, shared between two threads;
+    the others loaded, converted and written by the first thread (`_write_loaded`). An error in
+    either stops both, and is raised once both have stopped."""
+    threads = Threads()
+    to_copy = [hf for hf in writer.order if hf in copies]
+    lock = threading.Lock()
+
+    def next_copy() -> str | None:
+        with lock:
+            return to_copy.pop(0) if to_copy and not threads.stopped() else None
+
+    def work(i: int) -> None:
+        if i == 0:
+            _write_loaded(writer, [hf for hf in writer.order if hf not in copies], written, reader, adapter,
+                          target_dtype, out_info, load_budget, threads.stopped)
+        while (hf := next_copy()) is not None:
+            writer.copy(hf, copies[hf])
+
+    threads.run(work, COPY_THREADS if to_copy else 1)
+    writer.close()
+
+
+def _write_loaded(writer: SafetensorsWriter, names: list[str], written: dict[str, tuple[str, int | None]],
+                  reader: WeightReader, adapter, target_dtype: torch.dtype | None,
+                  out_info: Callable[[str], TensorInfo], load_budget: int, stopped: Callable[[], bool]) -> None:
+    """Write `names` (in the shard's data order), loading at most `load_budget` bytes of weights at a
+    time (plus, for an MoE model, the grouped expert tensors whose experts are still being written:
     one layer's worth, since each grouped tensor's experts are written one after another)."""
     group: list[str] = []
     group_bytes = 0
     # Grouped expert tensors loaded whole, kept until their last expert is written.
     pending = {}
-    for hf in writer.order:
+    for hf in names:
         name, expert = written[hf]
         if expert is not None:
             pending[name] = pending.get(name, 0) + 1
@@ -197,7 +236,9 @@ def _write_shard(writer: SafetensorsWriter, written: dict[str, tuple[str, int | 
             writer.write(hf, tensor)
             del tensor
 
-    for hf in writer.order:
+    for hf in names:
+        if stopped():
+            return
         nbytes = out_info(hf).nbytes
         if group and group_bytes + nbytes > load_budget:
             flush()
@@ -206,30 +247,6 @@ def _write_shard(writer: SafetensorsWriter, written: dict[str, tuple[str, int | 
         group_bytes += nbytes
     if group:
         flush()
-    writer.close()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", "--path", dest="source", required=True,
-                        help="shoal checkpoint, or an experiment / checkpoints folder (its latest checkpoint)")
-    parser.add_argument("--output_path", "--output-path", dest="output_path", required=True,
-                        help="the Hugging Face model folder to write")
-    add_overwrite_argument(parser)
-    parser.add_argument("--dtype", default=None,
-                        help="convert weights to this dtype (bfloat16, float16, float32); default: the source "
-                             "model's dtype (training checkpoints hold float32; the export goes back to it)")
-    parser.add_argument("--max_shard_size", "--max-shard-size", dest="max_shard_size", type=parse_size,
-                        default=DEFAULT_MAX_SHARD_SIZE, help="largest safetensors file, e.g. 5GB (default), 500MB")
-    parser.add_argument("--target", default="hf", choices=["hf", "hf-peft"],
-                        help="hf: a full model (adapters merged); hf-peft: the adapters alone (NeMo's names)")
-    parser.add_argument("--adapter_only", "--adapter-only", action="store_true",
-                        help="write only the LoRA/DoRA adapters, in Hugging Face PEFT format (same as target=hf-peft)")
-    parser.add_argument("--base_model", "--base-model", default=None, metavar="ID|DIR",
-                        help="with --adapter_only: the base_model_name_or_path to record (default: the "
-                             "checkpoint's --hf_model_id or import source)")
-    parser.add_argument("--base_checkpoint", "--base-checkpoint", default=None, metavar="CKPT",
-                        help="where the base checkpoint of an adapter-only (LoRA/DoRA training) checkpoint "
-                             "now is, if it moved since training (it must be the same, unchanged)")
 
 
 def export_adapter(source: str | os.PathLike, output_path: str | os.PathLike, overwrite: bool = False,
@@ -274,5 +291,5 @@ def main(args: argparse.Namespace) -> int:
     else:
         export_checkpoint(args.source, args.output_path, overwrite=args.overwrite, dtype=args.dtype,
                           max_shard_size=args.max_shard_size, report=report,
-                          base_checkpoint=getattr(args, "base_checkpoint", None))
+                          base_checkpoint=args.base_checkpoint)
     return 0

@@ -23,7 +23,7 @@ from shoal.checkpoint.atomic import atomic_directory, refuse_overlap
 from shoal.checkpoint.format import MODEL_DIR, TensorInfo, copy_tokenizer, dtype_name, write_metadata
 from shoal.convert import hub
 from shoal.convert.adapters import get_adapter
-from shoal.convert.options import add_overwrite_argument, check_output
+from shoal.convert.options import check_output
 from shoal.convert.safetensors_io import find_weight_files, read_tensor
 from shoal.convert.streaming import stream_to_dcp
 from shoal.errors import ShoalError
@@ -175,12 +175,19 @@ def import_checkpoint(
             return adapter.to_shoal(hf_name, torch.stack([read_tensor(entries[m]) for m in members]))
         return adapter.to_shoal(hf_name, read_tensor(entries[hf_name]))
 
+    def source(name: str) -> tuple[str, int, int] | None:
+        hf_name = plan[name]
+        if not adapter.keeps_bytes(hf_name):
+            return None
+        entry = entries[hf_name]
+        return str(entry.path), entry.begin, entry.end - entry.begin
+
     with atomic_directory(out, overwrite=overwrite) as tmp:
         copied = copy_tokenizer(model_dir, tmp)
         if not copied:
             print(f"shoal import: warning: {model_dir} has no tokenizer files; the checkpoint has no tokenizer/",
                   file=sys.stderr)
-        stream_to_dcp(specs, read, tmp / MODEL_DIR)
+        stream_to_dcp(specs, read, tmp / MODEL_DIR, source=source)
         made_by = {
             "command": "shoal import",
             "source": str(hub_source) if hub_source else str(model_dir.absolute()),
@@ -190,18 +197,6 @@ def import_checkpoint(
         extra = {"generation_config": generation_config} if generation_config else {}
         write_metadata(tmp, cfg, dtype_name(_dominant_dtype(specs)), made_by=made_by, extra=extra)
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", required=True,
-                        help="Hugging Face model folder, or hf://ORG/NAME[@REVISION] to download from the Hub")
-    parser.add_argument("--output_path", "--output-path", dest="output_path", default=None,
-                        help="the shoal checkpoint to write (default $SHOAL_HOME/models/ORG/NAME)")
-    add_overwrite_argument(parser)
-    parser.add_argument("--hf_token", "--hf-token", dest="hf_token", default=None,
-                        help="Hugging Face token for gated/private models (default: $HF_TOKEN); never saved")
-    parser.add_argument("--model", "-M", default=None,
-                        help="preset name as in NeMo's `model=llama3_8b`; checked against config.json")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
-"""Argument parsing and output checks shared by `shoal import` and `shoal export`.
+"""The flags of `shoal import` and `shoal export`, and the output checks both make.
 
 Both commands accept the seed's NeMo spellings (`overwrite=false`, `-y`) next to shoal's own, and
-both refuse an output they could not publish before doing any work.
+both refuse an output they could not publish before doing any work. This module imports no torch:
+`shoal import --help` builds its parser from it alone.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 
 from shoal.checkpoint.atomic import check_output_dir, normalize_output, refuse_overlap
 from shoal.errors import ShoalError
+
+DEFAULT_MAX_SHARD_SIZE = 5_000_000_000  # Hugging Face's default, decimal bytes
 
 _TRUE = {"1", "true", "yes", "y", "on"}
 _FALSE = {"0", "false", "no", "n", "off"}
@@ -54,6 +57,43 @@ def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
                         help="replace an existing output (bare flag, or true/false)")
     parser.add_argument("-y", "--yes", action="store_true",
                         help="accepted for NeMo compatibility (`nemo llm import -y`); shoal never prompts")
+
+
+def add_import_arguments(parser: argparse.ArgumentParser) -> None:
+    """`shoal import`'s flags."""
+    parser.add_argument("--source", required=True,
+                        help="Hugging Face model folder, or hf://ORG/NAME[@REVISION] to download from the Hub")
+    parser.add_argument("--output_path", "--output-path", dest="output_path", default=None,
+                        help="the shoal checkpoint to write (default $SHOAL_HOME/models/ORG/NAME)")
+    add_overwrite_argument(parser)
+    parser.add_argument("--hf_token", "--hf-token", dest="hf_token", default=None,
+                        help="Hugging Face token for gated/private models (default: $HF_TOKEN); never saved")
+    parser.add_argument("--model", "-M", default=None,
+                        help="preset name as in NeMo's `model=llama3_8b`; checked against config.json")
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """`shoal export`'s flags."""
+    parser.add_argument("--source", "--path", dest="source", required=True,
+                        help="shoal checkpoint, or an experiment / checkpoints folder (its latest checkpoint)")
+    parser.add_argument("--output_path", "--output-path", dest="output_path", required=True,
+                        help="the Hugging Face model folder to write")
+    add_overwrite_argument(parser)
+    parser.add_argument("--dtype", default=None,
+                        help="convert weights to this dtype (bfloat16, float16, float32); default: the source "
+                             "model's dtype (training checkpoints hold float32; the export goes back to it)")
+    parser.add_argument("--max_shard_size", "--max-shard-size", dest="max_shard_size", type=parse_size,
+                        default=DEFAULT_MAX_SHARD_SIZE, help="largest safetensors file, e.g. 5GB (default), 500MB")
+    parser.add_argument("--target", default="hf", choices=["hf", "hf-peft"],
+                        help="hf: a full model (adapters merged); hf-peft: the adapters alone (NeMo's names)")
+    parser.add_argument("--adapter_only", "--adapter-only", action="store_true",
+                        help="write only the LoRA/DoRA adapters, in Hugging Face PEFT format (same as target=hf-peft)")
+    parser.add_argument("--base_model", "--base-model", default=None, metavar="ID|DIR",
+                        help="with --adapter_only: the base_model_name_or_path to record (default: the "
+                             "checkpoint's --hf_model_id or import source)")
+    parser.add_argument("--base_checkpoint", "--base-checkpoint", default=None, metavar="CKPT",
+                        help="where the base checkpoint of an adapter-only (LoRA/DoRA training) checkpoint "
+                             "now is, if it moved since training (it must be the same, unchanged)")
 
 
 def check_output(output: str | os.PathLike, overwrite: bool, sources: tuple[Path, ...] = ()) -> Path:

@@ -7,8 +7,9 @@ mapping each tensor to its file.
 
 The header is parsed and checked here rather than trusted: a truncated download or a corrupt
 file must end in a message naming the file, not in a crash halfway through a conversion. Tensors
-are read with `readinto` straight into their own buffer and written from theirs, so memory holds
-one tensor at a time (no memory map whose pages would pile up, no serialised copy of a shard).
+are read with `readinto` straight into their own buffer and written from theirs at their offset,
+so memory holds only the tensors in flight (no memory map whose pages would pile up, no
+serialised copy of a shard).
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import json
 import os
 import struct
 import sys
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
+from shoal.checkpoint.parallel_io import copy_range, write_all
 from shoal.errors import ShoalError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -129,11 +132,13 @@ def read_tensor(entry: TensorEntry) -> torch.Tensor:
 
 
 class SafetensorsWriter:
-    """Write one safetensors file whose tensors are known in advance and arrive one by one.
+    """Write one safetensors file whose tensors are known in advance and arrive in any order.
 
-    The header is written first from the declared names, shapes and dtypes; `write` then appends
-    each tensor's bytes in `self.order` (larger element sizes first, which keeps every tensor
-    aligned to its element size, as the reference writer does). `close` checks all arrived.
+    The header is written first from the declared names, shapes and dtypes, which fixes every
+    tensor's place: `write` (a tensor's bytes) and `copy` (bytes another file already holds) put
+    each at its offset with positional writes, so several threads may fill one file. The data
+    follow `self.order` (larger element sizes first, which keeps every tensor aligned to its
+    element size, as the reference writer does). `close` checks all arrived.
     """
 
     def __init__(self, path: str | os.PathLike, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
@@ -144,38 +149,58 @@ class SafetensorsWriter:
         self.specs = specs
         header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
         offset = 0
+        spans = {}
         for name in self.order:
             shape, dtype = specs[name]
             nbytes = _numel(shape) * dtype.itemsize
             header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            spans[name] = (offset, nbytes)
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)  # pad so the data buffer starts 8-byte aligned
-        self._handle = open(self.path, "wb")
-        self._handle.write(struct.pack("<Q", len(raw)) + raw)
-        self._next = 0
+        start = 8 + len(raw)
+        self.spans = {name: (start + begin, nbytes) for name, (begin, nbytes) in spans.items()}
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._done: set[str] = set()
+        self._lock = threading.Lock()
+        write_all(self._fd, memoryview(struct.pack("<Q", len(raw)) + raw), 0)
         self.total_bytes = offset
 
+    def _claim(self, name: str) -> tuple[int, int]:
+        with self._lock:
+            if name not in self.spans or name in self._done:
+                raise RuntimeError(f"{self.path}: tensor {name!r} was not declared, or is written twice")
+            self._done.add(name)
+        return self.spans[name]
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        expected = self.order[self._next] if self._next < len(self.order) else None
-        if name != expected:
-            raise RuntimeError(f"{self.path}: expected tensor {expected!r} next, got {name!r}")
-        shape, dtype = self.specs[name]
-        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+        shape, dtype = self.specs.get(name, (None, None))
+        if tuple(tensor.shape) != tuple(shape or ()) or tensor.dtype != dtype:
             raise RuntimeError(f"{self.path}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
-                               f"declared {tuple(shape)} {dtype}")
+                               f"declared {shape} {dtype}")
+        offset, _ = self._claim(name)
         if tensor.numel():
             data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
-            self._handle.write(memoryview(data))
-        self._next += 1
+            write_all(self._fd, memoryview(data), offset)
+
+    def copy(self, name: str, source: tuple[str, int, int]) -> None:
+        """Take the tensor's bytes from (file, offset, length), where they lie exactly as stored."""
+        offset, nbytes = self.spans[name]
+        if source[2] != nbytes:
+            raise RuntimeError(f"{self.path}: tensor {name!r} takes {nbytes} bytes, its source holds {source[2]}")
+        self._claim(name)
+        copy_range(source[0], source[1], nbytes, self._fd, offset)
 
     def close(self) -> None:
-        self._handle.close()
-        if self._next != len(self.order):
-            raise RuntimeError(f"{self.path}: {len(self.order) - self._next} tensor(s) were never written")
+        missing = len(self.order) - len(self._done)
+        self.abort()
+        if missing:
+            raise RuntimeError(f"{self.path}: {missing} tensor(s) were never written")
 
     def abort(self) -> None:
-        self._handle.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,23 +19,9 @@ from shoal.errors import ShoalError
 from shoal.models import ModelConfig
 from shoal.plan.counts import ParamCounts, count_parameters
 from shoal.plan.estimate import Estimate, Workload, saved_weight_bytes
-from shoal.plan.hardware import GIB, GPUS, GpuKind, gpu_kind
+from shoal.plan.hardware import GIB, GpuKind, gpu_kind
 from shoal.plan.layouts import Candidate, better_layouts, plan_layout
-
-ACCEPTS_OVERRIDES = True  # dotted recipe overrides, as the training commands take them
-STAGES = ("pretrain", "finetune")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    stages = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
-    for stage in STAGES:
-        sub = stages.add_parser(stage, help=f"plan a `shoal {stage}` command line (the same flags)")
-        importlib.import_module(f"shoal.train.{stage}").add_arguments(sub)
-        group = sub.add_argument_group("planning")
-        group.add_argument("--gpu", default="h100", help=f"GPU kind: {', '.join(GPUS)} (default h100)")
-        group.add_argument("--num_tokens", type=float,
-                           help="training tokens for the run (default: --max_steps, or one epoch of --dataset_path)")
-        group.add_argument("--json", action="store_true", help="print the plan as JSON")
+from shoal.plan.options import ACCEPTS_OVERRIDES, add_arguments  # noqa: F401 - flags without torch, re-exported
 
 
 @dataclass

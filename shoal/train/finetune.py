@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from shoal.config.flags import add_training_arguments
+from shoal.config.flags import add_finetune_arguments
 from shoal.config.recipe import Recipe
 from shoal.config.resolve import resolve_recipe
 from shoal.errors import ShoalError
@@ -23,9 +23,7 @@ ACCEPTS_OVERRIDES = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_training_arguments(parser)
-    parser.add_argument("--pretrain_experiment", help="experiment whose latest checkpoint to fine-tune when "
-                        "--nemo_model is unset (default: the newest pretraining experiment under --results_dir)")
+    add_finetune_arguments(parser)  # defined beside the other flags, in a module without torch (fast --help)
 
 
 def build_sft_data(recipe: Recipe, tokenizer_dir: Path | None, verbose: bool) -> Datasets:
