@@ -28,11 +28,11 @@ from torch import nn
 
 from shoal.models.config import ModelConfig
 
-# Grouped matmuls through `torch._grouped_mm` on CUDA in bf16 (Hopper and later). Off until the
-# GPU test (tests/gpu/test_moe_gpu.py) has shown it equal to the loop below on a real GPU; the
-# loop is exact everywhere and is what CPU always uses (torch's CPU `_grouped_mm` has no working
-# backward for empty groups in torch 2.13).
-GROUPED_MM_ON_CUDA = False
+# Grouped matmuls through `torch._grouped_mm` on CUDA in bf16 (Hopper and later): equal to the loop
+# below on an H200 (tests/gpu/test_moe_gpu.py) and 10x its speed on the 30B-A3B shape
+# (bench/RESULTS.md, Qwen3-MoE). The loop is exact everywhere and is what CPU always uses (torch's
+# CPU `_grouped_mm` has no working backward for empty groups in torch 2.13).
+GROUPED_MM_ON_CUDA = True
 
 
 @dataclass
