@@ -50,12 +50,13 @@ import gc
 import json
 import random
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import time_steps  # noqa: E402 - bench/common.py
 
 from shoal.config.parallel import ParallelConfig  # noqa: E402
 from shoal.config.recipe import TrainSection  # noqa: E402
@@ -99,25 +100,6 @@ def packed_batch(vocab: int, rows: int, seq: int, device: torch.device, seed: in
     batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": loss_mask,
              "position_ids": positions, "document_ids": documents}
     return {k: v.contiguous().to(device) for k, v in batch.items()}
-
-
-def time_steps(step, warmup: int, steps: int, device: torch.device) -> tuple[float, float]:
-    """Seconds per step (median) and peak allocated memory in GiB (0 on CPU)."""
-    cuda = device.type == "cuda"
-    for _ in range(warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2], (torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
 
 
 def micro_batch(args, case: str) -> int:
@@ -271,7 +253,7 @@ def print_table(all_results: dict) -> None:
                 continue
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
             ratio = f"{r['vs_best_peer']:.2f}x" if "vs_best_peer" in r else ""
-            print(f"{case:14s} {name:14s} {r['tokens_per_s']:9,.0f} {mfu:>6s} {r['memory_gib']:8.1f} {ratio:>12s}  "
+            print(f"{case:14s} {name:14s} {r['tokens_per_s']:9,.0f} {mfu:>6s} {r['memory_gib'] or 0.0:8.1f} {ratio:>12s}  "
                   f"{', '.join(r['dtypes'])}")
 
 

@@ -37,12 +37,13 @@ import dataclasses
 import gc
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import random_batch, time_steps  # noqa: E402 - bench/common.py
 
 from shoal.config.parallel import ParallelConfig  # noqa: E402
 from shoal.config.recipe import TrainSection  # noqa: E402
@@ -66,35 +67,6 @@ VARIANTS = {
     "shoal_compile": ("shoal", True, False),
     "shoal_grouped_compile": ("shoal", True, True),
 }
-
-
-def random_batch(vocab: int, mbs: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
-    tokens = torch.randint(0, vocab, (mbs, seq + 1), device=device)
-    return {
-        "tokens": tokens[:, :-1].contiguous(),
-        "labels": tokens[:, 1:].contiguous(),
-        "loss_mask": torch.ones(mbs, seq, device=device),
-        "position_ids": torch.arange(seq, device=device).expand(mbs, seq).contiguous(),
-    }
-
-
-def time_steps(step, warmup: int, steps: int, device: torch.device) -> tuple[float, float | None]:
-    """Seconds per step (the median) and peak GPU memory in GiB (None on CPU)."""
-    cuda = device.type == "cuda"
-    for _ in range(warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30 if cuda else None
 
 
 def autocast(device: torch.device):

@@ -27,6 +27,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import random_batch  # noqa: E402 - bench/common.py
+
 from shoal.config.parallel import ParallelConfig  # noqa: E402
 from shoal.config.recipe import TrainSection  # noqa: E402
 from shoal.distributed import build_mesh, init_distributed  # noqa: E402
@@ -34,18 +36,6 @@ from shoal.models import get_preset, to_hf_config  # noqa: E402
 from shoal.train.engine import build_engine  # noqa: E402
 from shoal.train.metrics import peak_flops  # noqa: E402
 from shoal.train.step import masked_cross_entropy_sum  # noqa: E402
-
-
-def random_batch(vocab: int, mbs: int, seq: int, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator(device=device).manual_seed(seed)
-    tokens = torch.randint(0, vocab, (mbs, seq + 1), device=device, generator=g)
-    return {
-        "tokens": tokens[:, :-1].contiguous(),
-        "labels": tokens[:, 1:].contiguous(),
-        "loss_mask": torch.ones(mbs, seq, device=device),
-        "position_ids": torch.arange(seq, device=device).expand(mbs, seq).contiguous(),
-        "document_ids": torch.zeros(mbs, seq, dtype=torch.long, device=device),
-    }
 
 
 def shoal_step(args, world: int, device: torch.device):

@@ -30,6 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import random_batch  # noqa: E402 - bench/common.py
+
 from shoal.config.parallel import ParallelConfig  # noqa: E402
 from shoal.config.recipe import TrainSection  # noqa: E402
 from shoal.distributed import build_mesh  # noqa: E402
@@ -38,17 +40,6 @@ from shoal.peft.config import LoraConfig  # noqa: E402
 from shoal.train.engine import build_engine  # noqa: E402
 from shoal.train.metrics import mfu_fields  # noqa: E402
 from shoal.train.step import masked_cross_entropy_sum  # noqa: E402
-
-
-def random_batch(vocab: int, mbs: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
-    tokens = torch.randint(0, vocab, (mbs, seq + 1), device=device)
-    return {
-        "tokens": tokens[:, :-1].contiguous(),
-        "labels": tokens[:, 1:].contiguous(),
-        "loss_mask": torch.ones(mbs, seq, device=device),
-        "position_ids": torch.arange(seq, device=device).expand(mbs, seq).contiguous(),
-        "document_ids": torch.zeros(mbs, seq, dtype=torch.long, device=device),
-    }
 
 
 def time_steps(step, warmup: int, steps: int) -> tuple[float, float]:
