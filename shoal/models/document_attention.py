@@ -55,7 +55,7 @@ def document_spans(document_ids: torch.Tensor) -> DocumentSpans:
 def varlen_available(hidden: torch.Tensor, head_dim: int) -> bool:
     """Whether flash varlen attention can run on activations like `hidden`."""
     return (hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16)
-            and head_dim <= _FLASH_MAX_HEAD_DIM and _VARLEN_API is not None)
+            and head_dim <= _FLASH_MAX_HEAD_DIM and _varlen_api() is not None)
 
 
 def document_attention_spec(document_ids: torch.Tensor, hidden: torch.Tensor,
@@ -68,7 +68,7 @@ def document_attention_spec(document_ids: torch.Tensor, hidden: torch.Tensor,
 
 def _load_varlen_api() -> tuple | None:
     """(varlen_attn, takes window_size, takes enable_gqa). torch 2.10 had `is_causal`, 2.11 has
-    `window_size`, 2.13 adds `enable_gqa`. Resolved once at import, outside compiled code."""
+    `window_size`, 2.13 adds `enable_gqa`."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -77,14 +77,25 @@ def _load_varlen_api() -> tuple | None:
     return varlen_attn, "window_size" in params, "enable_gqa" in params
 
 
-_VARLEN_API = _load_varlen_api()
+_NOT_LOADED = object()
+_VARLEN_API: tuple | None | object = _NOT_LOADED
+
+
+def _varlen_api() -> tuple | None:
+    """The varlen API, imported on first use: the import costs almost a second, which every command
+    that never trains on a GPU (conversion, --help, CPU runs) would otherwise pay. The first use is
+    outside compiled code (the model's forward asks `varlen_available` before its layers run)."""
+    global _VARLEN_API
+    if _VARLEN_API is _NOT_LOADED:
+        _VARLEN_API = _load_varlen_api()
+    return _VARLEN_API
 
 
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             spans: DocumentSpans) -> torch.Tensor:
     """q [B, H, S, D], k/v [B, K, S, D] -> [B, S, H, D], causal within each document."""
     b, h, s, d = q.shape
-    varlen_attn, takes_window, takes_gqa = _VARLEN_API
+    varlen_attn, takes_window, takes_gqa = _varlen_api()
     q, k, v = (t.transpose(1, 2).reshape(b * s, -1, d) for t in (q, k, v))  # [B*S, heads, D]
     kwargs = {"window_size": (-1, 0)} if takes_window else {"is_causal": True}
     if takes_gqa:
@@ -98,7 +109,7 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def varlen_ops_to_save() -> list:
     """The varlen forward op, for selective activation checkpointing to keep (none if unavailable)."""
-    if _VARLEN_API is None:
+    if _varlen_api() is None:
         return []
     op = getattr(getattr(torch.ops, "torch_attn", None), "_varlen_attn", None)
     return [op.default] if op is not None else []
