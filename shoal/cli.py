@@ -13,6 +13,7 @@ import argparse
 import difflib
 import importlib
 import importlib.util
+import logging
 import re
 import sys
 import textwrap
@@ -177,8 +178,18 @@ def _closest_flag(parser: argparse.ArgumentParser, words: list[str]) -> str | No
     return None
 
 
+def _quiet_third_party_import_notices() -> None:
+    """peft imports torchao when it is installed (shoal's fp8 and test extras), and torchao's import
+    logs a warning for every CUDA kernel library it cannot load on a CPU machine, then torch logs a
+    deprecation for each Enum torchao registers: a screenful before any command's own output, none
+    of it about the user's run. FP8 itself needs none of those libraries (shoal.distributed.float8)."""
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_third_party_import_notices()
     commands = _available()
     parser, subparsers = build_parser(commands)
     # The command is the first word that is not an option; only its module is imported.
