@@ -73,7 +73,18 @@ def checkpoint_names(experiment_dir: Path) -> list[str]:
 
 
 def read_dcp(folder: Path, scratch: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a DCP folder, read by torch's own converter (not shoal's loader)."""
+    """Every tensor of a one-process DCP folder, read without shoal's loader: torch's own converter
+    for `.distcp` data files (optimizer state, format-1 model folders), the `safetensors` library
+    for shoal's safetensors data files (a one-process save holds each tensor whole, by its name)."""
+    safetensors_files = sorted(folder.glob("*.safetensors"))
+    if safetensors_files:
+        from safetensors import safe_open
+
+        state = {}
+        for file in safetensors_files:
+            with safe_open(str(file), "pt") as f:
+                state.update({key: f.get_tensor(key) for key in f.keys()})
+        return state
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     scratch.parent.mkdir(parents=True, exist_ok=True)

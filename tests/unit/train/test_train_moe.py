@@ -148,8 +148,10 @@ def test_lora_finetune_adapts_attention_and_leaves_experts_untouched(train_asset
     tuned = read_dcp(final / "model", tmp_path / "tuned.pt")
     adapted = {k.split(".lora_")[0] for k in tuned if ".lora_" in k}
     assert adapted == {f"model.layers.{i}.self_attn.{p}" for i in range(3) for p in ATTENTION}
-    for name in start:
-        assert torch.equal(start[name], tuned[name]), f"{name} changed, but only adapters train"
+    # An adapter-only checkpoint: only what trains is saved (the experts and the rest of the base
+    # are the start checkpoint's, named by shoal.json), so nothing but adapters may be in it.
+    assert all(".lora_" in k for k in tuned), sorted(k for k in tuned if ".lora_" not in k)
+    assert not set(tuned) & set(start)
 
     assert shoal("export", "--source", tmp_path / "res" / "ft", "--output_path", tmp_path / "merged") == 0
     assert shoal("export", "--source", final, "--output_path", tmp_path / "adapter", "--adapter_only") == 0
