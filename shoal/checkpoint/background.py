@@ -47,6 +47,8 @@ class BackgroundTask(Generic[T]):
         self._result: T | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(work,), name=name, daemon=True)
+
+    def start(self) -> None:
         self._thread.start()
 
     def _run(self, work: Callable[[threading.Event], T]) -> None:
@@ -56,11 +58,13 @@ class BackgroundTask(Generic[T]):
             self._error = err
 
     def done(self) -> bool:
-        return not self._thread.is_alive()
+        return not self._thread.is_alive()  # also when it never started
 
     def wait(self) -> None:
         """Wait for the work to end (a Ctrl-C of the main thread interrupts the wait, not the work)."""
-        self._thread.join()
+        if self._thread.ident is not None:  # a thread never started has nothing to wait for
+            self._thread.join()
+
 
     def result(self) -> T | None:
         """Wait for the work to end; returns its result or raises its exception."""

@@ -249,6 +249,7 @@ class TrainingCheckpoints:
         self._group = background_group() if background else None
         self._pending: BackgroundTask[Path | None] | None = None
         self._pending_name = ""
+        self._pending_tmp: Path | None = None
         self.last: Path | None = None
 
     def save(self, parts: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer] | None,
@@ -268,10 +269,12 @@ class TrainingCheckpoints:
             if _rank() == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self._pending_name = final.name
+        self._pending_name, self._pending_tmp = final.name, tmp
+        # Tracked before its thread starts: a Ctrl-C landing in `start` must find it to drop it.
         self._pending = BackgroundTask(
             lambda aborted: self._write_and_publish(final, tmp, staged, trainer_state, progress, aborted),
             name=f"shoal-checkpoint-{final.name}")
+        self._pending.start()
 
     def _write_and_publish(self, final: Path, tmp: Path, staged: dict[str, dict[str, Any]],
                            trainer_state: dict[str, Any], progress: Progress,
@@ -331,9 +334,10 @@ class TrainingCheckpoints:
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        if pending.done():  # it ended before the interrupt: a complete checkpoint is kept
+        if pending.done():  # it ended before the interrupt (a complete checkpoint is kept), or never started
             with contextlib.suppress(Exception):
                 self._saved(pending.result())
+            self._drop_unpublished()
             return
         pending.aborted.set()
         if _rank() == 0:
@@ -341,6 +345,13 @@ class TrainingCheckpoints:
                   "waiting for its writer to stop, then dropping it (Ctrl-C again to leave at once)",
                   file=sys.stderr, flush=True)
         pending.wait()  # what it raised is dropped with it: the interrupt is what is reported
+        self._drop_unpublished()
+
+    def _drop_unpublished(self) -> None:
+        """The interrupted save's temporary folder, if its writer did not get to remove it (it was
+        interrupted before its thread ran)."""
+        if _rank() == 0 and self._pending_tmp is not None and self._pending_tmp.exists():
+            shutil.rmtree(self._pending_tmp, ignore_errors=True)
 
     def settle(self) -> None:
         """After another error: the save in flight is finished and kept (its state is from before the
