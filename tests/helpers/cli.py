@@ -34,3 +34,22 @@ def run_shoal_process(args: list[str], cwd: Path, timeout: float = 300) -> subpr
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"shoal {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     return proc
+
+
+def shoal_stalling_at(step: int) -> str:
+    """A `python -c` script running shoal that stalls (to be killed) once the step-`step`
+    checkpoint's weights are on disk under their temporary name, marked by `model.stalled` beside
+    them: a kill in the middle of a checkpoint write, at a moment a test can see."""
+    return f"""
+import sys, time
+import shoal.checkpoint.training as training
+real_save = training.save_model_state
+def save_then_stall(state, model_dir, *args, **kwargs):
+    real_save(state, model_dir, *args, **kwargs)
+    if "step={step:06d}" in str(model_dir):
+        open(str(model_dir) + ".stalled", "w").close()
+        time.sleep(600)
+training.save_model_state = save_then_stall
+from shoal.cli import main
+sys.exit(main(sys.argv[1:]))
+"""

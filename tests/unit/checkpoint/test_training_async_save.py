@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import shoal.checkpoint.training as training
-from tests.helpers.cli import run_shoal_process, shoal, subprocess_env
+from tests.helpers.cli import run_shoal_process, shoal, shoal_stalling_at, subprocess_env
 from tests.helpers.training import TrainAssets, checkpoint_names, read_dcp, train_args, train_records, val_records
 
 ASYNC = "--checkpoint.async_save=true"
@@ -242,21 +242,8 @@ def test_ctrl_c_during_a_background_save(train_assets: TrainAssets, tmp_path: Pa
     assert "(step 2)" in capsys.readouterr().err
 
 
-# Runs shoal, but stalls the background write of the step-4 checkpoint once its weights are on
-# disk under the temporary name, so that the test can kill the process while the loop trains on.
-STALLING_SHOAL = """
-import sys, time
-import shoal.checkpoint.training as training
-real_save = training.save_model_state
-def save_then_stall(state, model_dir, *args, **kwargs):
-    real_save(state, model_dir, *args, **kwargs)
-    if "step=000004" in str(model_dir):
-        open(str(model_dir) + ".stalled", "w").close()
-        time.sleep(600)
-training.save_model_state = save_then_stall
-from shoal.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+# Stalls the background write of the step-4 checkpoint, so the test can kill the process while the loop trains on.
+STALLING_SHOAL = shoal_stalling_at(4)
 
 
 def test_sigkill_during_a_background_save_resumes_on_the_same_curve(train_assets: TrainAssets, tmp_path: Path):

@@ -18,24 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.cli import run_shoal_process, subprocess_env
+from tests.helpers.cli import run_shoal_process, shoal_stalling_at, subprocess_env
 from tests.helpers.training import TrainAssets, read_dcp, read_metrics, train_args, train_records, val_records
 
-# Runs shoal, but stalls (to be killed) once the step-6 checkpoint's weights are on disk under
-# their temporary name: a kill in the middle of a checkpoint write, at a moment the test can see.
-STALLING_SHOAL = """
-import sys, time
-import shoal.checkpoint.training as training
-real_save = training.save_model_state
-def save_then_stall(state, model_dir, *args, **kwargs):
-    real_save(state, model_dir, *args, **kwargs)
-    if "step=000006" in str(model_dir):
-        open(str(model_dir) + ".stalled", "w").close()
-        time.sleep(600)
-training.save_model_state = save_then_stall
-from shoal.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+# Killed in the middle of the step-6 checkpoint's write.
+STALLING_SHOAL = shoal_stalling_at(6)
 
 
 def kill_mid_checkpoint(args: list[str], cwd: Path, checkpoints: Path, timeout: float = 300) -> None:
