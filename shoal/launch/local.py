@@ -186,12 +186,14 @@ def run_local(cfg: LaunchConfig, module: str, args: list[str], secret_env: dict[
         return _report_failure(proc.returncode, Path(status_dir), log_dir, torchrun_offset)
 
 
-def _signal_death(torchrun_log: Path, offset: int) -> tuple[int, int, int] | None:
+def _signal_death(torchrun_log: Path, offset: int, reported: frozenset[int] = frozenset()) -> tuple[int, int, int] | None:
     """(rank, signal, pid) of a rank that torchrun saw die of a signal in this run, or None.
 
     torchrun's summary lists the failures it observed, the first observed as the root cause. Two
     ranks seen in the same poll can tie, so the root cause may be a survivor's echo: then another
     entry killed by a signal (not SIGTERM or SIGINT, which are how ranks are stopped) is the death.
+    A rank in `reported` wrote its own error first: a signal it died of afterwards (gloo's teardown
+    can abort a rank whose peer vanished) is not the death either.
     """
     try:
         with open(torchrun_log, "rb") as f:
@@ -208,7 +210,7 @@ def _signal_death(torchrun_log: Path, offset: int) -> tuple[int, int, int] | Non
               for m in _TORCHRUN_FAILURE.finditer(summary[summary.rfind("Failures:"):])]
     stops = (-signal.SIGTERM, -signal.SIGINT)
     for rank, code, pid in entries[:1] + [e for e in others if e[1] not in stops]:
-        if code < 0:
+        if code < 0 and rank not in reported:
             return rank, -code, pid
     return None
 
@@ -238,8 +240,8 @@ def _report_signal_death(rank: int, signum: int, pid: int, failures: list[dict],
 
 def _report_failure(torchrun_status: int, status_dir: Path, log_dir: Path, torchrun_offset: int = 0) -> int:
     failures = _failures(status_dir)
-    killed = _signal_death(log_dir / "torchrun.log", torchrun_offset)
-    if killed is not None and not any(f["rank"] == killed[0] for f in failures):
+    killed = _signal_death(log_dir / "torchrun.log", torchrun_offset, frozenset(f["rank"] for f in failures))
+    if killed is not None:
         return _report_signal_death(*killed, failures, log_dir)
     if not failures:
         # No rank reported: one was killed (out of memory?) or torchrun itself failed.

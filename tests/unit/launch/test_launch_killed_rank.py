@@ -80,3 +80,21 @@ def test_the_signal_death_is_found_even_when_an_echo_is_torchruns_root_cause(tmp
     assert _signal_death(log, 0) is None
     # Only this run's part of the log counts.
     assert _signal_death(log, log.stat().st_size) is None
+
+
+def test_a_survivor_that_aborts_after_reporting_its_error_does_not_hide_the_killed_rank(tmp_path, capsys):
+    """Seen in CI: rank 0 reported its gloo error, then died of SIGABRT in gloo's teardown."""
+    import json
+
+    from shoal.launch.local import _report_failure
+
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    torchrun_summary(log_dir, {0: (-6, 100), 1: (-9, 100)}, root=0)
+    status_dir = tmp_path / "status"
+    status_dir.mkdir()
+    (status_dir / "rank0.json").write_text(json.dumps({"rank": 0, "exit_code": 1, "time": 100.5, "host": "vm"}))
+    assert _report_failure(1, status_dir, log_dir) == 128 + 9
+    err = capsys.readouterr().err
+    assert "rank 1 was killed by signal 9 (SIGKILL) (pid 1001)" in err, err
+    assert "Rank 0 failed after it" in err, err
