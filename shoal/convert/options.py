@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from shoal.checkpoint.atomic import check_output_dir, normalize_output, refuse_overlap
+from shoal.config.source import add_base_checkpoint_argument
 from shoal.errors import ShoalError
 
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000  # Hugging Face's default, decimal bytes
@@ -91,9 +92,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base_model", "--base-model", default=None, metavar="ID|DIR",
                         help="with --adapter_only: the base_model_name_or_path to record (default: the "
                              "checkpoint's --hf_model_id or import source)")
-    parser.add_argument("--base_checkpoint", "--base-checkpoint", default=None, metavar="CKPT",
-                        help="where the base checkpoint of an adapter-only (LoRA/DoRA training) checkpoint "
-                             "now is, if it moved since training (it must be the same, unchanged)")
+    add_base_checkpoint_argument(parser)
 
 
 def check_output(output: str | os.PathLike, overwrite: bool, sources: tuple[Path, ...] = ()) -> Path:

@@ -24,6 +24,7 @@ import json
 import sys
 from pathlib import Path
 
+from shoal.config.source import add_source_arguments
 from shoal.errors import ShoalError
 
 
@@ -34,13 +35,7 @@ def _bool(text: str) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", "--path", dest="source", required=True,
-                        help="shoal checkpoint, experiment (its latest checkpoint) or Hugging Face model folder")
-    parser.add_argument("--checkpoint", default="latest", choices=["latest", "best"],
-                        help="for an experiment: its latest checkpoint (default) or the best by validation loss")
-    parser.add_argument("--base_checkpoint", "--base-checkpoint", default=None, metavar="CKPT",
-                        help="where the base checkpoint of an adapter-only (LoRA/DoRA training) checkpoint "
-                             "now is, if it moved since training (it must be the same, unchanged)")
+    add_source_arguments(parser)
     parser.add_argument("--dataset_path", "--dataset-path", dest="dataset_path", nargs="+", default=None,
                         help="loss mode: .bin/.idx folder or prefix(es), or a fine-tuning folder of JSONL splits")
     parser.add_argument("--tasks", default=None, help="lm-eval mode: comma-separated task, group or tag names")

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from shoal.config.source import add_source_arguments
 from shoal.errors import ShoalError
 from shoal.generate.prompts import Prompt, chat_messages, encode_prompt, read_prompt_file
 
@@ -28,13 +29,7 @@ DEFAULT_MAX_NEW_TOKENS = 256
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags `generate` and `chat` share: what to load, where, and how to pick tokens."""
-    parser.add_argument("--source", "--path", dest="source", required=True,
-                        help="shoal checkpoint, experiment (its latest checkpoint) or Hugging Face model folder")
-    parser.add_argument("--checkpoint", default="latest", choices=["latest", "best"],
-                        help="for an experiment: its latest checkpoint (default) or the best by validation loss")
-    parser.add_argument("--base_checkpoint", "--base-checkpoint", default=None, metavar="CKPT",
-                        help="where the base checkpoint of an adapter-only (LoRA/DoRA training) checkpoint "
-                             "now is, if it moved since training (it must be the same, unchanged)")
+    add_source_arguments(parser)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", default=None, help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
     parser.add_argument("--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int,
