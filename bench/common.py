@@ -42,3 +42,27 @@ def time_steps(step, warmup: int, steps: int, device: torch.device) -> tuple[flo
         times.append(time.perf_counter() - start)
     times.sort()
     return times[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+
+
+def measure_variant(run, tokens_per_step: int, flops_per_token: float, device: torch.device,
+                    rate_key: str = "tokens_per_s") -> dict:
+    """`run()`'s result dict with the rate (`rate_key`) and MFU added; a variant that runs out of
+    memory or fails is recorded as an error, not raised: one broken variant must not cost the rest
+    of a GPU session. Frees what it left on the GPU before the next variant."""
+    import gc
+
+    from shoal.train.metrics import mfu_fields
+
+    try:
+        result = run()
+    except torch.OutOfMemoryError:
+        result = {"error": "out of memory"}
+    except Exception as err:
+        result = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if "seconds_per_step" in result:
+        result[rate_key] = tokens_per_step / result["seconds_per_step"]
+        result.update(mfu_fields(result[rate_key], flops_per_token, device, fp8=False))
+    return result

@@ -46,7 +46,7 @@ out (under 1% at rank 32). Each row's ratio is against the best peer row of its 
 from __future__ import annotations
 
 import argparse
-import gc
+import functools
 import json
 import random
 import sys
@@ -56,7 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import time_steps  # noqa: E402 - bench/common.py
+from common import measure_variant, time_steps  # noqa: E402 - bench/common.py
 
 from shoal.config.parallel import ParallelConfig  # noqa: E402
 from shoal.config.recipe import TrainSection  # noqa: E402
@@ -64,7 +64,6 @@ from shoal.distributed import build_mesh  # noqa: E402
 from shoal.models import get_preset, to_hf_config  # noqa: E402
 from shoal.peft.config import LoraConfig  # noqa: E402
 from shoal.train.engine import build_engine  # noqa: E402
-from shoal.train.metrics import mfu_fields  # noqa: E402
 
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR = (*QKVO, "gate_proj", "up_proj", "down_proj")
@@ -222,18 +221,7 @@ def run_case(args, case: str, device: torch.device, variants: list[str]) -> dict
     for name in variants:
         fn, compile_ = RUNNERS[name]
         torch.manual_seed(0)
-        try:
-            r = fn(args, case, compile_, device)
-        except torch.OutOfMemoryError:
-            r = {"error": "out of memory"}
-        except Exception as err:  # one broken variant must not cost the rest of a GPU session
-            r = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        if "seconds_per_step" in r:
-            r["tokens_per_s"] = tokens_per_step / r["seconds_per_step"]
-            r.update(mfu_fields(r["tokens_per_s"], flops_per_token, device, fp8=False))
+        r = measure_variant(functools.partial(fn, args, case, compile_, device), tokens_per_step, flops_per_token, device)
         results[name] = r
         print(f"{case} {name}: {r}", flush=True)
     peers = [r["tokens_per_s"] for n, r in results.items() if n.startswith("hf") and "tokens_per_s" in r]

@@ -34,7 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import gc
+import functools
 import json
 import sys
 from pathlib import Path
@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import random_batch, time_steps  # noqa: E402 - bench/common.py
+from common import measure_variant, random_batch, time_steps  # noqa: E402 - bench/common.py
 
 from shoal.config.parallel import ParallelConfig  # noqa: E402
 from shoal.config.recipe import TrainSection  # noqa: E402
@@ -52,7 +52,6 @@ from shoal.models import get_preset, to_hf_config  # noqa: E402
 from shoal.models import moe as moe_module  # noqa: E402
 from shoal.peft.config import LoraConfig  # noqa: E402
 from shoal.train.engine import build_engine  # noqa: E402
-from shoal.train.metrics import mfu_fields  # noqa: E402
 from shoal.train.step import masked_cross_entropy_sum  # noqa: E402
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -181,21 +180,9 @@ def main() -> int:
     for name in args.variants.split(","):
         side, compile_, experts = VARIANTS[name]
         torch.manual_seed(0)
-        try:
-            if side == "hf":
-                r = bench_hf(args, cfg, compile_, experts, device)
-            else:
-                r = bench_shoal(args, cfg, compile_, experts, device)
-        except torch.OutOfMemoryError:
-            r = {"error": "out of memory"}
-        except Exception as error:  # a peer setting that fails (a compile error, say) is reported, not fatal
-            r = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        if "seconds_per_step" in r:
-            r["tokens_per_s_per_gpu"] = tokens_per_step / r["seconds_per_step"]
-            r.update(mfu_fields(r["tokens_per_s_per_gpu"], flops_per_token, device, fp8=False))
+        runner = bench_hf if side == "hf" else bench_shoal
+        r = measure_variant(functools.partial(runner, args, cfg, compile_, experts, device), tokens_per_step, flops_per_token,
+                            device, rate_key="tokens_per_s_per_gpu")
         results[name] = r
         print(f"{name}: {r}", flush=True)
     peers = [r["tokens_per_s_per_gpu"] for n, r in results.items() if n.startswith("hf") and "tokens_per_s_per_gpu" in r]
