@@ -216,6 +216,7 @@ def apply_lora(
     if any(True for _ in lora_modules(model)):
         raise ShoalError("the model already carries LoRA adapters; merge_lora() it before applying new ones")
     targets = set(cfg.target_modules)
+    _refuse_expert_targets(model, targets)
     chosen = [
         (name, module)
         for name, module in model.named_modules()
@@ -231,6 +232,20 @@ def apply_lora(
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter_key(name))
     return model
+
+
+def _refuse_expert_targets(model: nn.Module, targets: set[str]) -> None:
+    """A mixture-of-experts layer holds its experts' gate/up/down projections as grouped weights,
+    not linear layers: targets naming them would adapt only the attention (and any dense MLP
+    layer) and say nothing, so they are refused until adapters on the experts exist."""
+    from shoal.models.moe import GroupedExperts
+
+    mlp = sorted(targets & {"gate_proj", "up_proj", "down_proj"}, key=ALL_LINEAR.index)
+    if mlp and any(isinstance(m, GroupedExperts) for m in model.modules()):
+        raise ShoalError(
+            f"target_modules {', '.join(mlp)}: LoRA/DoRA on the routed experts of a mixture-of-experts model is "
+            f"not supported yet (they are grouped weights, not linear layers); target the attention "
+            f"projections: q_proj, k_proj, v_proj, o_proj (NeMo's linear_qkv, linear_proj)")
 
 
 def _linear_leaf_names(model: nn.Module) -> set[str]:

@@ -135,6 +135,17 @@ def test_pretrain_matches_transformers_adamw_with_the_aux_loss(train_assets, moe
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
+def test_lora_on_the_experts_is_refused_before_training(train_assets, moe_checkpoint, tmp_path, capsys):
+    """LoRA targets naming the MLP projections (here NeMo's default, every linear layer) would skip the
+    routed experts without a word: the run stops with a message, no checkpoint written."""
+    _, ckpt = moe_checkpoint
+    args = moe_args(train_assets, ckpt, "finetune", tmp_path / "res", "ft", "--max_steps", 2, "--peft", "lora",
+                    "--peft.target_modules=all-linear")
+    assert shoal(*args) == 2
+    assert "LoRA/DoRA on the routed experts of a mixture-of-experts model is not supported" in capsys.readouterr().err
+    assert not list((tmp_path / "res").glob("ft/checkpoints/step=*"))
+
+
 def test_lora_finetune_adapts_attention_and_leaves_experts_untouched(train_assets, moe_checkpoint, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
