@@ -50,6 +50,7 @@ _SELECTIVE_SAVE_OPS = [
     aten.addmm.default,
     aten.bmm.default,
     aten._scaled_mm.default,  # FP8 matmuls (torchao, --fp8)
+    aten._grouped_mm.default,  # the experts of a mixture-of-experts layer (GPU)
     aten._scaled_dot_product_flash_attention.default,
     aten._scaled_dot_product_efficient_attention.default,
     aten._scaled_dot_product_cudnn_attention.default,

@@ -22,6 +22,7 @@ class ParamCounts:
     lm_head: int  # the output layer; 0 when tied to the embedding
     adapter_targets_per_layer: int  # LoRA/DoRA-adapted linear layers in one decoder layer
     adapter_in_features_per_layer: int  # Σ in_features over those layers (dropout copies of their input)
+    experts: int = 0  # the routed experts' grouped weights, all layers (mixture of experts; never adapted)
 
     @property
     def frozen(self) -> int:
@@ -33,6 +34,7 @@ def count_parameters(cfg: ModelConfig, peft_method: str = "none", rank: int = 16
     import torch
 
     from shoal.models.model import Transformer
+    from shoal.models.moe import GroupedExperts
 
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -44,9 +46,11 @@ def count_parameters(cfg: ModelConfig, peft_method: str = "none", rank: int = 16
     unique = {id(p): p for p in model.parameters()}.values()  # a tied weight once
     total = sum(p.numel() for p in unique)
     trainable = sum(p.numel() for p in unique if p.requires_grad)
-    layer = next(iter(model.model.layers.values()))
+    # The largest layer is FSDP's unit (an MoE model's dense `mlp_only_layers` are smaller).
+    layer = max(model.model.layers.values(), key=lambda m: sum(p.numel() for p in m.parameters()))
     layer_params = list(layer.parameters())
     targets = [m for m in layer.modules() if hasattr(m, "lora_A")]
+    experts = sum(p.numel() for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters())
     tied = cfg.tie_word_embeddings
     return ParamCounts(
         total=total,
@@ -57,4 +61,5 @@ def count_parameters(cfg: ModelConfig, peft_method: str = "none", rank: int = 16
         lm_head=0 if tied else model.lm_head.weight.numel(),
         adapter_targets_per_layer=len(targets),
         adapter_in_features_per_layer=sum(m.in_features for m in targets),
+        experts=experts,
     )

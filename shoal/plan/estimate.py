@@ -16,7 +16,10 @@ Throughput is never derived from first principles: it is the MFU that shoal's be
 on the nearest benchmarked configuration (`shoal.plan.measured`), adjusted only for the number of
 FSDP shards, the tensor-parallel size, the checkpointing mode and the pipeline bubble, and every
 estimate names its reference.
-FP8 and mixture-of-experts models are not modelled: `check_modelled` refuses them.
+Mixture-of-experts layers (`moe_elements_per_token`) assume balanced routing (every expert gets
+T·K/X rows); their experts are not split by tensor parallelism (each tensor-parallel rank runs the
+whole sequence through them) and are sharded over the same ranks as FSDP (expert parallelism
+carves its axis out of those). FP8 is not modelled: `check_modelled` refuses it.
 """
 
 from __future__ import annotations
@@ -151,11 +154,9 @@ class SpeedEstimate:
 
 
 def check_modelled(cfg: ModelConfig, precision: str) -> None:
-    """The hook where FP8 and mixture-of-experts would plug in; until they exist, refuse them."""
+    """The hook where FP8 would plug in; until it is modelled, refuse it."""
     if precision not in ("bf16", "fp32"):
         raise ShoalError(f"precision {precision!r} is not modelled by shoal plan (bf16 and fp32 are; FP8 is not)")
-    if getattr(cfg, "num_experts", 0):
-        raise ShoalError("mixture-of-experts models are not modelled by shoal plan (shoal trains dense models only)")
 
 
 # -- memory ----------------------------------------------------------------------------------------
@@ -172,7 +173,12 @@ def _per_rank_params(cfg: ModelConfig, counts: ParamCounts, layout: Layout) -> t
         trainable = layers * counts.layer_trainable + (ends if counts.trainable == counts.total else 0)
     else:
         total, trainable = counts.total, counts.trainable
-    return total / layout.tp, trainable / layout.tp, counts.layer / layout.tp
+    # Routed experts are replicated over tensor-parallel ranks (shoal.models.parallel_plan); they
+    # are frozen under LoRA/DoRA, so `trainable` has none of them.
+    split = (total - counts.experts) / layout.tp + counts.experts
+    layer_experts = counts.experts / max(1, sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers)))
+    layer = (counts.layer - layer_experts) / layout.tp + layer_experts if counts.experts else counts.layer / layout.tp
+    return split, trainable / layout.tp, layer
 
 
 def resolve_gradient_sync(layout: Layout, trainable_per_rank: float, micro_batches: int, gpu: GpuKind) -> bool:
@@ -185,7 +191,8 @@ def resolve_gradient_sync(layout: Layout, trainable_per_rank: float, micro_batch
     return trainable_per_rank * 4 <= gpu.memory_bytes / 8
 
 
-def activation_elements_per_token(cfg: ModelConfig, layout: Layout, mode: str, compiled: bool = True) -> tuple[float, float]:
+def activation_elements_per_token(cfg: ModelConfig, layout: Layout, mode: str, compiled: bool = True,
+                                   moe_layer: bool = False, frozen_experts: bool = False) -> tuple[float, float]:
     """(elements kept per token by one decoder layer, of which residual-stream elements).
 
     none: the layer input and the post-attention residual (norm backward), both normed inputs
@@ -195,32 +202,67 @@ def activation_elements_per_token(cfg: ModelConfig, layout: Layout, mode: str, c
     selective: the matmul and attention outputs plus the layer input; norms, RoPE, SiLU and the
     product are recomputed: 3h + 2q + 2kv + 2I. full: the layer input alone, h.
     Without compile, "none" also keeps what eager autograd saves between the fused ops: each norm's
-    normalised input and scaled output (4h), RoPE's rotated halves (q + kv) and SiLU's output (I).
-    Tensor parallelism splits q, kv and I by heads/columns; the h terms only with sequence parallelism."""
+    normalised input and scaled output (4h), RoPE's rotated halves (q + kv), SiLU's output (I) and,
+    with `qk_norm` (Qwen3), the normalised queries and keys (q + kv).
+    Tensor parallelism splits q, kv and I by heads/columns; the h terms only with sequence parallelism.
+    A mixture-of-experts layer (`moe_layer`) has `moe_elements_per_token` in place of the 3I / 2I."""
     h, q, kv, inter = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
     h_share = h / layout.tp if layout.sequence_parallel else h
     q, kv, inter = q / layout.tp, kv / layout.tp, inter / layout.tp
+    if mode not in ("none", "selective", "full"):
+        raise ShoalError(f"parallel.activation_checkpointing {mode!r}: expected none, full or selective")
+    mlp = moe_elements_per_token(cfg, mode, compiled, frozen_experts) if moe_layer else None
     if mode == "none":
-        eager = 0 if compiled else 4 * h_share + q + kv + inter
-        return 4 * h_share + 2 * q + 2 * kv + 3 * inter + eager, 2 * h_share
+        eager = 0 if compiled else 4 * h_share + q + kv + (q + kv if cfg.qk_norm else 0)
+        dense_mlp = 3 * inter + (0 if compiled else inter)
+        return 4 * h_share + 2 * q + 2 * kv + eager + (dense_mlp if mlp is None else mlp), 2 * h_share
     if mode == "selective":
-        return 3 * h_share + 2 * q + 2 * kv + 2 * inter, h_share
-    if mode == "full":
-        return h_share, h_share
-    raise ShoalError(f"parallel.activation_checkpointing {mode!r}: expected none, full or selective")
+        return 3 * h_share + 2 * q + 2 * kv + (2 * inter if mlp is None else mlp), h_share
+    return h_share, h_share
+
+
+def moe_elements_per_token(cfg: ModelConfig, mode: str, compiled: bool = True, frozen_experts: bool = False) -> float:
+    """Elements one token's routing keeps in a mixture-of-experts block (shoal.models.moe), with K
+    routed slots of width E (hidden) and I (expert SwiGLU) each and X experts; the router's fp32
+    probabilities count as two elements each (its softmax output, kept for backward).
+
+    none: the sorted rows (the grouped gate/up weight gradients), the gate and up outputs, their
+    product (down's weight gradient) and the weighted expert output (the routing weights'
+    gradient): K(2E + 3I), plus SiLU's output without compile (K·I). Frozen experts (LoRA/DoRA)
+    need no weight gradient, so neither the sorted rows nor the product are kept: K(E + 2I).
+    selective: the grouped matmuls' outputs and the router logits, K(2I + E) + X. full: nothing
+    beyond the layer input. Not split by tensor parallelism: every tensor-parallel rank routes the
+    whole sequence. Balanced routing assumed; the int64 routing indices (16K bytes) are left out."""
+    k, e, i, x = cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+    if mode == "none":
+        kept = k * (e + 2 * i) if frozen_experts else k * (2 * e + 3 * i)
+        return kept + (0 if compiled else k * i) + 2 * x
+    if mode == "selective":
+        return k * (2 * i + e) + x
+    return 0.0
+
+
+def _layer_elements(cfg: ModelConfig, layout: Layout, mode: str, work: Workload) -> list[float]:
+    """`activation_elements_per_token` of each of this rank's layers (dense and MoE layers differ)."""
+    frozen = work.peft != "none"  # adapters never go on the experts (shoal.peft.lora refuses it)
+    layers = range(cfg.num_layers // layout.pp)
+    return [activation_elements_per_token(cfg, layout, mode, work.compile, cfg.is_moe_layer(i), frozen)[0]
+            for i in layers]
 
 
 def saved_activation_bytes(cfg: ModelConfig, counts: ParamCounts, layout: Layout, work: Workload) -> float:
     """What autograd keeps for backward from one micro-batch's forward through this rank's layers."""
     bf16 = work.precision == "bf16"
     tokens = work.micro_batch_size * work.seq_length / layout.cp
-    per_token, residual = activation_elements_per_token(cfg, layout, layout.activation_checkpointing, work.compile)
-    per_token += counts.adapter_targets_per_layer * work.peft_rank / layout.tp  # x·A of each adapter
+    mode = layout.activation_checkpointing
+    _, residual = activation_elements_per_token(cfg, layout, mode, work.compile)
+    adapters = counts.adapter_targets_per_layer * work.peft_rank / layout.tp  # x·A of each adapter
     element = 2 if bf16 else 4
     # Without FSDP, autocast leaves the residual stream (embedding output, layer inputs) in fp32.
     residual_extra = 2 * residual if bf16 and not layout.fsdp else 0
     rope_tables = 2 * tokens * cfg.head_dim * 4  # cos and sin (fp32), shared by every layer
-    return tokens * (cfg.num_layers // layout.pp) * (per_token * element + residual_extra) + rope_tables
+    per_layer = _layer_elements(cfg, layout, mode, work)
+    return tokens * sum((n + adapters) * element + residual_extra for n in per_layer) + rope_tables
 
 
 def estimate_memory(cfg: ModelConfig, counts: ParamCounts, layout: Layout, work: Workload, gpu: GpuKind) -> MemoryEstimate:
@@ -270,7 +312,7 @@ def estimate_memory(cfg: ModelConfig, counts: ParamCounts, layout: Layout, work:
     activations = in_flight * saved_activation_bytes(cfg, counts, layout, work)
     recompute = 0.0
     if mode == "full":  # one layer's activations exist again while it is recomputed in backward
-        recompute = tokens * activation_elements_per_token(cfg, layout, "none")[0] * element
+        recompute = tokens * max(_layer_elements(cfg, layout, "none", work)) * element
     if work.peft == "dora":
         notes.append("DoRA: its weight-norm temporaries (one adapted weight per layer) are not modelled")
 
@@ -358,6 +400,10 @@ def estimate_speed(cfg: ModelConfig, layout: Layout, work: Workload, gpu: GpuKin
     mfu *= _checkpoint_factor(layout.activation_checkpointing) / _checkpoint_factor(ref.activation_checkpointing)
     mfu *= _tp_factor(layout.tp) / _tp_factor(ref.tp)
     notes = [f"MFU {100 * ref.mfu:.1f}% measured by shoal's benchmarks for {ref.name} ({ref.source})"]
+    if cfg.is_moe:
+        notes.append("mixture of experts: the MFU is a dense model's; no MoE run is in the planner's table, and "
+                     "bench/moe.py measured far less on one H200 (18% for the 30B-A3B shape with LoRA and "
+                     "full checkpointing): read this speed as an upper bound")
     if layout.pp > 1:
         micro_batches = work.global_batch_size // (work.micro_batch_size * layout.dp)
         bubble = micro_batches / (micro_batches + (layout.pp - 1) / layout.stages_per_rank)

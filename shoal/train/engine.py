@@ -257,7 +257,7 @@ def resolve_auto_checkpointing(cfg: ModelConfig, train: TrainSection, parallel: 
         choice = choose_activation_checkpointing(cfg, counts, layout_for(parallel, dims.world_size), work,
                                                  _free_memory(device, dist))
         mode, reason = choice.mode, choice.reason
-    except ShoalError as err:  # a model the planner does not model (mixture of experts): the safe choice
+    except ShoalError as err:  # a model the planner does not model: the safe choice
         mode, reason = "full", f"activation_checkpointing auto -> full: {err}"
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         print(f"shoal: {reason}", file=sys.stderr)

@@ -144,3 +144,21 @@ def test_the_model_comes_from_the_starting_checkpoint(tmp_path):
     assert rc == 0 and result["model_source"] == f"checkpoint {tmp_path / 'ckpt'}"
     expected = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(hf).parameters())
     assert result["parameters"] == expected
+
+
+def test_the_seeds_mixture_of_experts_model_is_planned():
+    """Qwen3-30B-A3B with LoRA on one H200: the planner used to refuse every MoE model. The weights
+    are the model's own count (transformers' Qwen3MoeConfig count is checked in tests/unit/models),
+    the base frozen in bf16 with the fp32 adapters; the speed is flagged as a dense model's."""
+    from shoal.models import get_preset
+
+    rc, text, err = plan("finetune", "--model", "qwen3_30b_a3b", "--peft", "lora", "--num_gpus", "1",
+                         "--gpu", "h200", "--seq_length", "2048", "--micro_batch_size", "1")
+    assert rc == 0, text + err
+    total = get_preset("qwen3_30b_a3b").num_params
+    adapters = 48 * 32 * (2 * (2048 + 4096) + 2 * (2048 + 512))  # rank 32 on q, o (2048 <-> 4096) and k, v (-> 512)
+    params_line = next(line for line in text.splitlines() if line.strip().startswith("parameters"))
+    planned_gib = float(params_line.split()[-2])
+    assert planned_gib == pytest.approx((2 * total + 4 * adapters) / 2**30, abs=0.06), params_line
+    assert "mixture of experts: the MFU is a dense model's" in text
+    assert "fits" in text
