@@ -191,10 +191,10 @@ def _metrics_logger(recipe: Recipe, exp: Path, runtime: Runtime, max_steps: int,
 
 @dataclass
 class StepBatch:
-    """`count` micro-batches on the device, with what the host counted before copying them."""
+    """A step's micro-batches on the device, with their loss tokens counted on the host before the copy."""
 
     micro_batches: list[dict[str, torch.Tensor]]
-    loss_tokens: float  # Σ loss_mask over these micro-batches (this rank's, context-parallel ranks each count it)
+    loss_tokens: float  # Σ loss_mask over the whole micro-batches (each context-parallel rank counts the same)
 
 
 def micro_batches(loader_iter: Iterator, count: int, device: torch.device, document_spans: bool = False) -> StepBatch:
