@@ -14,7 +14,10 @@ on the Llama-3.1-8B, -3.2-1B and -3.2-3B shapes (random weights). Variants (`--v
 `hf_compile` (transformers `AutoModelForCausalLM`, SDPA; compiled: the whole model with its loss, or
 with `--peer_compile layers` each decoder layer and the loss, which recompiles per layer on
 transformers 5.17 and then runs slower than eager), `shoal`, `shoal_compile` (shoal's own engine as `shoal finetune` builds it, compiled layers
-and loss). `--num_layers N` shrinks every shape to N layers for a quick smoke run; `--preset P`
+and loss; the document spans computed on the host and copied with the batch, as `shoal finetune`
+does), `shoal_compile_device_spans` (the same, the spans found on the device by each forward, a
+`nonzero` that makes the host wait: what removing that sync gains, in the same run).
+`--num_layers N` shrinks every shape to N layers for a quick smoke run; `--preset P`
 replaces every shape (with `--device cpu`, a tiny preset checks the script without a GPU).
 
 Data: random tokens packed into `--seq_length` rows of documents of random lengths (64 to 1,024
@@ -64,6 +67,7 @@ from shoal.distributed import build_mesh  # noqa: E402
 from shoal.models import get_preset, to_hf_config  # noqa: E402
 from shoal.peft.config import LoraConfig  # noqa: E402
 from shoal.train.engine import build_engine  # noqa: E402
+from shoal.train.step import to_device, with_document_spans  # noqa: E402
 
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR = (*QKVO, "gate_proj", "up_proj", "down_proj")
@@ -115,7 +119,7 @@ def shape(case: str, num_layers: int | None, preset_override: str | None = None)
     return cfg, kind, targets
 
 
-def bench_shoal(args, case: str, compile_: bool, device: torch.device) -> dict:
+def bench_shoal(args, case: str, compile_: bool, device: torch.device, host_spans: bool = True) -> dict:
     cfg, kind, targets = shape(case, args.num_layers, args.preset)
     train = TrainSection(micro_batch_size=micro_batch(args, case), global_batch_size=micro_batch(args, case),
                          weight_decay=0.1)
@@ -125,8 +129,9 @@ def bench_shoal(args, case: str, compile_: bool, device: torch.device) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     engine = build_engine(cfg, train=train, parallel=parallel, peft=peft, dims=dims, device=device,
                           compute_dtype=dtype, document_mask=True, seq_length=args.seq_length)
-    batch = packed_batch(cfg.vocab_size, micro_batch(args, case), args.seq_length, device)
-    tokens = float(batch["loss_mask"].sum())
+    host = packed_batch(cfg.vocab_size, micro_batch(args, case), args.seq_length, torch.device("cpu"))
+    tokens = float(host["loss_mask"].sum())  # on the host, as the step loop counts it
+    batch = to_device(with_document_spans(host) if host_spans else host, device)
 
     def step():
         engine.forward_backward([batch], tokens)
@@ -209,7 +214,8 @@ def bench_hf(args, case: str, compile_: bool, device: torch.device) -> dict:
 
 
 RUNNERS = {"hf": (bench_hf, False), "hf_compile": (bench_hf, True),
-           "shoal": (bench_shoal, False), "shoal_compile": (bench_shoal, True)}
+           "shoal": (bench_shoal, False), "shoal_compile": (bench_shoal, True),
+           "shoal_compile_device_spans": (functools.partial(bench_shoal, host_spans=False), True)}
 
 
 def run_case(args, case: str, device: torch.device, variants: list[str]) -> dict:
@@ -233,15 +239,15 @@ def run_case(args, case: str, device: torch.device, variants: list[str]) -> dict
 
 
 def print_table(all_results: dict) -> None:
-    print(f"\n{'case':14s} {'variant':14s} {'tokens/s':>9s} {'MFU':>6s} {'mem GiB':>8s} {'vs best peer':>12s}  dtypes")
+    print(f"\n{'case':14s} {'variant':26s} {'tokens/s':>9s} {'MFU':>6s} {'mem GiB':>8s} {'vs best peer':>12s}  dtypes")
     for case, res in all_results.items():
         for name, r in res["variants"].items():
             if "tokens_per_s" not in r:
-                print(f"{case:14s} {name:14s} {r.get('error')}")
+                print(f"{case:14s} {name:26s} {r.get('error')}")
                 continue
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
             ratio = f"{r['vs_best_peer']:.2f}x" if "vs_best_peer" in r else ""
-            print(f"{case:14s} {name:14s} {r['tokens_per_s']:9,.0f} {mfu:>6s} {r['memory_gib'] or 0.0:8.1f} {ratio:>12s}  "
+            print(f"{case:14s} {name:26s} {r['tokens_per_s']:9,.0f} {mfu:>6s} {r['memory_gib'] or 0.0:8.1f} {ratio:>12s}  "
                   f"{', '.join(r['dtypes'])}")
 
 

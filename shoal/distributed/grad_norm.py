@@ -49,15 +49,14 @@ def clip_grad_norm_(
     returns the norm before clipping."""
     params = [p for p in parameters if p.grad is not None]
     total = grad_norm(params, parallel_dims)
-    if max_norm > 0 and any(isinstance(p.grad, DTensor) for p in params):
-        # One host sync per step; it lets the scaling be a plain Python float, which DTensor and
-        # plain gradients alike accept.
-        coef = max_norm / (total.item() + 1e-6)
-        if coef < 1.0:
-            for p in params:
-                p.grad.mul_(coef)
-    elif max_norm > 0 and params:
-        # Plain tensors take the scale as a device tensor: no host sync, so the next step's
-        # kernels queue behind this one (a factor of exactly 1 when the norm is within max_norm).
-        torch._foreach_mul_([p.grad for p in params], torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    if max_norm > 0 and params:
+        # The scale stays a device tensor: no host sync, so the next step's kernels queue behind
+        # this one (a factor of exactly 1 when the norm is within max_norm). A DTensor takes a 0-d
+        # plain tensor as a replicated scalar; one multi-tensor call per kind of gradient (mesh).
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        by_mesh: dict[object, list[torch.Tensor]] = {}
+        for p in params:
+            by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p.grad)
+        for grads in by_mesh.values():
+            torch._foreach_mul_(grads, coef)
     return total

@@ -12,6 +12,10 @@ one row, each attending only to itself. Two ways to compute that:
 `document_attention_spec` picks the second where it can run and the first otherwise; both give
 the same result (tests/gpu/test_document_attention_gpu.py checks outputs and gradients).
 Documents are runs of equal `document_ids` in a row, as the GPT dataset and the SFT packer write them.
+
+Training computes `cu_seqlens` on the host (`host_cu_seqlens`) while the batch is still in host
+memory, and copies it with the batch: finding the document starts on the device (`document_spans`)
+is a `nonzero`, which makes the host wait for the GPU to finish everything queued before it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import inspect
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 _FLASH_MAX_HEAD_DIM = 256
@@ -52,16 +57,35 @@ def document_spans(document_ids: torch.Tensor) -> DocumentSpans:
     return DocumentSpans(torch.cat([offsets, end]).to(torch.int32), s)
 
 
+def host_cu_seqlens(document_ids: torch.Tensor) -> torch.Tensor:
+    """`document_spans(document_ids).cu_seqlens` of a batch in host memory, computed on the host:
+    [B, S] -> int32 [N + 1], with no device work (the data loader's batch, before its copy)."""
+    if document_ids.device.type != "cpu" or document_ids.dim() != 2:
+        raise ValueError(f"host_cu_seqlens takes [B, S] document ids in host memory, got "
+                         f"{tuple(document_ids.shape)} on {document_ids.device}")
+    s = document_ids.shape[1]
+    flat = document_ids.numpy().reshape(-1)
+    starts = np.ones(flat.size, dtype=bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::s] = True  # a row always starts a new document
+    offsets = np.append(np.flatnonzero(starts), flat.size)
+    return torch.from_numpy(offsets.astype(np.int32))
+
+
 def varlen_available(hidden: torch.Tensor, head_dim: int) -> bool:
     """Whether flash varlen attention can run on activations like `hidden`."""
     return (hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16)
             and head_dim <= _FLASH_MAX_HEAD_DIM and _varlen_api() is not None)
 
 
-def document_attention_spec(document_ids: torch.Tensor, hidden: torch.Tensor,
-                            head_dim: int) -> torch.Tensor | DocumentSpans:
-    """What each attention layer needs to keep documents apart: spans for varlen, else a dense mask."""
+def document_attention_spec(document_ids: torch.Tensor, hidden: torch.Tensor, head_dim: int,
+                            cu_seqlens: torch.Tensor | None = None) -> torch.Tensor | DocumentSpans:
+    """What each attention layer needs to keep documents apart: spans for varlen, else a dense mask.
+    `cu_seqlens`, when given, are `document_ids`' spans computed beforehand (`host_cu_seqlens`),
+    already on hidden's device: the varlen path then needs no device sync."""
     if varlen_available(hidden, head_dim):
+        if cu_seqlens is not None:
+            return DocumentSpans(cu_seqlens, document_ids.shape[-1])
         return document_spans(document_ids)
     return attention_mask(document_ids)
 

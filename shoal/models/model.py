@@ -283,11 +283,15 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
         head: bool = True,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens: ids [B, S], or hidden states [B, S, E] on a pipeline stage without the embedding.
 
         position_ids [B, S] default to 0..S-1; pass them restarting per document for packed sequences.
         document_ids [B, S], when given, keep tokens from attending across documents.
+        cu_seqlens [N + 1] int32, optional with document_ids: their document starts over the rows laid
+        end to end (`shoal.models.document_attention.host_cu_seqlens`), computed on the host, so the
+        varlen path finds no boundaries on the device (a sync); the dense-mask path ignores them.
         cache (generation): the tokens follow those already in it; positions come from it, and
         attention_mask [B, S] (True for real tokens) marks left padding.
         head=False stops before `lm_head` (a loss that applies it itself, chunk by chunk).
@@ -303,7 +307,7 @@ class Transformer(nn.Module):
             position_ids = torch.arange(s, device=h.device)[None].expand(b, s)
         cos, sin = self.rope(position_ids, h.dtype)
         if document_ids is not None:
-            mask = document_attention_spec(document_ids, h, self.config.head_dim)
+            mask = document_attention_spec(document_ids, h, self.config.head_dim, cu_seqlens)
         for name, layer in self.model.layers.items():
             h = layer(h, cos, sin, mask, kv=cache.layers[name] if cache is not None else None)
         if cache is not None:

@@ -68,17 +68,26 @@ class Engine:
     def _pipeline_run(self, mbs: list[dict[str, torch.Tensor]], global_tokens: float, backward: bool) -> torch.Tensor:
         from shoal.distributed.pipeline import pipeline_step
 
-        cat = {k: torch.cat([mb[k] for mb in mbs]) for k in mbs[0]}
+        cat = {k: torch.cat([mb[k] for mb in mbs]) for k in mbs[0] if k != "cu_seqlens"}
         return pipeline_step(
             self.pipeline, cat["tokens"], cat["labels"], cat["loss_mask"], global_tokens,
             position_ids=cat["position_ids"], document_ids=cat["document_ids"] if self.document_mask else None,
             backward=backward,
         )
 
-    def forward_backward(self, mbs: list[dict[str, torch.Tensor]], global_tokens: float) -> torch.Tensor:
-        """Accumulate the gradient of Σ CE·mask / global_tokens; returns this rank's Σ CE·mask."""
+    @property
+    def takes_document_spans(self) -> bool:
+        """Whether micro-batches may carry `cu_seqlens` made on the host (shoal.train.step.with_document_spans).
+        Not under a pipeline schedule (it cuts the batch into micro-batches itself) nor context
+        parallelism (it masks documents its own way): those keep `document_ids` alone."""
+        return self.document_mask and self.pipeline is None and not self.dims.cp_enabled
+
+    def forward_backward(self, mbs: list[dict[str, torch.Tensor]], global_tokens: float | torch.Tensor) -> torch.Tensor:
+        """Accumulate the gradient of Σ CE·mask / global_tokens; returns this rank's Σ CE·mask.
+        `global_tokens` may be a 0-d device tensor (a count all-reduced over ranks): dividing by it
+        keeps the host from waiting for the count, where reading it back would not."""
         if self.pipeline is not None:
-            return self._pipeline_run(mbs, global_tokens, backward=True)
+            return self._pipeline_run(mbs, float(global_tokens), backward=True)
         total = torch.zeros((), device=mbs[0]["tokens"].device)
         aux_total = torch.zeros((), device=total.device) if self.moe else None
         counts_total = None
@@ -88,7 +97,7 @@ class Engine:
             with self._sequence_shard(mb) as (tokens, labels, loss_mask, inputs):
                 loss_sum = self._loss_sum(tokens, labels, loss_mask, inputs)
                 # Gradients are summed (not averaged) across data-parallel ranks, see docs/parallelism.md.
-                objective = loss_sum / global_tokens
+                objective = loss_sum / _divisor(global_tokens, loss_sum)
                 if aux_total is not None:
                     # One aux loss per micro-batch (transformers' definition); the step's is their
                     # mean over the global batch, hence the division by every rank's micro-batches.
@@ -157,6 +166,11 @@ class Engine:
             optimizer.zero_grad(set_to_none=True)
         precompute_float8_scales(self.parts, self.float8)  # FP8 all-gather: scales of the new weights
         return norm
+
+
+def _divisor(global_tokens: float | torch.Tensor, loss_sum: torch.Tensor) -> float | torch.Tensor:
+    # In the loss's dtype: a float64 count would promote the objective (and its gradient) to float64.
+    return global_tokens.to(loss_sum.dtype) if isinstance(global_tokens, torch.Tensor) else global_tokens
 
 
 def build_engine(

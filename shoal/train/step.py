@@ -1,15 +1,20 @@
-"""The pieces of a training step: the masked loss, batch transfer, and the AdamW optimizer.
+"""The pieces of a training step: the masked loss, batch preparation and transfer, and the AdamW optimizer.
 
 The loss of a global batch is the mean over all of its answer (loss-mask) tokens, whatever the
 micro-batch and data-parallel split: each micro-batch contributes `sum(CE · mask) / N_global`,
 where N_global is the number of loss tokens in the whole global batch. That is what makes a run
 split over ranks and micro-batches equal a one-process run on the same data.
+
+What the step needs to know about a batch (its loss-token count, its documents' spans) is read on
+the host, from the data loader's batch before it is copied: reading it from the device copy would
+make the host wait for the GPU, so it could never queue the next step's work ahead of it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,15 +28,36 @@ def masked_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, loss_ma
 
 
 def model_inputs(batch: dict[str, torch.Tensor], document_mask: bool) -> dict[str, torch.Tensor]:
-    """The forward arguments for a batch: positions always, document ids only when masking documents."""
+    """The forward arguments for a batch: positions always, document ids (and their spans, where the
+    host computed them: `with_document_spans`) only when masking documents."""
     inputs = {"position_ids": batch["position_ids"]}
     if document_mask:
         inputs["document_ids"] = batch["document_ids"]
+        if "cu_seqlens" in batch:
+            inputs["cu_seqlens"] = batch["cu_seqlens"]
     return inputs
 
 
+def host_loss_tokens(batch: dict[str, torch.Tensor]) -> float:
+    """Σ loss_mask of a batch in host memory, counted on the host (exact: the mask holds 0s and 1s)."""
+    return float(batch["loss_mask"].numpy().sum(dtype=np.float64))
+
+
+def with_document_spans(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A host batch plus `cu_seqlens`, its documents' varlen spans (see shoal.models.document_attention)."""
+    from shoal.models.document_attention import host_cu_seqlens
+
+    return {**batch, "cu_seqlens": host_cu_seqlens(batch["document_ids"])}
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """Copy a host batch to `device` without the host waiting: on CUDA from pinned memory (the data
+    loader pins its batches; what was added after it, such as `cu_seqlens`, is pinned here), so
+    that `non_blocking` really is asynchronous. On the CPU the tensors are used as they are."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: (v if v.is_cuda or v.is_pinned() else v.pin_memory()).to(device, non_blocking=True)
+            for k, v in batch.items()}
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float) -> Any:

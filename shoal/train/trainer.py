@@ -4,6 +4,10 @@
 layout, build the data, build the engine, restore progress, record the recipe, then `_loop`:
 accumulate a global batch, clip, step, log, validate, checkpoint. The two stages differ only in
 how they build their datasets.
+
+A step that does not log never reads a value back from the device, so the host queues the next
+step's work while the GPU still runs this one: the loss-token count comes from the host batch
+(`StepBatch`), the document spans too, and loss and gradient norm are read on logging steps only.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from shoal.config.recipe import DataSection, Recipe, TrainSection
 from shoal.config.resolve import experiment_dir
 from shoal.config.secrets import redact_argv, secret
 from shoal.data.sampler import MicroBatchSampler
-from shoal.distributed import check_parallel_layout
+from shoal.distributed import ParallelDims, check_parallel_layout
 from shoal.models.moe import expert_load
 from shoal.train.engine import Engine, build_engine
 from shoal.train.expectations import compare, planned, write_run_report
@@ -43,7 +47,7 @@ from shoal.train.run_plan import RunPlan, plan_run
 from shoal.train.runtime import Runtime
 from shoal.train.schedule import lr_at
 from shoal.train.start import StartPoint, check_segment, check_start, find_start
-from shoal.train.step import to_device
+from shoal.train.step import host_loss_tokens, to_device, with_document_spans
 
 
 @dataclass
@@ -185,8 +189,34 @@ def _metrics_logger(recipe: Recipe, exp: Path, runtime: Runtime, max_steps: int,
     return MetricsLogger(exp, runtime.is_main, recipe.logging.tensorboard, wandb_cfg, max_steps, step)
 
 
-def micro_batches(loader_iter: Iterator, count: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
-    return [to_device(next(loader_iter), device) for _ in range(count)]
+@dataclass
+class StepBatch:
+    """A step's micro-batches on the device, with their loss tokens counted on the host before the copy."""
+
+    micro_batches: list[dict[str, torch.Tensor]]
+    loss_tokens: float  # Σ loss_mask over the whole micro-batches (each context-parallel rank counts the same)
+
+
+def micro_batches(loader_iter: Iterator, count: int, device: torch.device, document_spans: bool = False) -> StepBatch:
+    """The next `count` micro-batches: counted (and, with `document_spans`, their spans computed)
+    on the host, then copied to `device` without waiting."""
+    host = [next(loader_iter) for _ in range(count)]
+    loss_tokens = sum(host_loss_tokens(batch) for batch in host)
+    if document_spans:
+        host = [with_document_spans(batch) for batch in host]
+    return StepBatch([to_device(batch, device) for batch in host], loss_tokens)
+
+
+def global_loss_tokens(local_tokens: float, dims: ParallelDims, device: torch.device) -> float | torch.Tensor:
+    """The loss tokens of the whole global batch (at least 1): the loss's divisor. With one rank
+    holding the batch it is the host's count; otherwise the sum over ranks, left on the device as a
+    0-d float64 tensor (the all-reduce is queued on the stream; nothing waits for it)."""
+    local = local_tokens / dims.cp  # context-parallel ranks hold the same batch: count its tokens once
+    if dims.loss_mesh is None:
+        return max(local, 1.0)
+    count = torch.tensor(local, dtype=torch.float64)
+    count = to_device({"count": count}, device)["count"]
+    return dims.all_reduce_over_batch(count).clamp_(min=1.0)
 
 
 def data_generator(data: DataSection) -> torch.Generator:
@@ -226,10 +256,10 @@ def validate(engine: Engine, dataset, train: TrainSection, data: DataSection, ru
     totals = torch.zeros(2, device=runtime.device, dtype=torch.float64)
     remaining = len(sampler)
     while remaining:
-        mbs = micro_batches(batches, min(accum, remaining), runtime.device)
-        remaining -= len(mbs)
-        totals[0] += engine.loss_sum(mbs).double()
-        totals[1] += sum(mb["loss_mask"].sum().double() for mb in mbs) / runtime.dims.cp
+        batch = micro_batches(batches, min(accum, remaining), runtime.device, engine.takes_document_spans)
+        remaining -= len(batch.micro_batches)
+        totals[0] += engine.loss_sum(batch.micro_batches).double()
+        totals[1] += batch.loss_tokens / runtime.dims.cp
     engine.train(True)
     runtime.dims.all_reduce_over_batch(totals)
     return (totals[0] / totals[1].clamp(min=1)).item()
@@ -270,12 +300,10 @@ def _loop(
 
     while step < max_steps:
         checkpoints.poll()  # a background save that failed stops the run here
-        mbs = micro_batches(loader_iter, accum, runtime.device)
-        # Context-parallel ranks hold the same batch: count its tokens once.
-        local_tokens = torch.stack([mb["loss_mask"].sum() for mb in mbs]).sum().double() / dims.cp
-        global_tokens = dims.all_reduce_over_batch(local_tokens.clone()).item()
+        batch = micro_batches(loader_iter, accum, runtime.device, engine.takes_document_spans)
+        global_tokens = global_loss_tokens(batch.loss_tokens, dims, runtime.device)
         lr = lr_at(step, t, max_steps)
-        loss_sum = engine.forward_backward(mbs, max(global_tokens, 1.0))
+        loss_sum = engine.forward_backward(batch.micro_batches, global_tokens)
         grad_norm = engine.clip_and_step(t.grad_clip, lr)
         step += 1
         consumed += t.global_batch_size
@@ -283,7 +311,7 @@ def _loop(
         window_tokens += t.global_batch_size * data.seq_length
 
         if step % t.log_interval == 0 or step == max_steps:
-            loss = dims.all_reduce_over_batch(loss_sum.double()).item() / max(global_tokens, 1.0)
+            loss = dims.all_reduce_over_batch(loss_sum.double()).item() / float(global_tokens)
             elapsed = time.perf_counter() - window_start
             tps = window_tokens / elapsed / runtime.world_size
             metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s_per_gpu": tps,
