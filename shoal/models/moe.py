@@ -77,12 +77,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, E]; indices and weights [T, K] -> Σ_k weight_k · expert_{index_k}(x) [T, E]."""
-        k = indices.shape[1]
-        flat = indices.reshape(-1)
-        # Sort the T·K routing slots by expert so each expert's tokens are one contiguous run.
-        order = torch.argsort(flat, stable=True)
-        token_of_slot = order // k
-        counts = torch.bincount(flat, minlength=self.num_experts)
+        order, token_of_slot, counts = sort_by_expert(indices, self.num_experts)
         routed = x[token_of_slot]  # [T·K, E]
         out = self.apply_experts(routed, counts)
         out = out * weights.reshape(-1)[order, None].to(out.dtype)
@@ -93,6 +88,19 @@ class GroupedExperts(nn.Module):
         expert [T·K, E]. The seam expert parallelism replaces (shoal.distributed.expert_parallel:
         send the rows to the ranks holding their experts, run them there, bring them back)."""
         return expert_matmuls(routed, counts, self.gate_proj, self.up_proj, self.down_proj)
+
+
+def sort_by_expert(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """indices [T, K] -> (order, token_of_slot, counts): the T·K routing slots sorted by expert
+    (stable), so each expert's rows are one contiguous run, the token of each sorted slot, and the
+    rows per expert [X] (int64). Counted by a scatter-add into X bins, not `torch.bincount`, whose
+    output size depends on the data: that breaks a compiled graph at every MoE layer and, on a
+    GPU, waits for the device to size its output."""
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    return order, order // indices.shape[1], counts
 
 
 def expert_matmuls(

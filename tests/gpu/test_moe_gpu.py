@@ -1,8 +1,8 @@
 """Grouped expert matmuls (`torch._grouped_mm`) against the exact per-expert loop, on a GPU.
 
-Run on a GPU machine: `python -m pytest -m gpu tests/gpu/test_moe_gpu.py`. Not run yet: when it
-passes on a Hopper GPU, `shoal.models.moe.GROUPED_MM_ON_CUDA` may be turned on (write the date,
-GPU and measured speed-up beside it).
+Run on a GPU machine: `python -m pytest -m gpu tests/gpu/test_moe_gpu.py`. The equality tests
+passed on an H200 (2026-12-01), which is why `shoal.models.moe.GROUPED_MM_ON_CUDA` is on; the
+sync test (added 2026-12-02, after `torch.bincount` was replaced) has not run on a GPU yet.
 
 Oracle: the same `GroupedExperts` with the grouped path off (the loop CPU always uses), on the same
 bf16 weights and tokens, one Qwen3-30B-A3B layer's shape (128 experts, 8 routed, hidden 2048,
@@ -54,3 +54,20 @@ def test_grouped_mm_equals_the_loop(monkeypatch, autocast: bool):
     assert (got - expected).abs().max() <= 2e-2 * scale
     for g, e in zip(grads, expected_grads):
         assert (g.float() - e.float()).abs().max() <= 2e-2 * e.float().abs().max()
+
+
+def test_the_grouped_block_never_waits_for_the_device(monkeypatch):
+    """Forward and backward of the MoE block on the grouped path queue their work without one
+    device-to-host sync (`torch.bincount` used to size its output from the device, at every layer).
+    Oracle: CUDA's own sync debug mode, which raises on any synchronising call."""
+    monkeypatch.setattr(moe_module, "GROUPED_MM_ON_CUDA", True)
+    torch.manual_seed(0)
+    block = moe_module.MoE(CFG).cuda().to(torch.bfloat16)
+    x = torch.randn(1, TOKENS, CFG.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    block(x).float().pow(2).sum().backward()  # warm-up: first-use allocations and kernel loads
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        block(x).float().pow(2).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

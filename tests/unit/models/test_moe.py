@@ -147,3 +147,29 @@ def test_logits_match_transformers_bf16(tmp_path):
         expected = hf(input_ids=tokens).logits.float()
         got = ours(tokens).float()
     assert (got - expected).abs().max().item() <= 2e-2 * expected.abs().max().item()
+
+
+def test_rows_are_sorted_by_expert_without_a_data_dependent_shape():
+    """`sort_by_expert` must trace with every size known: `torch.bincount`'s output size depends on
+    the data, so compiled code carries an unbacked size at every MoE layer and, on a GPU, waits for
+    the device to find it (its CUDA kernel reads the largest index back). Oracles: the shapes
+    Dynamo traced, and a per-expert count and a stable sort written out here."""
+    from shoal.models.moe import sort_by_expert
+
+    traced_shapes = []
+
+    def record(gm, example_inputs):
+        for node in gm.graph.nodes:
+            if node.op == "output":
+                traced_shapes.extend(tuple(v.meta["example_value"].shape) for v in node.args[0])
+        return gm
+
+    g = torch.Generator().manual_seed(0)
+    indices = torch.randint(0, 6, (10, 2), generator=g)  # experts 6 and 7 of 8 get no row
+    order, token_of_slot, counts = torch.compile(sort_by_expert, fullgraph=True, backend=record)(indices, 8)
+    assert traced_shapes and all(isinstance(d, int) for shape in traced_shapes for d in shape), traced_shapes
+    flat = indices.reshape(-1).tolist()
+    expected_order = sorted(range(len(flat)), key=lambda slot: (flat[slot], slot))
+    assert order.tolist() == expected_order
+    assert token_of_slot.tolist() == [slot // 2 for slot in expected_order]
+    assert counts.tolist() == [flat.count(x) for x in range(8)] and counts.dtype == torch.int64
