@@ -51,6 +51,7 @@ from shoal.checkpoint.format import (
     write_tokenizer_snapshot,
 )
 from shoal.checkpoint.state import load_model_into, load_optimizers_into, parts_model_state, parts_optimizer_state
+from shoal.checkpoint.storage import SafetensorsStorageWriter
 from shoal.errors import ShoalError
 from shoal.models.config import ModelConfig
 from shoal.peft.config import LoraConfig
@@ -164,10 +165,11 @@ def _write_files(tmp: Path, tensors: dict[str, dict[str, Any]], trainer_state: d
                  record: CheckpointRecord, progress: Progress, group: dist.ProcessGroup | None = None) -> None:
     """Every file of the checkpoint into `tmp`: each rank its DCP shards (collectives over
     `group`, the default group when None), rank 0 trainer.json and the record."""
-    save_model_state(tensors[MODEL_DIR], tmp / MODEL_DIR, process_group=group)
+    save_model_state(tensors[MODEL_DIR], tmp / MODEL_DIR, process_group=group,
+                     storage_writer=SafetensorsStorageWriter(tmp / MODEL_DIR))
     if OPTIM_DIR in tensors:
         with _dcp_errors():  # DCP's wrapped errors unwrapped (a full disk is an OSError), its notices quiet
-            dcp.save(tensors[OPTIM_DIR], storage_writer=dcp.FileSystemWriter(str(tmp / OPTIM_DIR)),
+            dcp.save(tensors[OPTIM_DIR], storage_writer=SafetensorsStorageWriter(tmp / OPTIM_DIR),
                      process_group=group, no_dist=not _distributed())
     if _rank() == 0:
         (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=1))
