@@ -50,12 +50,12 @@ def bf16_assets(train_assets: TrainAssets, tmp_path_factory: pytest.TempPathFact
     return dataclasses.replace(train_assets, hf_model=root / "hf", checkpoint=root / "ckpt")
 
 
-@pytest.mark.parametrize("method, base_dtype", [("lora", "bfloat16"), ("dora", "bfloat16"), ("lora", "float32")])
 def data_files(folder: Path) -> list[Path]:
     """A DCP folder's data files, of either kind (safetensors from shoal's writer, .distcp from torch's)."""
     return sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".distcp"))
 
 
+@pytest.mark.parametrize("method, base_dtype", [("lora", "bfloat16"), ("dora", "bfloat16"), ("lora", "float32")])
 def test_exports_are_those_of_the_whole_checkpoint_of_the_same_run(request, tmp_path: Path, method: str,
                                                                    base_dtype: str):
     assets = request.getfixturevalue("bf16_assets" if base_dtype == "bfloat16" else "train_assets")
