@@ -89,3 +89,61 @@ def test_a_two_rank_training_checkpoint_loads_in_one_process_as_saved(tmp_path, 
     load_model_state(whole, ckpt / "model")
     for name, value in whole.items():
         torch.testing.assert_close(value, held["model"][name], rtol=0, atol=0, msg=name)
+
+
+def rank_1_fails_before_rank_0_writes(root: str) -> str:
+    """Rank 1 makes the folder, fails at its first write and cleans up; only then does rank 0 start
+    writing its files into the same folder. Returns what this rank's save raised."""
+    import errno
+    import time
+
+    import torch.distributed as dist
+
+    import shoal.checkpoint.parallel_io as parallel_io
+    import shoal.checkpoint.storage as storage
+    from shoal.checkpoint.format import save_model_state
+
+    rank, folder = dist.get_rank(), Path(root) / "model"
+    cleaned = Path(root) / "rank1-cleaned-up"
+    if rank == 1:
+        def full_disk(fd, data, offset):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        real_remove = storage.SafetensorsStorageWriter._remove
+
+        def remove_then_say(self, paths):
+            real_remove(self, paths)
+            cleaned.touch()
+
+        parallel_io._pwrite = full_disk
+        storage.SafetensorsStorageWriter._remove = remove_then_say
+    else:
+        real_prepare, real_lay_out = storage.SafetensorsStorageWriter.prepare_local_plan, storage._lay_out
+
+        def prepare_later(self, plan):
+            time.sleep(1.0)  # rank 1 makes the folder
+            return real_prepare(self, plan)
+
+        def lay_out_once_rank_1_is_done(*args):
+            deadline = time.monotonic() + 60
+            while not cleaned.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return real_lay_out(*args)
+
+        storage.SafetensorsStorageWriter.prepare_local_plan = prepare_later
+        storage._lay_out = lay_out_once_rank_1_is_done
+    try:
+        save_model_state({f"rank{rank}.weight": torch.ones(4, 4)}, folder,
+                         storage_writer=storage.SafetensorsStorageWriter(folder))
+    except BaseException as err:  # noqa: BLE001 - returned to the test
+        return f"{type(err).__name__}: {err}"
+    return "saved"
+
+
+def test_the_first_failure_of_a_multi_rank_save_is_what_every_rank_reports(tmp_path) -> None:
+    """A rank that fails leaves the shared folder alone: the others' writes go on into it, and the
+    save fails everywhere with the failed rank's error, not with 'no such file or directory'."""
+    said = run_distributed(rank_1_fails_before_rank_0_writes, 2, str(tmp_path))
+    for rank, error in enumerate(said):
+        assert "No space left on device" in error, (rank, error)
+    assert not list((tmp_path / "model").glob("__1_*"))  # the failed rank removed its own files
