@@ -218,7 +218,11 @@ class SafetensorsStorageWriter(StorageWriter):
         # still open their files there (their save would then fail with "no such file" instead
         # of the first rank's error); removing it is the caller's part (a training save's rank 0).
         self._ranks_share_folder = rank_files.ranks > 1
-        files = _lay_out(plan.items, self.thread_count, rank_files.prefix)
+        try:
+            files = _lay_out(plan.items, self.thread_count, rank_files.prefix)
+        except BaseException:  # an item it cannot store (not a tensor, a dtype safetensors lacks)
+            self._remove([])
+            raise
         source: ByteSource | None = getattr(planner, "byte_source", None)
         threads = Threads()
         written: list[Path] = []

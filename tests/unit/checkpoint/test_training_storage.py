@@ -149,3 +149,47 @@ def test_a_checkpoint_of_todays_writer_resumes_and_exports(train_assets: TrainAs
         assert have.keys() == expected.keys()
         for key, value in expected.items():
             assert torch.equal(have[key], value), (folder, key)
+
+
+def test_every_per_parameter_optimizer_entry_is_stored_and_nothing_else_is_needed(tmp_path: Path):
+    """optim/ holds every per-parameter entry of shoal's AdamW (moments and step counts, all
+    tensors); what the flattened state dict has beside them is only the parameter groups'
+    hyperparameters, which the recipe gives back on resume (docs/checkpoint-format.md, `optim/`).
+    They round-trip exactly through the storage (read back by torch's reader); a non-tensor
+    item is refused by name, leaving no folder."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    from shoal.checkpoint.format import save_model_state
+    from shoal.checkpoint.state import parts_optimizer_state
+    from shoal.checkpoint.storage import SafetensorsStorageWriter
+    from shoal.errors import ShoalError
+    from shoal.models import build_model, get_preset
+    from shoal.train.step import build_optimizer
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("llama_tiny"))
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True))
+    stored = parts_optimizer_state([model], [optimizer])
+    assert set(stored) == {k for k in full if k.startswith("state.")}
+    assert {k.split(".")[0] for k in set(full) - set(stored)} == {"param_groups"}
+    assert all(isinstance(v, torch.Tensor) for v in stored.values())
+    names = {name for name, _ in model.named_parameters()}
+    assert {f"state.{n}.{kind}" for n in names for kind in ("exp_avg", "exp_avg_sq", "step")} == set(stored)
+
+    save_model_state(stored, tmp_path / "optim", storage_writer=SafetensorsStorageWriter(tmp_path / "optim"))
+    loaded = {k: torch.full_like(v, float("nan")) for k, v in stored.items()}
+    dcp.load(loaded, storage_reader=HuggingFaceStorageReader(str(tmp_path / "optim")), no_dist=True)
+    for key, value in stored.items():
+        assert torch.equal(loaded[key], value), key
+
+    bad = tmp_path / "bad"
+    with pytest.raises(ShoalError, match=r"param_groups\.model\.norm\.weight\.lr: .*tensors only"):
+        save_model_state({"state.model.norm.weight.step": torch.ones(()), "param_groups.model.norm.weight.lr": 1e-3},
+                         bad, storage_writer=SafetensorsStorageWriter(bad))
+    assert not bad.exists()
