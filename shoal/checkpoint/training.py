@@ -7,8 +7,9 @@ checkpoint.save_optimizer=false) and `trainer.json` (step, data position, RNG st
 rank). All ranks write their shards of `model/` and `optim/` through DCP, so a checkpoint saved
 with one parallel layout loads into another, with shoal's storage writer
 (`shoal.checkpoint.storage`: safetensors data files, several threads per rank, an error in any of
-them fails the save); checkpoints of torch's `FileSystemWriter` (`.distcp`) still restore. It is written under a hidden temporary name and
-renamed when complete, so a failed or killed save leaves the previous checkpoints as they were.
+them fails the save); checkpoints of torch's `FileSystemWriter` (`.distcp`) still restore. It is
+written under a hidden temporary name and renamed when complete, so a failed or killed save
+leaves the previous checkpoints as they were.
 
 A save runs in the step loop (`save_training_checkpoint`) or in the background
 (checkpoint.async_save, `TrainingCheckpoints`): the state is copied to CPU memory, the loop goes
