@@ -30,7 +30,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from shoal.checkpoint.format import MODEL_DIR, OPTIM_DIR, SafeFileSystemReader, load_model_state, model_state_info
+from shoal.checkpoint.format import MODEL_DIR, OPTIM_DIR, load_model_state, model_state_info
+from shoal.checkpoint.storage import CheckpointStorageReader
 from shoal.errors import ShoalError
 
 TIED_HEAD = "lm_head.weight"
@@ -115,7 +116,8 @@ def load_optimizers_into(parts: Sequence[nn.Module], optimizers: Sequence[torch.
     tensors = {k: v for s in states for k, v in s.items() if isinstance(v, torch.Tensor)}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
-        dcp.load(tensors, storage_reader=SafeFileSystemReader(str(ckpt / OPTIM_DIR)),
+        # Either kind of data file: safetensors (shoal's writer) or torch.save records (older shoal).
+        dcp.load(tensors, storage_reader=CheckpointStorageReader(ckpt / OPTIM_DIR),
                  no_dist=not (dist.is_available() and dist.is_initialized()))
     for part, optimizer, state in zip(parts, optimizers, states):
         state.update({k: tensors[k] for k in state if k in tensors})

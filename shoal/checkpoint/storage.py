@@ -149,6 +149,15 @@ def _with_header(file: _DataFile) -> _DataFile:
     return file
 
 
+@dataclasses.dataclass(frozen=True)
+class _RankFiles:
+    """What the coordinator tells each rank in its plan: the prefix of its data files' names and
+    how many ranks write into the folder."""
+
+    prefix: str
+    ranks: int
+
+
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
@@ -159,7 +168,8 @@ class SafetensorsStorageWriter(StorageWriter):
 
     `sync_files` fsyncs every data file, `.metadata` and the folder, so a checkpoint that is
     published is on disk. On failure the data files of this save are removed before the error
-    is raised, and the folder too when this save created it.
+    is raised, and the folder too when this save created it and wrote it alone (in a save of
+    several ranks the folder is left to the caller, since the others may still be writing there).
     """
 
     def __init__(self, path: str | os.PathLike, thread_count: int = DEFAULT_THREADS, sync_files: bool = True):
@@ -170,6 +180,7 @@ class SafetensorsStorageWriter(StorageWriter):
         self.save_id = str(uuid.uuid4())
         self.is_coordinator = True
         self._created_folder = False
+        self._ranks_share_folder = False  # set from the global plan: more than one rank writes here
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id:
@@ -198,10 +209,20 @@ class SafetensorsStorageWriter(StorageWriter):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         # Each rank's file names start with its place in the plan list: no two ranks share a file.
-        return [dataclasses.replace(plan, storage_data=f"__{rank}_") for rank, plan in enumerate(plans)]
+        return [dataclasses.replace(plan, storage_data=_RankFiles(f"__{rank}_", len(plans)))
+                for rank, plan in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        files = _lay_out(plan.items, self.thread_count, plan.storage_data or "__0_")
+        rank_files = plan.storage_data if isinstance(plan.storage_data, _RankFiles) else _RankFiles("__0_", 1)
+        # Several ranks write into the folder: a failed rank must not remove it while others
+        # still open their files there (their save would then fail with "no such file" instead
+        # of the first rank's error); removing it is the caller's part (a training save's rank 0).
+        self._ranks_share_folder = rank_files.ranks > 1
+        try:
+            files = _lay_out(plan.items, self.thread_count, rank_files.prefix)
+        except BaseException:  # an item it cannot store (not a tensor, a dtype safetensors lacks)
+            self._remove([])
+            raise
         source: ByteSource | None = getattr(planner, "byte_source", None)
         threads = Threads()
         written: list[Path] = []
@@ -247,7 +268,7 @@ class SafetensorsStorageWriter(StorageWriter):
     def _remove(self, paths: list[Path]) -> None:
         for path in paths:
             path.unlink(missing_ok=True)
-        if self._created_folder:
+        if self._created_folder and not self._ranks_share_folder:
             try:
                 self.path.rmdir()  # only if empty: another rank's files are that rank's to remove
             except OSError:

@@ -5,8 +5,11 @@ when the model carries adapters; a LoRA/DoRA run's `model/` holds only what trai
 `shoal.json` names the base checkpoint for the rest) plus `optim/` (DCP of the optimizer state; absent with
 checkpoint.save_optimizer=false) and `trainer.json` (step, data position, RNG states of every
 rank). All ranks write their shards of `model/` and `optim/` through DCP, so a checkpoint saved
-with one parallel layout loads into another. It is written under a hidden temporary name and
-renamed when complete, so a failed or killed save leaves the previous checkpoints as they were.
+with one parallel layout loads into another, with shoal's storage writer
+(`shoal.checkpoint.storage`: safetensors data files, several threads per rank, an error in any of
+them fails the save); checkpoints of torch's `FileSystemWriter` (`.distcp`) still restore. It is
+written under a hidden temporary name and renamed when complete, so a failed or killed save
+leaves the previous checkpoints as they were.
 
 A save runs in the step loop (`save_training_checkpoint`) or in the background
 (checkpoint.async_save, `TrainingCheckpoints`): the state is copied to CPU memory, the loop goes
@@ -51,6 +54,7 @@ from shoal.checkpoint.format import (
     write_tokenizer_snapshot,
 )
 from shoal.checkpoint.state import load_model_into, load_optimizers_into, parts_model_state, parts_optimizer_state
+from shoal.checkpoint.storage import SafetensorsStorageWriter
 from shoal.errors import ShoalError
 from shoal.models.config import ModelConfig
 from shoal.peft.config import LoraConfig
@@ -164,10 +168,11 @@ def _write_files(tmp: Path, tensors: dict[str, dict[str, Any]], trainer_state: d
                  record: CheckpointRecord, progress: Progress, group: dist.ProcessGroup | None = None) -> None:
     """Every file of the checkpoint into `tmp`: each rank its DCP shards (collectives over
     `group`, the default group when None), rank 0 trainer.json and the record."""
-    save_model_state(tensors[MODEL_DIR], tmp / MODEL_DIR, process_group=group)
+    save_model_state(tensors[MODEL_DIR], tmp / MODEL_DIR, process_group=group,
+                     storage_writer=SafetensorsStorageWriter(tmp / MODEL_DIR))
     if OPTIM_DIR in tensors:
         with _dcp_errors():  # DCP's wrapped errors unwrapped (a full disk is an OSError), its notices quiet
-            dcp.save(tensors[OPTIM_DIR], storage_writer=dcp.FileSystemWriter(str(tmp / OPTIM_DIR)),
+            dcp.save(tensors[OPTIM_DIR], storage_writer=SafetensorsStorageWriter(tmp / OPTIM_DIR),
                      process_group=group, no_dist=not _distributed())
     if _rank() == 0:
         (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=1))

@@ -340,14 +340,15 @@ def test_background_saves_across_ranks_equal_synchronous_ones(runs: Runs):
 # Rank 1's disk is full when it writes its shard of the step-2 optimizer state.
 FULL_DISK_RANK1 = """
 import errno, os
-if os.environ.get("RANK") == "1":
-    import torch.distributed.checkpoint as dcp
-    real_write = dcp.FileSystemWriter.write_data
-    def write_data(self, plan, planner):
-        if "step=000002" in str(self.path) and str(self.path).endswith("optim"):
+if os.environ.get("RANK") == "1":  # the system call of shoal's checkpoint writer threads
+    import shoal.checkpoint.parallel_io as parallel_io
+    real_pwrite = parallel_io._pwrite
+    def pwrite(fd, data, offset):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if "step=000002" in path and os.path.basename(os.path.dirname(path)) == "optim":
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(self, plan, planner)
-    dcp.FileSystemWriter.write_data = write_data
+        return real_pwrite(fd, data, offset)
+    parallel_io._pwrite = pwrite
 """
 
 

@@ -73,17 +73,30 @@ def checkpoint_names(experiment_dir: Path) -> list[str]:
 
 
 def read_dcp(folder: Path, scratch: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a one-process DCP folder, read without shoal's loader: torch's own converter
-    for `.distcp` data files (optimizer state, format-1 model folders), the `safetensors` library
-    for shoal's safetensors data files (a one-process save holds each tensor whole, by its name)."""
+    """Every tensor of a DCP folder, whole, read without shoal's loader: torch's own converter for
+    `.distcp` data files (checkpoints of torch's writer), the `safetensors` library for shoal's
+    safetensors data files, each chunk put at the offsets its file's `DCP_SHARDING_INFO` gives
+    (the format spec; a tensor saved sharded by several ranks is stored in chunks)."""
     safetensors_files = sorted(folder.glob("*.safetensors"))
     if safetensors_files:
         from safetensors import safe_open
 
-        state = {}
+        chunks: dict[str, list[tuple[list[int], torch.Tensor]]] = {}
         for file in safetensors_files:
             with safe_open(str(file), "pt") as f:
-                state.update({key: f.get_tensor(key) for key in f.keys()})
+                sharding = json.loads((f.metadata() or {}).get("DCP_SHARDING_INFO", "{}"))
+                for key in f.keys():
+                    tensor = f.get_tensor(key)
+                    offsets = sharding.get(key, {}).get("saved_offsets", [0] * tensor.dim())
+                    chunks.setdefault(key, []).append((offsets, tensor))
+        state = {}
+        for key, pieces in chunks.items():
+            dims = pieces[0][1].dim()
+            whole = torch.empty([max(o[d] + t.shape[d] for o, t in pieces) for d in range(dims)],
+                                dtype=pieces[0][1].dtype)
+            for offsets, tensor in pieces:
+                whole[tuple(slice(o, o + n) for o, n in zip(offsets, tensor.shape))] = tensor
+            state[key] = whole
         return state
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 

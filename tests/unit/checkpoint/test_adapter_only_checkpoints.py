@@ -50,6 +50,11 @@ def bf16_assets(train_assets: TrainAssets, tmp_path_factory: pytest.TempPathFact
     return dataclasses.replace(train_assets, hf_model=root / "hf", checkpoint=root / "ckpt")
 
 
+def data_files(folder: Path) -> list[Path]:
+    """A DCP folder's data files, of either kind (safetensors from shoal's writer, .distcp from torch's)."""
+    return sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".distcp"))
+
+
 @pytest.mark.parametrize("method, base_dtype", [("lora", "bfloat16"), ("dora", "bfloat16"), ("lora", "float32")])
 def test_exports_are_those_of_the_whole_checkpoint_of_the_same_run(request, tmp_path: Path, method: str,
                                                                    base_dtype: str):
@@ -111,13 +116,13 @@ def test_the_checkpoint_holds_the_adapters_and_their_moments_only(train_assets: 
 
     # Bytes on disk: 4 per adapter parameter and 8 more for AdamW's moments, plus DCP's framing.
     params = sum(torch.Size(s).numel() for s in expected.values())
-    data = sum(p.stat().st_size for folder in ("model", "optim") for p in (ckpt / folder).glob("*.distcp"))
+    data = sum(p.stat().st_size for folder in ("model", "optim") for p in data_files(ckpt / folder))
     framing, tensors = data - 12 * params, len(model) + len(optim)  # optim: two moments and a step count each
     assert 0 <= framing < 4096 * tensors, framing
     # The imported base's model/ holds safetensors data files (shoal.checkpoint.storage).
     whole = sum(p.stat().st_size for p in (train_assets.checkpoint / "model").iterdir() if p.name != ".metadata")
     assert whole > 0
-    assert sum(p.stat().st_size for p in (ckpt / "model").glob("*.distcp")) < whole / 4
+    assert sum(p.stat().st_size for p in data_files(ckpt / "model")) < whole / 4
 
     # The same counts for the 8B shape (rank 32, every linear layer), worked by hand, are shoal's:
     # adapters, two moments and the same framing per tensor stay under 1 GiB.
@@ -145,7 +150,7 @@ def test_retention_and_completeness_in_the_adapter_only_form(train_assets: Train
     kept = list_checkpoints(root)
     assert 1 <= len(kept) <= 2 and kept[-1].step == 4 and kept[-1].last
     assert folder_bytes(train_assets.checkpoint / "model") == before  # deleting checkpoints never touches the base
-    (data,) = (kept[-1].path / "model").glob("*.distcp")
+    data = data_files(kept[-1].path / "model")[0]
     with open(data, "r+b") as handle:
         handle.truncate(data.stat().st_size - 1)
     assert kept[-1].path not in [c.path for c in list_checkpoints(root)]  # an adapter file cut short: incomplete

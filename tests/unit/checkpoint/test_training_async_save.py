@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import shoal.checkpoint.training as training
+from tests.helpers.checkpoint_faults import fail_writes_into
 from tests.helpers.cli import run_shoal_process, shoal, shoal_stalling_at, subprocess_env
 from tests.helpers.training import TrainAssets, checkpoint_names, read_dcp, train_args, train_records, val_records
 
@@ -184,16 +185,9 @@ def test_background_write_failure_stops_the_run(train_assets: TrainAssets, tmp_p
 
     if where == "model":
         hook_model_writes(monkeypatch, after=lambda d: "step=000004" in str(d) and full_disk())
-    else:
-        import torch.distributed.checkpoint as dcp
-
-        class FullDiskWriter(dcp.FileSystemWriter):
-            def write_data(self, plan, planner):
-                if "step=000004" in str(self.path) and str(self.path).endswith("optim"):
-                    full_disk()
-                return super().write_data(plan, planner)
-
-        monkeypatch.setattr(dcp, "FileSystemWriter", FullDiskWriter)
+    else:  # the system call fails in the writer thread of one optimizer data file
+        fail_writes_into(monkeypatch, lambda path: "step=000004" in str(path) and path.parent.name == "optim"
+                         and path.name.startswith("__0_1"), full_disk)
     args = train_args(train_assets, "pretrain", tmp_path / "res", "e", "--max_steps", 10,
                       "--checkpoint.save_interval=2", ASYNC)
     assert shoal(*args) == 2

@@ -145,17 +145,14 @@ def fail_model_write(monkeypatch: pytest.MonkeyPatch, before_failing) -> None:
 
 
 def fail_optimizer_write(monkeypatch: pytest.MonkeyPatch, before_failing) -> None:
-    """The disk fills up while DCP writes the step-4 optimizer state (DCP wraps the error)."""
-    import torch.distributed.checkpoint as dcp
+    """The disk fills up while a writer thread writes the step-4 optimizer state (DCP wraps the error)."""
+    from tests.helpers.checkpoint_faults import fail_writes_into
 
-    class FullDiskWriter(dcp.FileSystemWriter):
-        def write_data(self, plan, planner):
-            if "step=000004" in str(self.path) and str(self.path).endswith("optim"):
-                before_failing()
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return super().write_data(plan, planner)
+    def full_disk() -> None:
+        before_failing()
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(dcp, "FileSystemWriter", FullDiskWriter)
+    fail_writes_into(monkeypatch, lambda path: "step=000004" in str(path) and path.parent.name == "optim", full_disk)
 
 
 @pytest.mark.parametrize("save", ["sync", "async"])  # in the step loop, or in the background

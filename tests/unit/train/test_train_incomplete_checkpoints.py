@@ -22,7 +22,7 @@ from tests.helpers.training import TrainAssets, checkpoint_names, read_metrics, 
 
 
 def data_files(ckpt: Path) -> list[Path]:
-    return sorted(p for p in (ckpt / "model").iterdir() if p.suffix == ".distcp")
+    return sorted(p for p in (ckpt / "model").iterdir() if p.suffix in (".safetensors", ".distcp"))
 
 
 def damage(ckpt: Path, how: str) -> None:

@@ -3,8 +3,9 @@ the previous checkpoint as it was (issue 14, item 9, the training half).
 
 torch.save reports a failed write of its zip container (a full disk, mostly) as
 `RuntimeError: [enforce fail at inline_container.cc:672] unexpected pos ...`, not as an OSError;
-and a Ctrl-C landing inside that C++ writer comes out as the same RuntimeError. The writer is
-replaced by one that fails the way torch's does, at the step-4 optimizer save.
+and a Ctrl-C landing inside that C++ writer comes out as the same RuntimeError. Training saves now
+go through shoal's own writer (shoal.checkpoint.storage), which is replaced by one that fails the
+way torch's did, at the step-4 optimizer save: what such errors are reported as must not change.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 
 def fail_optimizer_save(monkeypatch: pytest.MonkeyPatch, failure, seen: dict) -> None:
-    import torch.distributed.checkpoint as dcp
+    import shoal.checkpoint.training as training
 
-    class FailingWriter(dcp.FileSystemWriter):
+    class FailingWriter(training.SafetensorsStorageWriter):
         def write_data(self, plan, planner):
             if "step=000004" in str(self.path) and str(self.path).endswith("optim"):
                 ckpts = Path(self.path).parent.parent
@@ -39,7 +40,7 @@ def fail_optimizer_save(monkeypatch: pytest.MonkeyPatch, failure, seen: dict) ->
                 failure()
             return super().write_data(plan, planner)
 
-    monkeypatch.setattr(dcp, "FileSystemWriter", FailingWriter)
+    monkeypatch.setattr(training, "SafetensorsStorageWriter", FailingWriter)
 
 
 def full_disk() -> None:
