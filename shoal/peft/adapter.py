@@ -99,6 +99,7 @@ def save_peft_adapter(
         raise ShoalError("no adapter tensors to save (expected names ending in lora_A.weight, lora_B.weight"
                          " or lora_magnitude_vector)")
     group_adapter_tensors(state, config, "adapter to save")  # PEFT would reject, or silently skip, the rest
+    _refuse_dense_mlp_beside_experts(state)
     # safetensors wants contiguous CPU tensors that share no storage.
     tensors = {PEFT_PREFIX + name: t.detach().to("cpu").contiguous().clone()
                for name, t in sorted(_split_expert_factors(state).items())}
@@ -112,6 +113,19 @@ def save_peft_adapter(
         text = json.dumps(peft_adapter_config(config, base_model_name_or_path), indent=2, sort_keys=True)
         (tmp / CONFIG_FILE).write_text(text + "\n")
     return out
+
+
+def _refuse_dense_mlp_beside_experts(state: Mapping[str, torch.Tensor]) -> None:
+    """PEFT (0.21, transformers 5) turns the gate_proj/up_proj/down_proj targets of a Qwen3-MoE
+    model into adapters on the fused experts only: a dense MLP layer's adapters (`mlp_only_layers`,
+    `decoder_sparse_step`) would be left out when it loads the folder, without an error."""
+    experts = any(_GROUPED_FACTOR.match(name) for name in state)
+    dense = sorted({split_adapter_key(name)[0] for name in state if re.search(r"\.mlp\.(gate|up|down)_proj\.", name)})
+    if experts and dense:
+        raise ShoalError(f"cannot write a PEFT adapter for {dense[0]} (and {len(dense) - 1} more dense MLP "
+                         "projections) beside adapters on the routed experts: PEFT on transformers 5 maps the "
+                         "gate_proj/up_proj/down_proj targets of a mixture-of-experts model onto its experts only and "
+                         "would skip them; export the merged model instead")
 
 
 def _split_expert_factors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
