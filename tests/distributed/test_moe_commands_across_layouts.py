@@ -118,22 +118,29 @@ def test_moe_checkpoint_reshards_between_expert_layouts(
     assert_same_records(exp, runs["one_process"], [3, 4])
 
 
-@pytest.mark.parametrize("targets", ["[q_proj,k_proj,v_proj,o_proj]", "all-linear"], ids=["attention", "experts_too"])
+@pytest.mark.parametrize("targets, layout", [
+    pytest.param("[q_proj,k_proj,v_proj,o_proj]", "ep2", id="attention"),
+    pytest.param("all-linear", "ep2", id="experts_too"),
+    pytest.param("all-linear", "ep2_fsdp2", id="experts_too_ep2_fsdp2"),
+])
 def test_moe_lora_finetune_under_expert_parallel_matches_one_process(assets: TrainAssets, tmp_path: Path,
-                                                                     targets: str):
+                                                                     targets: str, layout: str):
     """`shoal finetune --peft lora` under EP2 follows the one-process run (loss, gradient norm, aux
     loss and router statistics), with adapters on the attention only (experts frozen and still
     dispatched by all-to-all, their FSDP units holding no trainable weight) or on every linear
-    layer, the routed experts included (their adapters split over the ranks with the experts)."""
+    layer, the routed experts included (their adapters split over the ranks with the experts, and
+    under EP2×FSDP2 sharded further over the two ranks holding the same experts)."""
+    # EP2×FSDP2: 4 data-parallel ranks, so micro-batches of 1 (the same global batch of 4).
+    layouts = {"ep2": LAYOUTS["ep2"], "ep2_fsdp2": ["--num_gpus", "4", "--expert_model_parallel_size", "2", "-m", "1"]}
     runs = {}
-    for name, layout in {"one_process": [], "ep2": LAYOUTS["ep2"]}.items():
+    for name, args in {"one_process": [], layout: layouts[layout]}.items():
         run_ok(train_args(assets, "finetune", tmp_path, f"lora_{name}", "--max_steps", STEPS, "--peft", "lora",
-                          f"--peft.target_modules={targets}", *layout), tmp_path)
+                          f"--peft.target_modules={targets}", *args), tmp_path)
         runs[name] = tmp_path / f"lora_{name}"
-    assert ranks_that_ran(runs["ep2"]) == {0, 1}
+    assert ranks_that_ran(runs[layout]) == set(range(int(layouts[layout][1])))
     (final,) = (runs["one_process"] / "checkpoints").glob("step=*-last")
     held = read_dcp(final / "model", tmp_path / "model.pt")
     expert_b = [t for k, t in held.items() if ".mlp.experts.lora." in k and k.endswith("lora_B.weight")]
     assert len(expert_b) == (0 if targets.startswith("[") else 3 * MOE_SHAPE["num_hidden_layers"])
     assert all(t.abs().max() > 0 for t in expert_b)  # they trained
-    assert_same_records(runs["ep2"], runs["one_process"], list(range(1, STEPS + 1)))
+    assert_same_records(runs[layout], runs["one_process"], list(range(1, STEPS + 1)))
