@@ -121,6 +121,7 @@ def test_moe_checkpoint_reshards_between_expert_layouts(
 @pytest.mark.parametrize("targets, layout", [
     pytest.param("[q_proj,k_proj,v_proj,o_proj]", "ep2", id="attention"),
     pytest.param("all-linear", "ep2", id="experts_too"),
+    pytest.param("[q_proj,k_proj,v_proj,o_proj]", "ep2_fsdp2", id="attention_ep2_fsdp2"),
     pytest.param("all-linear", "ep2_fsdp2", id="experts_too_ep2_fsdp2"),
 ])
 def test_moe_lora_finetune_under_expert_parallel_matches_one_process(assets: TrainAssets, tmp_path: Path,
@@ -130,10 +131,12 @@ def test_moe_lora_finetune_under_expert_parallel_matches_one_process(assets: Tra
     dispatched by all-to-all, their FSDP units holding no trainable weight) or on every linear
     layer, the routed experts included (their adapters split over the ranks with the experts, and
     under EP2×FSDP2 sharded further over the two ranks holding the same experts)."""
-    # EP2×FSDP2: 4 data-parallel ranks, so micro-batches of 1 (the same global batch of 4).
-    layouts = {"ep2": LAYOUTS["ep2"], "ep2_fsdp2": ["--num_gpus", "4", "--expert_model_parallel_size", "2", "-m", "1"]}
+    # EP2×FSDP2: 4 data-parallel ranks, so micro-batches of 1 (the same global batch of 4), in the
+    # one-process run too: the aux loss is taken per micro-batch, so its gradient depends on them.
+    micro = ["-m", "1"] if layout == "ep2_fsdp2" else []
+    layouts = {"ep2": LAYOUTS["ep2"], "ep2_fsdp2": ["--num_gpus", "4", "--expert_model_parallel_size", "2"]}
     runs = {}
-    for name, args in {"one_process": [], layout: layouts[layout]}.items():
+    for name, args in {"one_process": micro, layout: [*layouts[layout], *micro]}.items():
         run_ok(train_args(assets, "finetune", tmp_path, f"lora_{name}", "--max_steps", STEPS, "--peft", "lora",
                           f"--peft.target_modules={targets}", *args), tmp_path)
         runs[name] = tmp_path / f"lora_{name}"
