@@ -148,9 +148,11 @@ def test_lora_finetune_on_every_linear_layer_trains_the_experts_and_exports_for_
         train_assets, sparse_moe_checkpoint, tmp_path):
     """NeMo's default LoRA (every linear layer) on an MoE: the routed experts get adapters, they
     train, the PEFT export on transformers' model gives the merged export's logits, and the merged
-    experts are W + s·B A expert by expert."""
+    experts are W + s·B A expert by expert; `shoal generate` computes the merged model."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    from shoal.generate.load import load_for_generation
 
     hf_dir, ckpt = sparse_moe_checkpoint
     rank, alpha = 4, 8
@@ -177,6 +179,9 @@ def test_lora_finetune_on_every_linear_layer_trains_the_experts_and_exports_for_
         merged_logits = merged(input_ids=tokens).logits
     assert (merged_logits - base_logits).abs().max() > 1e-3
     torch.testing.assert_close(merged_logits, peft_logits, rtol=0, atol=2e-5)
+    with torch.no_grad():  # `shoal generate`'s model: adapters merged in memory
+        in_memory = load_for_generation(final, device="cpu", dtype="float32").model(tokens)
+    torch.testing.assert_close(in_memory, merged_logits, rtol=0, atol=2e-5)
     scaling = alpha / rank
     for layer in range(3):
         lora = {name: tuned[f"model.layers.{layer}.mlp.experts.lora.{name}"] for name in (
