@@ -12,7 +12,7 @@ held grouped like the weight (expert on dim 0, so expert parallelism splits both
 and expert x computes with W_x + s·B_x A_x, s = alpha / r (`expert_matmuls` applies it as
 x W_xᵀ + s·(x A_xᵀ) B_xᵀ). That is, for each expert and projection, exactly the adapter PEFT puts
 on the per-expert `nn.Linear` layers of transformers v4's Qwen3-MoE (`mlp.experts.{x}.gate_proj`):
-`shoal.peft.adapter` writes them under those names, one slice per expert, and PEFT ≥ 0.19 on
+`shoal.peft.adapter` writes them under those names, one slice per expert, and PEFT (0.21, checked) on
 transformers 5, whose experts are fused (`gate_up_proj` [X, 2I, E]), folds them into its
 `ParamWrapper` as it loads them (rank 2r on gate_up_proj: A stacked, B block-diagonal).
 
