@@ -35,7 +35,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from shoal.errors import ShoalError
-from shoal.models.moe import expert_matmuls
+from shoal.models.moe import LowRankUpdate, expert_matmuls
 
 # The grouped weights of an experts module, each [X, ...] with the expert on dim 0.
 EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
@@ -43,18 +43,23 @@ EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 
 def apply_expert_parallel(experts: list[nn.Module], ep_mesh: DeviceMesh) -> None:
     """Split each experts module's grouped weights over `ep_mesh` (in place, meta or real) and
-    route its rows through the all-to-all dispatch. Frozen weights stay frozen."""
+    route its rows through the all-to-all dispatch. Frozen weights stay frozen. LoRA adapters on
+    the experts (`module.lora`, each factor [X, ...]) are split with their experts."""
     ep, rank = ep_mesh.size(), ep_mesh.get_local_rank()
     for module in experts:
         if module.num_experts % ep:  # layout_checks refuses this first; a plan gone wrong lands here
             raise ShoalError(f"{module.num_experts} experts cannot be split over {ep} expert-parallel ranks")
-        for name in EXPERT_WEIGHTS:
-            param = getattr(module, name)
+        holders = [(module, name) for name in EXPERT_WEIGHTS]
+        if getattr(module, "lora", None) is not None:
+            holders += [(owner, name) for owner in module.lora.modules()
+                        for name, _ in owner.named_parameters(recurse=False)]
+        for owner, name in holders:
+            param = getattr(owner, name)
             local = param.detach().chunk(ep, dim=0)[rank]
             if not local.is_meta:
                 local = local.clone()  # its own storage, not a view of the whole tensor
             sharded = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False)
-            setattr(module, name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+            setattr(owner, name, nn.Parameter(sharded, requires_grad=param.requires_grad))
         module.apply_experts = types.MethodType(_dispatched_experts(ep_mesh), module)
 
 
@@ -64,7 +69,9 @@ def _dispatched_experts(ep_mesh: DeviceMesh):
 
     def apply_experts(self: nn.Module, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         weights = [_local(getattr(self, name)) for name in EXPERT_WEIGHTS]
-        return dispatch_to_experts(routed, counts, weights, group, ep)
+        low_rank = {name: LowRankUpdate(_local(u.lora_A), _local(u.lora_B), u.scaling)
+                    for name, u in self.low_rank_updates().items()}
+        return dispatch_to_experts(routed, counts, weights, group, ep, low_rank)
 
     return apply_experts
 
@@ -75,10 +82,12 @@ def _local(weight: torch.Tensor) -> torch.Tensor:
 
 
 def dispatch_to_experts(
-    routed: torch.Tensor, counts: torch.Tensor, weights: list[torch.Tensor], group: dist.ProcessGroup, ep: int
+    routed: torch.Tensor, counts: torch.Tensor, weights: list[torch.Tensor], group: dist.ProcessGroup, ep: int,
+    low_rank: dict[str, LowRankUpdate] | None = None,
 ) -> torch.Tensor:
     """routed [N, E] sorted by expert (counts [X]) -> each row through its expert, which may live
-    on another rank of `group`; weights: this rank's [L, ...] gate, up and down."""
+    on another rank of `group`; weights: this rank's [L, ...] gate, up and down (and `low_rank`,
+    their adapters' [L, ...] factors)."""
     local_experts = counts.shape[0] // ep
     # (2) How many rows each peer sends for each of this rank's experts: received[p, l].
     received = torch.empty_like(counts)
@@ -93,11 +102,13 @@ def dispatch_to_experts(
     expert_of_row = torch.repeat_interleave(
         torch.arange(local_experts, device=counts.device).repeat(ep), received.reshape(-1))
     order = torch.argsort(expert_of_row, stable=True)
-    out = expert_matmuls(arrived[order], received.sum(0), *weights)
+    low_rank = low_rank or {}
+    out = expert_matmuls(arrived[order], received.sum(0), *weights, low_rank)
     if out.shape[0] == 0:
         # No row reached this rank's experts. Keep the (empty) arrived rows in the graph, or this
-        # rank would skip the backward all-to-all its peers wait in (a hang), and the weights too,
-        # so that every rank reduces the same (here zero) gradients.
-        out = out + (arrived.sum() + sum(w.sum() for w in weights)) * 0
+        # rank would skip the backward all-to-all its peers wait in (a hang), and the weights and
+        # adapters too, so that every rank reduces the same (here zero) gradients.
+        factors = [t for u in low_rank.values() for t in (u.lora_A, u.lora_B)]
+        out = out + (arrived.sum() + sum(w.sum() for w in [*weights, *factors])) * 0
     out = torch.empty_like(out).index_copy(0, order, out)
     return all_to_all_single_autograd(out, send_sizes, recv_sizes, group)

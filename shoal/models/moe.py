@@ -20,6 +20,7 @@ model's forward output stays the logits alone.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -60,8 +61,21 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, mean=0.0, std=std)
 
 
+@dataclass(frozen=True)
+class LowRankUpdate:
+    """A per-expert low-rank change of one grouped weight W [X, out, in]: expert x computes with
+    W_x + scaling · B_x A_x. A [X, r, in], B [X, out, r] (all experts, or one rank's share)."""
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+
+
 class GroupedExperts(nn.Module):
-    """X SwiGLU experts held as grouped weights: gate/up [X, I, E], down [X, E, I]."""
+    """X SwiGLU experts held as grouped weights: gate/up [X, I, E], down [X, E, I].
+
+    `lora` is None, or a module set from outside (shoal.peft's expert adapters) that maps
+    projection names to `LowRankUpdate`s through `low_rank_updates()`; the model only applies them."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -70,6 +84,10 @@ class GroupedExperts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(x, i, e))
         self.up_proj = nn.Parameter(torch.empty(x, i, e))
         self.down_proj = nn.Parameter(torch.empty(x, e, i))
+        self.lora: nn.Module | None = None
+
+    def low_rank_updates(self) -> dict[str, LowRankUpdate]:
+        return {} if self.lora is None else self.lora.low_rank_updates()
 
     def reset_parameters(self, std: float) -> None:
         for weight in (self.gate_proj, self.up_proj, self.down_proj):
@@ -87,7 +105,7 @@ class GroupedExperts(nn.Module):
         """routed [T·K, E], sorted by expert with counts [X] rows each -> each row through its
         expert [T·K, E]. The seam expert parallelism replaces (shoal.distributed.expert_parallel:
         send the rows to the ranks holding their experts, run them there, bring them back)."""
-        return expert_matmuls(routed, counts, self.gate_proj, self.up_proj, self.down_proj)
+        return expert_matmuls(routed, counts, self.gate_proj, self.up_proj, self.down_proj, self.low_rank_updates())
 
 
 def sort_by_expert(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -104,13 +122,18 @@ def sort_by_expert(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tenso
 
 
 def expert_matmuls(
-    routed: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+    routed: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+    low_rank: Mapping[str, LowRankUpdate] | None = None,
 ) -> torch.Tensor:
     """routed [N, E] sorted by expert, counts[x] rows for expert x, weights gate/up [X, I, E] and
-    down [X, E, I] (all experts, or one rank's share) -> down_x(silu(gate_x(r)) · up_x(r)) per row."""
+    down [X, E, I] (all experts, or one rank's share) -> down_x(silu(gate_x(r)) · up_x(r)) per row.
+
+    `low_rank`: updates of some of the weights by name ("gate_proj", "up_proj", "down_proj"), for
+    the same experts as the weights; applied as x Wᵀ + s·(x Aᵀ) Bᵀ, never by forming W + s·B A."""
+    low_rank = low_rank or {}
     if GROUPED_MM_ON_CUDA and routed.is_cuda and _computes_in_bf16(routed):
-        return _grouped_mm(routed, counts, gate, up, down)
-    return _loop(routed, counts, gate, up, down)
+        return _grouped_mm(routed, counts, gate, up, down, low_rank)
+    return _loop(routed, counts, gate, up, down, low_rank)
 
 
 def _computes_in_bf16(x: torch.Tensor) -> bool:
@@ -122,30 +145,49 @@ def _computes_in_bf16(x: torch.Tensor) -> bool:
 
 
 def _loop(
-    routed: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+    routed: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+    low_rank: Mapping[str, LowRankUpdate],
 ) -> torch.Tensor:
     """The exact fallback: one pair of matmuls per expert that received tokens."""
+
+    def project(seg: torch.Tensor, weight: torch.Tensor, name: str, expert: int) -> torch.Tensor:
+        out = seg @ weight[expert].T
+        update = low_rank.get(name)
+        if update is not None:
+            out = out + update.scaling * ((seg @ update.lora_A[expert].T) @ update.lora_B[expert].T)
+        return out
+
     outs, start = [], 0
     for expert, n in enumerate(counts.tolist()):  # one host sync per layer
         if n == 0:
             continue
         seg = routed[start:start + n]
-        hidden = F.silu(seg @ gate[expert].T) * (seg @ up[expert].T)
-        outs.append(hidden @ down[expert].T)
+        hidden = F.silu(project(seg, gate, "gate_proj", expert)) * project(seg, up, "up_proj", expert)
+        outs.append(project(hidden, down, "down_proj", expert))
         start += n
     return torch.cat(outs) if outs else routed.new_zeros(routed.shape[0], down.shape[1])
 
 
 def _grouped_mm(
-    routed: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+    routed: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+    low_rank: Mapping[str, LowRankUpdate],
 ) -> torch.Tensor:
-    """GPU: all experts in three grouped matmuls, no host sync (see GROUPED_MM_ON_CUDA)."""
+    """GPU: all experts in three grouped matmuls (two more per adapted weight), no host sync
+    (see GROUPED_MM_ON_CUDA)."""
     # bf16 operands whatever autocast would do with `_grouped_mm` (the casts carry gradients back).
     routed, gate, up, down = (t.to(torch.bfloat16) for t in (routed, gate, up, down))
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-    g = torch._grouped_mm(routed, gate.transpose(-2, -1), offs=offsets)
-    u = torch._grouped_mm(routed, up.transpose(-2, -1), offs=offsets)
-    return torch._grouped_mm(F.silu(g) * u, down.transpose(-2, -1), offs=offsets)
+
+    def project(x: torch.Tensor, weight: torch.Tensor, name: str) -> torch.Tensor:
+        out = torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+        update = low_rank.get(name)
+        if update is not None:
+            a, b = (t.to(torch.bfloat16) for t in (update.lora_A, update.lora_B))
+            down_projected = torch._grouped_mm(x, a.transpose(-2, -1), offs=offsets)  # [N, r]
+            out = out + update.scaling * torch._grouped_mm(down_projected, b.transpose(-2, -1), offs=offsets)
+        return out
+
+    return project(F.silu(project(routed, gate, "gate_proj")) * project(routed, up, "up_proj"), down, "down_proj")
 
 
 class MoE(nn.Module):

@@ -8,8 +8,12 @@ peft 0.21): tensor keys are the module path inside `PeftModelForCausalLM`, i.e.
     base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight          [out, r]
     base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector  [out]   (DoRA)
 
-shoal's adapter names are the same without the prefix, so both directions are a rename. The
-config is a `LoraConfig` (`peft_type: LORA`, `r`, `lora_alpha`, `lora_dropout`, `target_modules`,
+shoal's adapter names are the same without the prefix, so both directions are a rename, except
+for the routed experts of a mixture-of-experts model: shoal holds their adapters grouped
+(`mlp.experts.lora.gate_proj.lora_A.weight` [X, r, in], see shoal.peft.experts) and the folder
+holds one slice per expert, named as PEFT names the adapter of transformers v4's per-expert
+linear layers (`mlp.experts.{x}.gate_proj.lora_A.weight` [r, in]); PEFT on transformers 5 fuses
+them into its `gate_up_proj`/`down_proj` parameter adapters as it loads them. The config is a `LoraConfig` (`peft_type: LORA`, `r`, `lora_alpha`, `lora_dropout`, `target_modules`,
 `use_dora`); PEFT features that change the maths and that shoal does not implement (rsLoRA,
 per-module ranks, bias training, ...) are refused when reading, never dropped.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +36,9 @@ from shoal.peft.config import ALL_LINEAR, LoraConfig
 from shoal.peft.lora import adapter_state_dict, group_adapter_tensors, is_adapter_key, split_adapter_key
 
 PEFT_PREFIX = "base_model.model."
+# One expert's adapter factor in a PEFT folder: (experts module, expert index, projection, factor).
+_PER_EXPERT_FACTOR = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(lora_A\.weight|lora_B\.weight)$")
+_GROUPED_FACTOR = re.compile(r"^(.*\.experts)\.lora\.(gate_proj|up_proj|down_proj)\.(lora_A\.weight|lora_B\.weight)$")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
@@ -91,8 +99,10 @@ def save_peft_adapter(
         raise ShoalError("no adapter tensors to save (expected names ending in lora_A.weight, lora_B.weight"
                          " or lora_magnitude_vector)")
     group_adapter_tensors(state, config, "adapter to save")  # PEFT would reject, or silently skip, the rest
+    _refuse_dense_mlp_beside_experts(state)
     # safetensors wants contiguous CPU tensors that share no storage.
-    tensors = {PEFT_PREFIX + name: t.detach().to("cpu").contiguous().clone() for name, t in sorted(state.items())}
+    tensors = {PEFT_PREFIX + name: t.detach().to("cpu").contiguous().clone()
+               for name, t in sorted(_split_expert_factors(state).items())}
     from safetensors.torch import save
 
     out = Path(out_dir)
@@ -102,6 +112,56 @@ def save_peft_adapter(
         (tmp / WEIGHTS_FILE).write_bytes(save(tensors, metadata={"format": "pt"}))
         text = json.dumps(peft_adapter_config(config, base_model_name_or_path), indent=2, sort_keys=True)
         (tmp / CONFIG_FILE).write_text(text + "\n")
+    return out
+
+
+def _refuse_dense_mlp_beside_experts(state: Mapping[str, torch.Tensor]) -> None:
+    """PEFT (0.21, transformers 5) turns the gate_proj/up_proj/down_proj targets of a Qwen3-MoE
+    model into adapters on the fused experts only: a dense MLP layer's adapters (`mlp_only_layers`,
+    `decoder_sparse_step`) would be left out when it loads the folder, without an error."""
+    experts = any(_GROUPED_FACTOR.match(name) for name in state)
+    dense = sorted({split_adapter_key(name)[0] for name in state if re.search(r"\.mlp\.(gate|up|down)_proj\.", name)})
+    if experts and dense:
+        raise ShoalError(f"cannot write a PEFT adapter for {dense[0]} (and {len(dense) - 1} more dense MLP "
+                         "projections) beside adapters on the routed experts: PEFT on transformers 5 maps the "
+                         "gate_proj/up_proj/down_proj targets of a mixture-of-experts model onto its experts only and "
+                         "would skip them; export the merged model instead")
+
+
+def _split_expert_factors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Grouped expert adapter factors [X, ...] -> one [...] tensor per expert under PEFT's per-expert name."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        match = _GROUPED_FACTOR.match(name)
+        if match is None:
+            out[name] = tensor
+            continue
+        experts, proj, factor = match.groups()
+        for index, piece in enumerate(tensor.unbind(0)):
+            out[f"{experts}.{index}.{proj}.{factor}"] = piece
+    return out
+
+
+def _stack_expert_factors(state: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
+    """The inverse of `_split_expert_factors`: per-expert factors stacked into shoal's grouped ones
+    (every expert 0..X-1 present, of one shape)."""
+    out: dict[str, torch.Tensor] = {}
+    grouped: dict[str, dict[int, torch.Tensor]] = {}
+    for name, tensor in state.items():
+        match = _PER_EXPERT_FACTOR.match(name)
+        if match is None:
+            out[name] = tensor
+            continue
+        experts, index, proj, factor = match.groups()
+        grouped.setdefault(f"{experts}.lora.{proj}.{factor}", {})[int(index)] = tensor
+    for name, by_index in grouped.items():
+        missing = sorted(set(range(max(by_index) + 1)) - set(by_index))
+        if missing:
+            raise ShoalError(f"{where}: the adapter lacks experts {missing} of {name.replace('.lora.', '.{x}.')}")
+        pieces = [by_index[i] for i in range(len(by_index))]
+        if len({tuple(p.shape) for p in pieces}) > 1:
+            raise ShoalError(f"{where}: the experts' adapters for {name.replace('.lora.', '.{x}.')} differ in shape")
+        out[name] = torch.stack(pieces)
     return out
 
 
@@ -176,6 +236,7 @@ def load_peft_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
         state[key[len(PEFT_PREFIX):]] = tensor
     if not state:
         raise ShoalError(f"{weights}: holds no adapter tensors")
+    state = _stack_expert_factors(state, weights)
     config = _config_from_peft(data, state, config_path)
     group_adapter_tensors(state, config, str(weights))
     return config, state

@@ -23,7 +23,7 @@ from shoal.convert.streaming import DCPWeightReader
 from shoal.errors import ShoalError
 from shoal.peft.adapter import save_peft_adapter
 from shoal.peft.config import LoraConfig
-from shoal.peft.lora import is_adapter_key, merge_adapter_state_dict
+from shoal.peft.lora import adapter_module_for, is_adapter_key, merge_adapter_state_dict
 
 
 def read_peft_config(ckpt: Path) -> LoraConfig:
@@ -60,7 +60,7 @@ class MergedWeightReader:
         # Each weight needs its own adapter tensors: read them in the same DCP load.
         wanted = list(names)
         for name in names:
-            module = name.removesuffix(".weight")
+            module = adapter_module_for(name)
             wanted += [k for k in (f"{module}.lora_A.weight", f"{module}.lora_B.weight",
                                    f"{module}.lora_magnitude_vector") if k in self._all]
         tensors = {}

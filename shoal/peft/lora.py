@@ -37,6 +37,14 @@ from torch.distributed.tensor.parallel import ParallelStyle
 
 from shoal.errors import ShoalError
 from shoal.peft.config import ALL_LINEAR, LoraConfig
+from shoal.peft.experts import (
+    EXPERT_PROJECTIONS,
+    adapter_module_of,
+    apply_expert_lora,
+    expert_adapters,
+    grouped_weight_of,
+    merge_expert_lora,
+)
 from shoal.peft.tensor_parallel import lora_style
 
 # Name endings of adapter tensors, in shoal's and (after the prefix) PEFT's naming.
@@ -208,44 +216,60 @@ def apply_lora(
 
     Target names may be HF's (`q_proj`), NeMo's (`linear_qkv`) or `all-linear` (see
     `shoal.peft.config`). The default targets every linear layer of each block, as NeMo's LoRA does.
+    On a mixture-of-experts model, gate_proj/up_proj/down_proj also adapt the routed experts'
+    grouped weights, each expert its own adapter (`shoal.peft.experts`).
     On the meta device the adapters are left uninitialised: call `init_lora_weights` once the
     model is materialised and its base weights are loaded (DoRA starts from their norms).
     Returns the same model object, changed in place.
     """
     cfg = LoraConfig(rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules, use_dora=use_dora)
-    if any(True for _ in lora_modules(model)):
+    if any(True for _ in lora_modules(model)) or expert_adapters(model):
         raise ShoalError("the model already carries LoRA adapters; merge_lora() it before applying new ones")
     targets = set(cfg.target_modules)
-    _refuse_expert_targets(model, targets)
+    expert_targets = _expert_targets(model, cfg)
     chosen = [
         (name, module)
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and name.rpartition(".")[2] in targets
     ]
-    if not chosen:
+    if not chosen and not expert_targets:
         raise ShoalError(
             f"no linear layer of the model is named one of {sorted(targets)}; "
             f"the model's linear layers end in {sorted(_linear_leaf_names(model))}"
         )
     for name, module in chosen:
         _replace(model, name, LoraLinear(module, cfg.rank, cfg.alpha, cfg.dropout, cfg.use_dora))
+    apply_expert_lora(model, expert_targets, cfg.rank, cfg.alpha)
+    if not any(p.is_meta for p in model.parameters()):
+        for _, adapter in expert_adapters(model):
+            adapter.reset_lora_parameters()
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter_key(name))
     return model
 
 
-def _refuse_expert_targets(model: nn.Module, targets: set[str]) -> None:
-    """A mixture-of-experts layer holds its experts' gate/up/down projections as grouped weights,
-    not linear layers: targets naming them would adapt only the attention (and any dense MLP
-    layer) and say nothing, so they are refused until adapters on the experts exist."""
+def _expert_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """The routed experts' projections to adapt (none for a dense model), after refusing what
+    PEFT could not load or compute: DoRA or dropout on experts, gate without up or the reverse."""
     from shoal.models.moe import GroupedExperts
 
-    mlp = sorted(targets & {"gate_proj", "up_proj", "down_proj"}, key=ALL_LINEAR.index)
-    if mlp and any(isinstance(m, GroupedExperts) for m in model.modules()):
-        raise ShoalError(
-            f"target_modules {', '.join(mlp)}: LoRA/DoRA on the routed experts of a mixture-of-experts model is "
-            f"not supported yet (they are grouped weights, not linear layers); target the attention "
-            f"projections: q_proj, k_proj, v_proj, o_proj (NeMo's linear_qkv, linear_proj)")
+    mlp = [name for name in EXPERT_PROJECTIONS if name in cfg.target_modules]
+    if not mlp or not any(isinstance(m, GroupedExperts) for m in model.modules()):
+        return []
+    named = ", ".join(mlp)
+    if cfg.use_dora:
+        raise ShoalError(f"target_modules {named}: DoRA on the routed experts of a mixture-of-experts model is not "
+                         "supported (nor by PEFT); use LoRA, or target the attention projections only: q_proj, "
+                         "k_proj, v_proj, o_proj (NeMo's linear_qkv, linear_proj)")
+    if cfg.dropout > 0:
+        raise ShoalError(f"target_modules {named}: LoRA dropout ({cfg.dropout:g}) on the routed experts is not "
+                         "supported (nor by PEFT: the adapters are folded into the grouped weights); set "
+                         "peft.dropout=0, or target the attention projections only")
+    if ("gate_proj" in mlp) != ("up_proj" in mlp):
+        raise ShoalError(f"target_modules {named}: the experts' gate_proj and up_proj are one fused weight in "
+                         "Hugging Face's Qwen3-MoE (gate_up_proj), which PEFT adapts whole; target both "
+                         "(NeMo's linear_fc1) or neither")
+    return mlp
 
 
 def _linear_leaf_names(model: nn.Module) -> set[str]:
@@ -259,7 +283,7 @@ def init_lora_weights(model: nn.Module, seed: int | None = None) -> None:
     With `seed`, each layer draws from a generator seeded by `seed` and the layer's name, so a
     pipeline stage holding only some layers gives them the values one process would: the adapters
     then start the same in every layout."""
-    for name, module in lora_modules(model):
+    for name, module in [*lora_modules(model), *expert_adapters(model)]:
         generator = None if seed is None else torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
         module.reset_lora_parameters(generator)
 
@@ -282,12 +306,13 @@ def merge_lora(model: nn.Module) -> nn.Module:
     `merge_adapter_state_dict`. Returns the same model object, changed in place."""
     for name, module in list(lora_modules(model)):
         _replace(model, name, module.merged())
+    merge_expert_lora(model)
     return model
 
 
 def lora_config_dict(model: nn.Module) -> dict:
     """The adapter settings of a model carrying adapters (the content of `peft.json`)."""
-    layers = list(lora_modules(model))
+    layers = [*lora_modules(model), *expert_adapters(model)]
     if not layers:
         raise ShoalError("the model carries no LoRA adapters")
     settings = {(m.rank, m.alpha, m.dropout_p, m.use_dora) for _, m in layers}
@@ -350,6 +375,17 @@ def _few(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def base_weight_name(adapter_module: str) -> str:
+    """The weight an adapter module adapts: `...q_proj` -> `...q_proj.weight`,
+    `...experts.lora.gate_proj` -> the grouped `...experts.gate_proj`."""
+    return grouped_weight_of(adapter_module) or adapter_module + ".weight"
+
+
+def adapter_module_for(weight_name: str) -> str:
+    """The inverse of `base_weight_name`: where the adapters of a weight would be."""
+    return adapter_module_of(weight_name) or weight_name.removesuffix(".weight")
+
+
 def split_adapter_key(name: str) -> tuple[str, str]:
     """`model.layers.0.self_attn.q_proj.lora_A.weight` -> (`model.layers.0.self_attn.q_proj`, `lora_A.weight`)."""
     for suffix in ADAPTER_SUFFIXES:
@@ -378,7 +414,14 @@ def group_adapter_tensors(
             raise ShoalError(f"{where}: {module} has adapter tensors {sorted(parts)}, expected {sorted(needed)} "
                              f"(use_dora={config.use_dora})")
         a, b = parts["lora_A.weight"], parts["lora_B.weight"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != config.rank or b.shape[1] != config.rank:
+        if grouped_weight_of(module) is not None:  # the routed experts': one adapter per expert
+            if config.use_dora:
+                raise ShoalError(f"{where}: {module}: DoRA on the routed experts is not supported")
+            if (a.dim() != 3 or b.dim() != 3 or a.shape[1] != config.rank or b.shape[2] != config.rank
+                    or a.shape[0] != b.shape[0]):
+                raise ShoalError(f"{where}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+                                 f"expected [experts, r, in] and [experts, out, r] with r={config.rank}")
+        elif a.dim() != 2 or b.dim() != 2 or a.shape[0] != config.rank or b.shape[1] != config.rank:
             raise ShoalError(f"{where}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
                              f"expected [r, in] and [out, r] with r={config.rank}")
         magnitude = parts.get("lora_magnitude_vector")
@@ -398,12 +441,13 @@ def merge_adapter_state_dict(
     layers = group_adapter_tensors(state, config, where)
     merged = {name: tensor for name, tensor in state.items() if not is_adapter_key(name)}
     for module, parts in layers.items():
-        key = module + ".weight"
+        key = base_weight_name(module)
         if key not in merged:
             raise ShoalError(f"{where}: adapter tensors for {module} but no base weight {key}")
         weight, a, b = merged[key], parts["lora_A.weight"], parts["lora_B.weight"]
-        if (b.shape[0], a.shape[1]) != tuple(weight.shape):
-            raise ShoalError(f"{where}: {module} adapters give a [{b.shape[0]}, {a.shape[1]}] update "
+        update_shape = (*b.shape[:-1], a.shape[-1])  # [out, in], or [experts, out, in]
+        if update_shape != tuple(weight.shape):
+            raise ShoalError(f"{where}: {module} adapters give a {list(update_shape)} update "
                              f"for a weight of shape {tuple(weight.shape)}")
         merged[key] = merged_weight(weight, a, b, config.scaling, parts.get("lora_magnitude_vector"))
     return merged

@@ -22,7 +22,7 @@ class ParamCounts:
     lm_head: int  # the output layer; 0 when tied to the embedding
     adapter_targets_per_layer: int  # LoRA/DoRA-adapted linear layers in one decoder layer
     adapter_in_features_per_layer: int  # Σ in_features over those layers (dropout copies of their input)
-    experts: int = 0  # the routed experts' grouped weights, all layers (mixture of experts; never adapted)
+    experts: int = 0  # the routed experts' grouped weights, all layers (mixture of experts; frozen under LoRA)
 
     @property
     def frozen(self) -> int:
@@ -49,8 +49,10 @@ def count_parameters(cfg: ModelConfig, peft_method: str = "none", rank: int = 16
     # The largest layer is FSDP's unit (an MoE model's dense `mlp_only_layers` are smaller).
     layer = max(model.model.layers.values(), key=lambda m: sum(p.numel() for p in m.parameters()))
     layer_params = list(layer.parameters())
-    targets = [m for m in layer.modules() if hasattr(m, "lora_A")]
-    experts = sum(p.numel() for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters())
+    # Linear layers carrying adapters (the routed experts' adapters, shoal.peft.experts, have no dropout).
+    targets = [m for m in layer.modules() if hasattr(m, "lora_A") and hasattr(m, "lora_dropout")]
+    experts = sum(p.numel() for m in model.modules() if isinstance(m, GroupedExperts)
+                  for p in m.parameters(recurse=False))  # the frozen grouped weights, not their adapters
     tied = cfg.tie_word_embeddings
     return ParamCounts(
         total=total,

@@ -7,7 +7,8 @@ oracle's (fp32; the dispatch only moves rows, so the tolerance is that of reorde
 
 The routing is uneven on purpose: rank 1 sends most of its rows to rank 0's experts, and in the
 second case every row goes to rank 0's experts, so rank 1 receives nothing and must still return
-(zero) gradients for its experts.
+(zero) gradients for its experts. With `lora`, the experts carry LoRA adapters on their three
+projections (shoal.peft.experts), split with them: their gradients are checked the same way.
 """
 
 from __future__ import annotations
@@ -24,11 +25,20 @@ CFG = get_preset("qwen3_moe_tiny")  # 8 experts, 2 per token, hidden 64, expert 
 TOKENS_PER_RANK = 12
 
 
-def _inputs(all_on_rank0: bool):
-    """Weights, and per rank: tokens [T, E], expert indices [T, K] and routing weights [T, K]."""
+def _experts(lora: bool) -> GroupedExperts:
+    from shoal.peft.experts import ExpertLora
+
+    experts = GroupedExperts(CFG)
+    if lora:
+        experts.lora = ExpertLora(experts, ["gate_proj", "up_proj", "down_proj"], rank=2, alpha=4.0)
+    return experts
+
+
+def _inputs(all_on_rank0: bool, lora: bool = False):
+    """Weights (adapters included), and per rank: tokens [T, E], expert indices [T, K] and routing weights [T, K]."""
     g = torch.Generator().manual_seed(3)
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in GroupedExperts(CFG).named_parameters()}
+        shapes = {k: v.shape for k, v in _experts(lora).named_parameters()}
     weights = {k: torch.randn(s, generator=g) * 0.1 for k, s in shapes.items()}
     ranks = []
     for rank in range(2):
@@ -44,9 +54,9 @@ def _inputs(all_on_rank0: bool):
     return weights, ranks
 
 
-def _oracle(all_on_rank0: bool):
-    weights, ranks = _inputs(all_on_rank0)
-    experts = GroupedExperts(CFG)
+def _oracle(all_on_rank0: bool, lora: bool):
+    weights, ranks = _inputs(all_on_rank0, lora)
+    experts = _experts(lora)
     experts.load_state_dict(weights)
     x = torch.cat([r[0] for r in ranks]).requires_grad_()
     out = experts(x, torch.cat([r[1] for r in ranks]), torch.cat([r[2] for r in ranks]))
@@ -54,16 +64,16 @@ def _oracle(all_on_rank0: bool):
     return out.detach(), x.grad, {k: p.grad for k, p in experts.named_parameters()}
 
 
-def dispatched(all_on_rank0: bool) -> dict:
+def dispatched(all_on_rank0: bool, lora: bool) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     from shoal.distributed.expert_parallel import apply_expert_parallel
 
     rank = dist.get_rank()
-    weights, ranks = _inputs(all_on_rank0)
+    weights, ranks = _inputs(all_on_rank0, lora)
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("ep",))
     with torch.device("meta"):
-        experts = GroupedExperts(CFG)
+        experts = _experts(lora)
     apply_expert_parallel([experts], mesh)
     experts.to_empty(device="cpu")
     with torch.no_grad():
@@ -80,10 +90,12 @@ def dispatched(all_on_rank0: bool) -> dict:
             "placements": {k: str(p.placements) for k, p in experts.named_parameters()}}
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
 @pytest.mark.parametrize("all_on_rank0", [False, True], ids=["uneven", "rank1_receives_nothing"])
-def test_dispatch_equals_the_experts_in_one_process(all_on_rank0: bool) -> None:
-    out, x_grad, grads = _oracle(all_on_rank0)
-    results = run_distributed(dispatched, 2, all_on_rank0)
+def test_dispatch_equals_the_experts_in_one_process(all_on_rank0: bool, lora: bool) -> None:
+    out, x_grad, grads = _oracle(all_on_rank0, lora)
+    assert len(grads) == (9 if lora else 3)
+    results = run_distributed(dispatched, 2, all_on_rank0, lora)
     for rank, result in enumerate(results):
         rows = slice(rank * TOKENS_PER_RANK, (rank + 1) * TOKENS_PER_RANK)
         torch.testing.assert_close(result["out"], out[rows], rtol=1e-5, atol=1e-6)

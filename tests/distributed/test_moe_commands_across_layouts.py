@@ -24,7 +24,7 @@ import torch
 
 from tests.distributed.test_commands_across_layouts import RTOL, STEPS, ranks_that_ran, rewound_to_step_2, run_ok
 from tests.helpers.cli import shoal
-from tests.helpers.training import TrainAssets, train_args, train_records
+from tests.helpers.training import TrainAssets, read_dcp, train_args, train_records
 
 MOE_SHAPE = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
@@ -118,14 +118,32 @@ def test_moe_checkpoint_reshards_between_expert_layouts(
     assert_same_records(exp, runs["one_process"], [3, 4])
 
 
-def test_moe_lora_finetune_under_expert_parallel_matches_one_process(assets: TrainAssets, tmp_path: Path):
-    """`shoal finetune --peft lora` (adapters on the attention, experts frozen and still dispatched
-    by all-to-all, their FSDP units holding no trainable weight) under EP2 follows the one-process
-    run: loss, gradient norm, aux loss and router statistics."""
+@pytest.mark.parametrize("targets, layout", [
+    pytest.param("[q_proj,k_proj,v_proj,o_proj]", "ep2", id="attention"),
+    pytest.param("all-linear", "ep2", id="experts_too"),
+    pytest.param("[q_proj,k_proj,v_proj,o_proj]", "ep2_fsdp2", id="attention_ep2_fsdp2"),
+    pytest.param("all-linear", "ep2_fsdp2", id="experts_too_ep2_fsdp2"),
+])
+def test_moe_lora_finetune_under_expert_parallel_matches_one_process(assets: TrainAssets, tmp_path: Path,
+                                                                     targets: str, layout: str):
+    """`shoal finetune --peft lora` under EP2 follows the one-process run (loss, gradient norm, aux
+    loss and router statistics), with adapters on the attention only (experts frozen and still
+    dispatched by all-to-all, their FSDP units holding no trainable weight) or on every linear
+    layer, the routed experts included (their adapters split over the ranks with the experts, and
+    under EP2×FSDP2 sharded further over the two ranks holding the same experts)."""
+    # EP2×FSDP2: 4 data-parallel ranks, so micro-batches of 1 (the same global batch of 4), in the
+    # one-process run too: the aux loss is taken per micro-batch, so its gradient depends on them.
+    micro = ["-m", "1"] if layout == "ep2_fsdp2" else []
+    layouts = {"ep2": LAYOUTS["ep2"], "ep2_fsdp2": ["--num_gpus", "4", "--expert_model_parallel_size", "2"]}
     runs = {}
-    for name, layout in {"one_process": [], "ep2": LAYOUTS["ep2"]}.items():
+    for name, args in {"one_process": micro, layout: [*layouts[layout], *micro]}.items():
         run_ok(train_args(assets, "finetune", tmp_path, f"lora_{name}", "--max_steps", STEPS, "--peft", "lora",
-                          *layout), tmp_path)
+                          f"--peft.target_modules={targets}", *args), tmp_path)
         runs[name] = tmp_path / f"lora_{name}"
-    assert ranks_that_ran(runs["ep2"]) == {0, 1}
-    assert_same_records(runs["ep2"], runs["one_process"], list(range(1, STEPS + 1)))
+    assert ranks_that_ran(runs[layout]) == set(range(int(layouts[layout][1])))
+    (final,) = (runs["one_process"] / "checkpoints").glob("step=*-last")
+    held = read_dcp(final / "model", tmp_path / "model.pt")
+    expert_b = [t for k, t in held.items() if ".mlp.experts.lora." in k and k.endswith("lora_B.weight")]
+    assert len(expert_b) == (0 if targets.startswith("[") else 3 * MOE_SHAPE["num_hidden_layers"])
+    assert all(t.abs().max() > 0 for t in expert_b)  # they trained
+    assert_same_records(runs[layout], runs["one_process"], list(range(1, STEPS + 1)))

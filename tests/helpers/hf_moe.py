@@ -42,3 +42,17 @@ def save_hf_moe(path: Path, seed: int = 0, dtype: torch.dtype = torch.float32, *
     model.save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return model
+
+
+def imported_moe(tmp_path: Path, **overrides):
+    """(the transformers model, shoal's model built from `shoal import` of its save_pretrained)."""
+    from shoal.checkpoint.format import read_model_config
+    from shoal.checkpoint.state import load_model_into
+    from shoal.cli import main as shoal
+    from shoal.models import build_model
+
+    hf = save_hf_moe(tmp_path / "hf", **overrides)
+    assert shoal(["import", "--source", str(tmp_path / "hf"), "--output_path", str(tmp_path / "ckpt")]) == 0
+    model = build_model(read_model_config(tmp_path / "ckpt"), init=False)
+    load_model_into(model, tmp_path / "ckpt")
+    return hf, model

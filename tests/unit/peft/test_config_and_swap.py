@@ -121,15 +121,3 @@ def test_merge_adapter_state_dict_errors():
     with pytest.raises(ShoalError, match="use_dora=True"):
         merge_adapter_state_dict(state, dataclasses.replace(config, use_dora=True))
 
-
-@pytest.mark.parametrize("mlp_only_layers", [[], [0]], ids=["every-layer-sparse", "one-dense-layer"])
-@pytest.mark.parametrize("targets", [["all-linear"], ["q_proj", "down_proj"], ["linear_fc1"]])
-def test_mlp_targets_on_routed_experts_are_refused_not_skipped(mlp_only_layers, targets):
-    """The experts' projections are grouped weights, not linear layers: a LoRA that names them used
-    to adapt only the attention (and any dense MLP layer) and say nothing."""
-    cfg = dataclasses.replace(get_preset("qwen3_moe_tiny"), mlp_only_layers=mlp_only_layers)
-    with pytest.raises(ShoalError, match=r"routed experts.*not supported.*q_proj, k_proj, v_proj, o_proj"):
-        apply_lora(build_model(cfg), rank=2, alpha=2, target_modules=targets)
-    model = apply_lora(build_model(cfg), rank=2, alpha=2, target_modules=["linear_qkv", "linear_proj"])
-    assert {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, LoraLinear)} == {
-        "q_proj", "k_proj", "v_proj", "o_proj"}

@@ -1,6 +1,6 @@
 """Qwen3-MoE through the training commands: `shoal pretrain` trains as transformers + AdamW would,
-LoRA fine-tuning adapts the attention and leaves the experts alone, and the seed's command line
-with `--model qwen3_30b_a3b` resolves.
+LoRA fine-tuning adapts the attention (and leaves the experts alone) or, with the MLP targets,
+the routed experts too, and the seed's command line with `--model qwen3_30b_a3b` resolves.
 
 Oracles: a tiny `Qwen3MoeForCausalLM` made by transformers (with the demo tokenizer), imported
 with `shoal import`; transformers' own `aux_loss` (`output_router_logits=True`) per micro-batch,
@@ -31,15 +31,24 @@ MOE_SHAPE = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
 @pytest.fixture(scope="module")
 def moe_checkpoint(tmp_path_factory: pytest.TempPathFactory, train_assets: TrainAssets) -> tuple[Path, Path]:
     """(the HF folder, its shoal import): a tiny Qwen3-MoE with the training assets' tokenizer."""
+    return make_moe_checkpoint(tmp_path_factory.mktemp("moe"))
+
+
+@pytest.fixture(scope="module")
+def sparse_moe_checkpoint(tmp_path_factory: pytest.TempPathFactory, train_assets: TrainAssets) -> tuple[Path, Path]:
+    """The same with every layer sparse (as in Qwen3-30B-A3B): PEFT can load adapters on all its MLPs."""
+    return make_moe_checkpoint(tmp_path_factory.mktemp("sparse_moe"), mlp_only_layers=[])
+
+
+def make_moe_checkpoint(root: Path, **overrides) -> tuple[Path, Path]:
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     from shoal.demo.tiny_model import tiny_llama_config
     from shoal.demo.tokenizer import TOKENIZER_DIR
 
-    root = tmp_path_factory.mktemp("moe")
     ids = tiny_llama_config()
     config = Qwen3MoeConfig(vocab_size=ids.vocab_size, bos_token_id=ids.bos_token_id, eos_token_id=ids.eos_token_id,
-                            pad_token_id=ids.pad_token_id, **MOE_SHAPE)
+                            pad_token_id=ids.pad_token_id, **{**MOE_SHAPE, **overrides})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = Qwen3MoeForCausalLM(config).float()
@@ -135,15 +144,56 @@ def test_pretrain_matches_transformers_adamw_with_the_aux_loss(train_assets, moe
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def test_lora_on_the_experts_is_refused_before_training(train_assets, moe_checkpoint, tmp_path, capsys):
-    """LoRA targets naming the MLP projections (here NeMo's default, every linear layer) would skip the
-    routed experts without a word: the run stops with a message, no checkpoint written."""
-    _, ckpt = moe_checkpoint
-    args = moe_args(train_assets, ckpt, "finetune", tmp_path / "res", "ft", "--max_steps", 2, "--peft", "lora",
-                    "--peft.target_modules=all-linear")
-    assert shoal(*args) == 2
-    assert "LoRA/DoRA on the routed experts of a mixture-of-experts model is not supported" in capsys.readouterr().err
-    assert not list((tmp_path / "res").glob("ft/checkpoints/step=*"))
+def test_lora_finetune_on_every_linear_layer_trains_the_experts_and_exports_for_peft(
+        train_assets, sparse_moe_checkpoint, tmp_path):
+    """NeMo's default LoRA (every linear layer) on an MoE: the routed experts get adapters, they
+    train, the PEFT export on transformers' model gives the merged export's logits, and the merged
+    experts are W + s·B A expert by expert; `shoal generate` computes the merged model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from shoal.generate.load import load_for_generation
+
+    hf_dir, ckpt = sparse_moe_checkpoint
+    rank, alpha = 4, 8
+    args = moe_args(train_assets, ckpt, "finetune", tmp_path / "res", "ft", "--max_steps", 3, "--peft", "lora",
+                    f"--peft.rank={rank}", f"--peft.alpha={alpha}", "--train.lr=1e-2", "--peft.target_modules=all-linear")
+    assert shoal(*args) == 0
+    (final,) = (tmp_path / "res" / "ft" / "checkpoints").glob("step=000003*-last")
+    tuned = read_dcp(final / "model", tmp_path / "tuned.pt")
+    assert all(".lora" in k for k in tuned), sorted(k for k in tuned if ".lora" not in k)  # adapter-only
+    for layer in range(3):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            b = tuned[f"model.layers.{layer}.mlp.experts.lora.{proj}.lora_B.weight"]
+            assert b.shape[0] == MOE_SHAPE["num_experts"] and b.abs().max() > 0, (layer, proj)  # it trained
+
+    assert shoal("export", "--source", tmp_path / "res" / "ft", "--output_path", tmp_path / "merged") == 0
+    assert shoal("export", "--source", final, "--output_path", tmp_path / "adapter", "--adapter_only") == 0
+    tokens = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+        base = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        base_experts = [layer.mlp.experts.state_dict() for layer in base.model.layers]
+        base_logits = base(input_ids=tokens).logits
+        peft_logits = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(input_ids=tokens).logits
+        merged_logits = merged(input_ids=tokens).logits
+    assert (merged_logits - base_logits).abs().max() > 1e-3
+    torch.testing.assert_close(merged_logits, peft_logits, rtol=0, atol=2e-5)
+    with torch.no_grad():  # `shoal generate`'s model: adapters merged in memory
+        in_memory = load_for_generation(final, device="cpu", dtype="float32").model(tokens)
+    torch.testing.assert_close(in_memory, merged_logits, rtol=0, atol=2e-5)
+    scaling = alpha / rank
+    for layer in range(3):
+        lora = {name: tuned[f"model.layers.{layer}.mlp.experts.lora.{name}"] for name in (
+            "gate_proj.lora_A.weight", "gate_proj.lora_B.weight", "up_proj.lora_A.weight", "up_proj.lora_B.weight",
+            "down_proj.lora_A.weight", "down_proj.lora_B.weight")}
+        delta = {proj: scaling * lora[f"{proj}.lora_B.weight"] @ lora[f"{proj}.lora_A.weight"]
+                 for proj in ("gate_proj", "up_proj", "down_proj")}
+        expected_gate_up = base_experts[layer]["gate_up_proj"] + torch.cat([delta["gate_proj"], delta["up_proj"]], 1)
+        got = merged.model.layers[layer].mlp.experts
+        torch.testing.assert_close(got.gate_up_proj, expected_gate_up, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got.down_proj, base_experts[layer]["down_proj"] + delta["down_proj"],
+                                   rtol=0, atol=1e-6)
 
 
 def test_lora_finetune_adapts_attention_and_leaves_experts_untouched(train_assets, moe_checkpoint, tmp_path):
