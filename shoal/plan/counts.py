@@ -23,6 +23,7 @@ class ParamCounts:
     adapter_targets_per_layer: int  # LoRA/DoRA-adapted linear layers in one decoder layer
     adapter_in_features_per_layer: int  # Σ in_features over those layers (dropout copies of their input)
     experts: int = 0  # the routed experts' grouped weights, all layers (mixture of experts; frozen under LoRA)
+    adapted_expert_projections: int = 0  # of gate/up/down, how many carry per-expert adapters (shoal.peft.experts)
 
     @property
     def frozen(self) -> int:
@@ -53,6 +54,7 @@ def count_parameters(cfg: ModelConfig, peft_method: str = "none", rank: int = 16
     targets = [m for m in layer.modules() if hasattr(m, "lora_A") and hasattr(m, "lora_dropout")]
     experts = sum(p.numel() for m in model.modules() if isinstance(m, GroupedExperts)
                   for p in m.parameters(recurse=False))  # the frozen grouped weights, not their adapters
+    adapted = max((len(m.low_rank_updates()) for m in model.modules() if isinstance(m, GroupedExperts)), default=0)
     tied = cfg.tie_word_embeddings
     return ParamCounts(
         total=total,
@@ -64,4 +66,5 @@ def count_parameters(cfg: ModelConfig, peft_method: str = "none", rank: int = 16
         adapter_targets_per_layer=len(targets),
         adapter_in_features_per_layer=sum(m.in_features for m in targets),
         experts=experts,
+        adapted_expert_projections=adapted,
     )

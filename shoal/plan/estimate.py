@@ -192,7 +192,8 @@ def resolve_gradient_sync(layout: Layout, trainable_per_rank: float, micro_batch
 
 
 def activation_elements_per_token(cfg: ModelConfig, layout: Layout, mode: str, compiled: bool = True,
-                                   moe_layer: bool = False, frozen_experts: bool = False) -> tuple[float, float]:
+                                   moe_layer: bool = False, frozen_experts: bool = False,
+                                   element_bytes: int = 2) -> tuple[float, float]:
     """(elements kept per token by one decoder layer, of which residual-stream elements).
 
     none: the layer input and the post-attention residual (norm backward), both normed inputs
@@ -211,7 +212,7 @@ def activation_elements_per_token(cfg: ModelConfig, layout: Layout, mode: str, c
     q, kv, inter = q / layout.tp, kv / layout.tp, inter / layout.tp
     if mode not in ("none", "selective", "full"):
         raise ShoalError(f"parallel.activation_checkpointing {mode!r}: expected none, full or selective")
-    mlp = moe_elements_per_token(cfg, mode, compiled, frozen_experts) if moe_layer else None
+    mlp = moe_elements_per_token(cfg, mode, compiled, frozen_experts, element_bytes) if moe_layer else None
     if mode == "none":
         eager = 0 if compiled else 4 * h_share + q + kv + (q + kv if cfg.qk_norm else 0)
         dense_mlp = 3 * inter + (0 if compiled else inter)
@@ -221,33 +222,47 @@ def activation_elements_per_token(cfg: ModelConfig, layout: Layout, mode: str, c
     return h_share, h_share
 
 
-def moe_elements_per_token(cfg: ModelConfig, mode: str, compiled: bool = True, frozen_experts: bool = False) -> float:
-    """Elements one token's routing keeps in a mixture-of-experts block (shoal.models.moe), with K
-    routed slots of width E (hidden) and I (expert SwiGLU) each and X experts; the router's fp32
-    probabilities count as two elements each (its softmax output, kept for backward).
+def moe_elements_per_token(cfg: ModelConfig, mode: str, compiled: bool = True, frozen_experts: bool = False,
+                           element_bytes: int = 2) -> float:
+    """Elements (of `element_bytes` each) one token's routing keeps in a mixture-of-experts block
+    (shoal.models.moe), with K routed slots of width E (hidden) and I (expert SwiGLU) each and X
+    experts; the router's probabilities (its softmax output, kept for backward) are fp32 always.
 
     none: the sorted rows (the grouped gate/up weight gradients), the gate and up outputs, their
-    product (down's weight gradient) and the weighted expert output (the routing weights'
-    gradient): K(2E + 3I), plus SiLU's output without compile (K·I). Frozen experts (LoRA/DoRA)
-    need no weight gradient, so neither the sorted rows nor the product are kept: K(E + 2I).
-    selective: the grouped matmuls' outputs and the router logits, K(2I + E) + X. full: nothing
-    beyond the layer input. Not split by tensor parallelism: every tensor-parallel rank routes the
-    whole sequence. Balanced routing assumed; the int64 routing indices (16K bytes) are left out."""
+    product (down's weight gradient), the expert output (the routing weights' gradient) and the
+    weighted output (index_add keeps its source): K(3E + 3I), plus SiLU's output without compile
+    (K·I). Frozen experts (LoRA/DoRA) need no weight gradient, so neither the sorted rows nor the
+    product are kept: K(2E + 2I). selective: the grouped matmuls' outputs and the router logits,
+    K(2I + E) + X. full: nothing beyond the layer input. The block's input is the normed input the
+    attention terms count already. Not split by tensor parallelism: every tensor-parallel rank
+    routes the whole sequence. Balanced routing assumed; the int64 routing indices and the top-k
+    weights (about 17 fp32 elements a token at K = 2) are left out. Checked against autograd's saved
+    tensors on CPU (tests/unit/plan)."""
     k, e, i, x = cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
     if mode == "none":
-        kept = k * (e + 2 * i) if frozen_experts else k * (2 * e + 3 * i)
-        return kept + (0 if compiled else k * i) + 2 * x
+        kept = k * (2 * e + 2 * i) if frozen_experts else k * (3 * e + 3 * i)
+        return kept + (0 if compiled else k * i) + x * 4 / element_bytes
     if mode == "selective":
         return k * (2 * i + e) + x
     return 0.0
 
 
-def _layer_elements(cfg: ModelConfig, layout: Layout, mode: str, work: Workload) -> list[float]:
-    """`activation_elements_per_token` of each of this rank's layers (dense and MoE layers differ)."""
-    frozen = work.peft != "none"  # adapters never go on the experts (shoal.peft.lora refuses it)
-    layers = range(cfg.num_layers // layout.pp)
-    return [activation_elements_per_token(cfg, layout, mode, work.compile, cfg.is_moe_layer(i), frozen)[0]
-            for i in layers]
+def _layer_elements(cfg: ModelConfig, counts: ParamCounts, layout: Layout, mode: str, work: Workload) -> list[float]:
+    """`activation_elements_per_token` of each of this rank's layers (dense and MoE layers differ).
+
+    Experts are frozen under LoRA/DoRA unless they carry adapters of their own (shoal.peft.experts):
+    then the rows and the product are kept for the adapters' gradients, as in full training, plus
+    each adapted projection's x·A (rank elements per routed slot, none of it recomputed by selective)."""
+    adapted = counts.adapted_expert_projections
+    frozen = work.peft != "none" and not adapted
+    expert_adapters = cfg.num_experts_per_tok * work.peft_rank * adapted if mode != "full" else 0
+    out = []
+    for i in range(cfg.num_layers // layout.pp):
+        moe = cfg.is_moe_layer(i)
+        element_bytes = 2 if work.precision == "bf16" else 4
+        elements = activation_elements_per_token(cfg, layout, mode, work.compile, moe, frozen, element_bytes)[0]
+        out.append(elements + (expert_adapters if moe else 0))
+    return out
 
 
 def saved_activation_bytes(cfg: ModelConfig, counts: ParamCounts, layout: Layout, work: Workload) -> float:
@@ -256,12 +271,13 @@ def saved_activation_bytes(cfg: ModelConfig, counts: ParamCounts, layout: Layout
     tokens = work.micro_batch_size * work.seq_length / layout.cp
     mode = layout.activation_checkpointing
     _, residual = activation_elements_per_token(cfg, layout, mode, work.compile)
-    adapters = counts.adapter_targets_per_layer * work.peft_rank / layout.tp  # x·A of each adapter
+    # x·A of each adapter (recomputed, like the rest of a layer, under full checkpointing)
+    adapters = counts.adapter_targets_per_layer * work.peft_rank / layout.tp if mode != "full" else 0
     element = 2 if bf16 else 4
     # Without FSDP, autocast leaves the residual stream (embedding output, layer inputs) in fp32.
     residual_extra = 2 * residual if bf16 and not layout.fsdp else 0
     rope_tables = 2 * tokens * cfg.head_dim * 4  # cos and sin (fp32), shared by every layer
-    per_layer = _layer_elements(cfg, layout, mode, work)
+    per_layer = _layer_elements(cfg, counts, layout, mode, work)
     return tokens * sum((n + adapters) * element + residual_extra for n in per_layer) + rope_tables
 
 
@@ -312,7 +328,7 @@ def estimate_memory(cfg: ModelConfig, counts: ParamCounts, layout: Layout, work:
     activations = in_flight * saved_activation_bytes(cfg, counts, layout, work)
     recompute = 0.0
     if mode == "full":  # one layer's activations exist again while it is recomputed in backward
-        recompute = tokens * max(_layer_elements(cfg, layout, "none", work)) * element
+        recompute = tokens * max(_layer_elements(cfg, counts, layout, "none", work)) * element
     if work.peft == "dora":
         notes.append("DoRA: its weight-norm temporaries (one adapted weight per layer) are not modelled")
 
