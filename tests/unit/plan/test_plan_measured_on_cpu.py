@@ -90,21 +90,34 @@ def saved_in_layers(cfg, mode: str, batch: int, seq: int, freeze_experts: bool =
 
         apply_lora(model, rank=lora_rank, alpha=lora_rank, target_modules="all-linear")
         init_lora_weights(model, seed=0)
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     apply_activation_checkpointing(DECODER_PLAN.blocks(model), mode)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    return saved_inside(model, list(model.model.layers.values()), tokens)
+
+
+def saved_inside(model, modules: list, tokens: torch.Tensor, skip_inputs: bool = False) -> int:
+    """Bytes autograd saves while `modules` run in a forward pass of `model`, each storage once and
+    the weights left out (they are parameters, planned apart); with `skip_inputs`, the modules' own
+    inputs too (what the caller counts elsewhere)."""
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
     inside = [False]
-    for layer in model.model.layers.values():
-        layer.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
-        layer.register_forward_hook(lambda *_: inside.__setitem__(0, False))
+
+    def enter(module, args):
+        inside[0] = True
+        if skip_inputs:
+            skip.add(args[0].untyped_storage().data_ptr())
+
+    for module in modules:
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(lambda *_: inside.__setitem__(0, False))
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if inside[0] and storage.data_ptr() not in weights:
+        if inside[0] and storage.data_ptr() not in skip:
             storages[storage.data_ptr()] = storage.nbytes()
         return t
 
-    tokens = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(tokens)
     return sum(storages.values())
@@ -206,28 +219,9 @@ def saved_in_moe_blocks(cfg, kind: str, batch: int, seq: int, rank: int) -> floa
         targets = "all-linear" if kind == "adapted" else ["q_proj", "k_proj", "v_proj", "o_proj"]
         apply_lora(model, rank=rank, alpha=rank, target_modules=targets)
         init_lora_weights(model, seed=0)
-    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    inside, blocks = [False], [m for m in model.modules() if isinstance(m, MoE)]
-
-    def enter(module, args):
-        inside[0] = True
-        skip.add(args[0].untyped_storage().data_ptr())
-
-    for block in blocks:
-        block.register_forward_pre_hook(enter)
-        block.register_forward_hook(lambda *_: inside.__setitem__(0, False))
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if inside[0] and storage.data_ptr() not in skip:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
+    blocks = [m for m in model.modules() if isinstance(m, MoE)]
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(tokens)
-    return sum(storages.values()) / 4 / (batch * seq * len(blocks))
+    return saved_inside(model, blocks, tokens, skip_inputs=True) / 4 / (batch * seq * len(blocks))
 
 
 @pytest.mark.parametrize("kind", ["trained", "frozen", "adapted"])
