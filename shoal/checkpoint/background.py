@@ -40,31 +40,62 @@ class CpuStaging:
 
 class BackgroundTask(Generic[T]):
     """`work(aborted)` run in a daemon thread; its result, or the exception it raised, kept for
-    the caller. A daemon thread, so an interpreter leaving after Ctrl-C never waits for it."""
+    the caller. A daemon thread, so an interpreter leaving after Ctrl-C never waits for it.
+
+    Whether the work has ended is the task's own record, an event the thread sets as its last act,
+    never `Thread.is_alive()`: when Ctrl-C interrupts a `join()` (CPython 3.11's threading, issue
+    python/cpython#90882), the thread can be marked stopped while it still runs. A run interrupted
+    while it waited for a save then took the save for ended, removed its folder and returned, and
+    the writer went on: it recreated the folder, published it and, in retention, removed the
+    temporary folder of the next run's save in the same process.
+    """
 
     def __init__(self, work: Callable[[threading.Event], T], name: str):
         self.aborted = threading.Event()
         self._result: T | None = None
         self._error: BaseException | None = None
+        self._ended = threading.Event()  # the work returned or raised, or will never run
+        self._lock = threading.Lock()
+        self._started = False  # `start` was called
+        self._begun = False  # the thread has claimed the work (under _lock)
         self._thread = threading.Thread(target=self._run, args=(work,), name=name, daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        try:
+            self._started = True
+            self._thread.start()
+        except BaseException:
+            # No thread (none could be made), or a Ctrl-C inside `Thread.start`, which may or may not
+            # have launched one: a thread that has not claimed the work yet never will.
+            self._cancel()
+            raise
 
     def _run(self, work: Callable[[threading.Event], T]) -> None:
+        with self._lock:
+            if self._ended.is_set():  # cancelled before it began
+                return
+            self._begun = True
         try:
             self._result = work(self.aborted)
         except BaseException as err:  # KeyboardInterrupt too: it is reported to the main thread, not lost
             self._error = err
+        finally:
+            self._ended.set()
+
+    def _cancel(self) -> None:
+        """The work will not run if it has not begun; once begun, it runs to its end."""
+        with self._lock:
+            if not self._begun:
+                self._ended.set()
 
     def done(self) -> bool:
-        return not self._thread.is_alive()  # also when it never started
+        """The work has ended (or will never run); also when it was never started."""
+        return self._ended.is_set() or not self._started
 
     def wait(self) -> None:
         """Wait for the work to end (a Ctrl-C of the main thread interrupts the wait, not the work)."""
-        if self._thread.ident is not None:  # a thread never started has nothing to wait for
-            self._thread.join()
-
+        if self._started:  # a task never started has nothing to wait for
+            self._ended.wait()
 
     def result(self) -> T | None:
         """Wait for the work to end; returns its result or raises its exception."""

@@ -123,13 +123,14 @@ def temporary_name(final_name: str, run_id: str) -> str:
     return f".{final_name}.tmp-{run_id}" if run_id else f".{final_name}.tmp"
 
 
-def remove_leftovers(root: Path) -> None:
-    """Finish deletions a killed process left behind (hidden `.deleting-*` folders) and drop the
-    temporary folders of saves that never finished. Called only by the run holding the experiment
-    lock, between its own saves, so no other save can be in progress."""
+def remove_leftovers(root: Path, temporaries: bool = True) -> None:
+    """Finish deletions a killed process left behind (hidden `.deleting-*` folders) and, with
+    `temporaries`, drop the temporary folders of saves that never finished. The latter only when
+    a run takes the experiment lock, before it writes: no save can be in progress then."""
     if root.is_dir():
         for child in root.iterdir():
-            if child.name.startswith(".deleting-") or (child.name.startswith(".step=") and ".tmp" in child.name):
+            unfinished = temporaries and child.name.startswith(".step=") and ".tmp" in child.name
+            if child.name.startswith(".deleting-") or unfinished:
                 shutil.rmtree(child, ignore_errors=True)
 
 
@@ -145,4 +146,7 @@ def apply_retention(root: Path, save_top_k: int) -> None:
     for c in found:
         if c.path not in keep:
             remove_checkpoint(c.path)
-    remove_leftovers(root)
+    # Temporary folders stay: retention runs inside a save (in a background thread too), and one it
+    # did not make may be a save still being written, the next run's when this writer outlived its
+    # interrupted run (a second Ctrl-C stops waiting for it). A dead run's go when a run takes the lock.
+    remove_leftovers(root, temporaries=False)

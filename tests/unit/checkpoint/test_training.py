@@ -52,6 +52,35 @@ def test_best_k_by_val_loss_plus_last(train_assets: TrainAssets, tmp_path: Path,
         assert {"shoal.json", "trainer.json", "model", "optim"} <= files
 
 
+@pytest.mark.parametrize("flag", ["--checkpoint.async_save=false", "--checkpoint.async_save=true"])
+def test_retention_leaves_temporary_folders_it_did_not_make(train_assets: TrainAssets, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch, flag: str):
+    """Retention runs inside a save; a temporary folder of another save is in flight (planted here
+    once the run holds the lock, as a writer of another run would), so it stays as it is, while
+    an interrupted deletion is finished."""
+    import shoal.checkpoint.training as training
+
+    ckpts = tmp_path / "res" / "e" / "checkpoints"
+    other = ckpts / ".step=000009-last.tmp-0123456789ab"
+    deleting = ckpts / ".deleting-step=000001-last-0badc0de"
+    real_save = training.save_model_state
+
+    def save(state, model_dir, *args, **kwargs):
+        if not other.exists():
+            (other / "optim").mkdir(parents=True)
+            (other / "optim" / ".metadata.tmp").write_bytes(b"being written")
+            (deleting / "model").mkdir(parents=True)
+        real_save(state, model_dir, *args, **kwargs)
+
+    monkeypatch.setattr(training, "save_model_state", save)
+    args = train_args(train_assets, "pretrain", tmp_path / "res", "e", "--max_steps", 3,
+                      "--checkpoint.save_interval=1", flag)
+    assert shoal(*args) == 0
+    assert (other / "optim" / ".metadata.tmp").read_bytes() == b"being written"
+    assert not deleting.exists()
+    assert [n for n in checkpoint_names(tmp_path / "res" / "e") if not n.startswith(".")][-1].startswith("step=000003")
+
+
 def test_fine_tuning_starts_from_latest_pretraining_checkpoint(train_assets: TrainAssets, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch):
     """The seed's rule: `shoal finetune` without --nemo_model takes the pretraining run's newest

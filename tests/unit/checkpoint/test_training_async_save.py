@@ -3,7 +3,9 @@
 Oracles: a synchronous run of the same command (same checkpoints, same loss curve), an
 uninterrupted run (a run SIGKILLed during a background save resumes onto its curve), and what the
 test sees on disk while the background write is held back by a hook: the step loop goes on, only
-one temporary folder ever exists, and a save waits for the previous one to be published.
+one temporary folder ever exists, and a save waits for the previous one to be published. A Ctrl-C
+that lands while the loop waits for a background save ends the run only once that save's writer
+has stopped (its hook records when it was let go).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pytest
 import torch
 
 import shoal.checkpoint.training as training
+from shoal.checkpoint.background import BackgroundTask
 from tests.helpers.checkpoint_faults import fail_writes_into
 from tests.helpers.cli import run_shoal_process, shoal, shoal_stalling_at, subprocess_env
 from tests.helpers.training import TrainAssets, checkpoint_names, read_dcp, train_args, train_records, val_records
@@ -234,6 +237,89 @@ def test_ctrl_c_during_a_background_save(train_assets: TrainAssets, tmp_path: Pa
     monkeypatch.undo()
     assert shoal(*args) == 0
     assert "(step 2)" in capsys.readouterr().err
+
+
+def ctrl_c_once_the_main_thread_waits_in(function: str, module: str) -> None:
+    """Ctrl-C to the main thread once it has stayed 0.3 s inside `module`'s `function`: it is then
+    blocked there (in a wait), not running the Python code around it."""
+    main = threading.main_thread()
+
+    def inside() -> bool:
+        frame = sys._current_frames().get(main.ident)
+        while frame is not None:
+            if frame.f_code.co_name == function and Path(frame.f_code.co_filename).name == module:
+                return True
+            frame = frame.f_back
+        return False
+
+    wait_for(inside, f"the main thread to wait in {module}:{function}")
+    time.sleep(0.3)
+    assert inside(), f"the main thread left {module}:{function}"
+    signal.pthread_kill(main.ident, signal.SIGINT)
+
+
+def test_a_ctrl_c_that_interrupts_a_wait_leaves_the_task_running_until_its_work_ends():
+    # The oracle is the work itself: it ends only when the test releases it, so "done" before
+    # that, or a result without it, is wrong whatever threading reports.
+    release = threading.Event()
+    task = BackgroundTask(lambda aborted: "written" if release.wait(60) else "timed out", name="shoal-test-task")
+    task.start()
+    interrupter = threading.Thread(target=ctrl_c_once_the_main_thread_waits_in, args=("wait", "background.py"))
+    interrupter.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            task.wait()
+        interrupter.join()
+        assert not task.done()
+    finally:
+        release.set()
+    assert task.result() == "written"
+    assert task.done()
+
+
+def test_ctrl_c_while_the_loop_waits_for_a_background_save(train_assets: TrainAssets, tmp_path: Path, capsys,
+                                                            monkeypatch: pytest.MonkeyPatch):
+    """Ctrl-C lands while the step-6 save waits for the step-4 one: the run returns only once the
+    step-4 writer has stopped, so nothing of it is left to write into (or prune) the checkpoints
+    of the next run in the same process."""
+    exp = tmp_path / "res" / "e"
+    ckpts = exp / "checkpoints"
+    digests: dict[str, dict[str, str]] = {}
+    held: list[float] = []
+
+    def ctrl_c(model_dir: Path) -> None:
+        if "step=000004" in str(model_dir):
+            (previous,) = ckpts.glob("step=000002*")
+            digests[previous.name] = tree_digest(previous)
+            wait_for(lambda: 6 in logged_steps(exp), "the loop to train on to the step-6 save")
+            ctrl_c_once_the_main_thread_waits_in("finish", "training.py")
+            time.sleep(1.0)  # the writer goes on a while: a run that does not wait for it returns meanwhile
+            held.append(time.monotonic())
+
+    hook_model_writes(monkeypatch, after=ctrl_c)
+    args = train_args(train_assets, "pretrain", tmp_path / "res", "e", "--max_steps", 10,
+                      "--checkpoint.save_interval=2", ASYNC)
+    assert shoal(*args) == 130
+    returned = time.monotonic()
+    assert held and held[0] <= returned, "the interrupted run returned while its step-4 writer was still going"
+    err = capsys.readouterr().err
+    assert "waiting for its writer to stop" in err and "Traceback" not in err and "could not write" not in err, err
+    # Once the writer's thread is gone, the folder is still as the run left it: the previous
+    # checkpoint untouched, the interrupted save dropped and not published behind the run's back.
+    wait_for(lambda: not [t for t in threading.enumerate() if t.name.startswith("shoal-checkpoint-")],
+             "the writer thread to end", timeout=30)
+    (name,) = digests
+    assert [p.name for p in ckpts.iterdir()] == [name]
+    assert tree_digest(ckpts / name) == digests[name]
+
+    monkeypatch.undo()
+    assert shoal(*args) == 0
+    assert "(step 2)" in capsys.readouterr().err
+    names = checkpoint_names(exp)  # no temporary folder, only complete checkpoints, the last of step 10
+    assert names[-1].startswith("step=000010") and names[-1].endswith("-last"), names
+    for n in names:
+        assert json.loads((ckpts / n / "trainer.json").read_text())["step"] == int(n[5:11]), n
+        assert (ckpts / n / "model" / ".metadata").is_file() and (ckpts / n / "optim" / ".metadata").is_file(), n
 
 
 # Stalls the background write of the step-4 checkpoint, so the test can kill the process while the loop trains on.
