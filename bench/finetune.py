@@ -16,7 +16,9 @@ with `--peer_compile layers` each decoder layer and the loss, which recompiles p
 transformers 5.17 and then runs slower than eager), `shoal`, `shoal_compile` (shoal's own engine as `shoal finetune` builds it, compiled layers
 and loss; the document spans computed on the host and copied with the batch, as `shoal finetune`
 does), `shoal_compile_device_spans` (the same, the spans found on the device by each forward, a
-`nonzero` that makes the host wait: what removing that sync gains, in the same run).
+`nonzero` that makes the host wait: what removing that sync gains, in the same run),
+`shoal_compile_cpp_wrapper` (inductor's C++ wrapper launches the compiled layers' kernels: what the
+host's Python launch overhead costs).
 `--num_layers N` shrinks every shape to N layers for a quick smoke run; `--preset P`
 replaces every shape (with `--device cpu`, a tiny preset checks the script without a GPU).
 
@@ -213,9 +215,21 @@ def bench_hf(args, case: str, compile_: bool, device: torch.device) -> dict:
     return {"seconds_per_step": sec, "memory_gib": mem, "dtypes": dtypes}
 
 
+def with_inductor_config(fn, **options):
+    """`fn` run (compiled lazily, so its steps included) under these inductor settings."""
+    def run(*args, **kwargs):
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(**options):
+            return fn(*args, **kwargs)
+    return run
+
+
 RUNNERS = {"hf": (bench_hf, False), "hf_compile": (bench_hf, True),
            "shoal": (bench_shoal, False), "shoal_compile": (bench_shoal, True),
-           "shoal_compile_device_spans": (functools.partial(bench_shoal, host_spans=False), True)}
+           "shoal_compile_device_spans": (functools.partial(bench_shoal, host_spans=False), True),
+           # inductor's C++ wrapper: the compiled layers launch their kernels from C++, not Python
+           "shoal_compile_cpp_wrapper": (with_inductor_config(bench_shoal, cpp_wrapper=True), True)}
 
 
 def run_case(args, case: str, device: torch.device, variants: list[str]) -> dict:

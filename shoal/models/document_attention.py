@@ -72,9 +72,17 @@ def host_cu_seqlens(document_ids: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(offsets.astype(np.int32))
 
 
+def attention_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype attention computes in for activations like `hidden`: autocast's where it is on
+    (fp32 master weights on one GPU give fp32 hidden states, but q/k/v reach attention in bf16,
+    as SDPA casts them under autocast), else the activations' own."""
+    kind = hidden.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+
+
 def varlen_available(hidden: torch.Tensor, head_dim: int) -> bool:
     """Whether flash varlen attention can run on activations like `hidden`."""
-    return (hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16)
+    return (hidden.is_cuda and attention_dtype(hidden) in (torch.bfloat16, torch.float16)
             and head_dim <= _FLASH_MAX_HEAD_DIM and _varlen_api() is not None)
 
 
@@ -120,7 +128,8 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """q [B, H, S, D], k/v [B, K, S, D] -> [B, S, H, D], causal within each document."""
     b, h, s, d = q.shape
     varlen_attn, takes_window, takes_gqa = _varlen_api()
-    q, k, v = (t.transpose(1, 2).reshape(b * s, -1, d) for t in (q, k, v))  # [B*S, heads, D]
+    dtype = attention_dtype(q)  # the custom op has no autocast rule: cast as SDPA would be cast
+    q, k, v = (t.transpose(1, 2).reshape(b * s, -1, d).to(dtype) for t in (q, k, v))  # [B*S, heads, D]
     kwargs = {"window_size": (-1, 0)} if takes_window else {"is_causal": True}
     if takes_gqa:
         kwargs["enable_gqa"] = True

@@ -70,6 +70,40 @@ def test_varlen_is_used_and_matches_documents_alone(models, monkeypatch):
     assert varlen_err < 0.1
 
 
+def test_fp32_weights_under_autocast_take_varlen_and_match_the_dense_mask(models, monkeypatch):
+    """One GPU, full training: fp32 master weights under bf16 autocast give fp32 hidden states, but
+    attention computes in bf16 and must take the varlen path (it once fell back to a dense mask)."""
+    fp32, _ = models
+    tokens, positions, documents = packed_batch("cuda")
+    calls = {"varlen": 0}
+    varlen_fn = document_attention.varlen_causal_attention
+
+    def counted(*args, **kwargs):
+        calls["varlen"] += 1
+        return varlen_fn(*args, **kwargs)
+
+    import shoal.models.model as model_module
+
+    monkeypatch.setattr(model_module, "varlen_causal_attention", counted)
+
+    def loss_and_grads():
+        fp32.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = fp32(tokens, position_ids=positions, document_ids=documents)
+        torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens.roll(-1, 1).flatten()).backward()
+        return logits.float().detach(), {n: p.grad.clone() for n, p in fp32.named_parameters()}
+
+    varlen_logits, varlen_grads = loss_and_grads()
+    assert calls["varlen"] == CFG.num_layers, "fp32 weights under autocast did not take the varlen path"
+    monkeypatch.setattr(document_attention, "_VARLEN_API", None)  # the dense-mask path, same autocast
+    dense_logits, dense_grads = loss_and_grads()
+    assert calls["varlen"] == CFG.num_layers
+    assert (varlen_logits - dense_logits).abs().max().item() < 0.05
+    for name in varlen_grads:
+        scale = dense_grads[name].norm().item()
+        assert (varlen_grads[name] - dense_grads[name]).norm().item() <= 3e-2 * scale + 1e-6, name
+
+
 def test_varlen_gradients_match_dense_mask(models, monkeypatch):
     _, bf16 = models
     tokens, positions, documents = packed_batch("cuda")
