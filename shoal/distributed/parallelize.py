@@ -209,6 +209,9 @@ def apply_activation_checkpointing(blocks: list[nn.Module], mode: str) -> None:
         block.forward = types.MethodType(forward, block)
 
 
+_CHECKPOINT_SIDE_EFFECTS = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+
+
 def _tracing_side_effects_under_checkpoint(compiled: Any) -> Any:
     """`compiled`, traced with Dynamo's leave to mutate state from inside a checkpointed region.
 
@@ -224,10 +227,12 @@ def _tracing_side_effects_under_checkpoint(compiled: Any) -> Any:
     needs: the statistics are read between a forward and its backward. The setting is scoped to
     the call, where Dynamo traces, so code compiled elsewhere keeps the default.
     """
+    if not hasattr(torch._dynamo.config, _CHECKPOINT_SIDE_EFFECTS):  # an older torch: as before
+        return compiled
 
     @functools.wraps(compiled)
     def forward(*args: Any, **kwargs: Any) -> Any:
-        with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        with torch._dynamo.config.patch(**{_CHECKPOINT_SIDE_EFFECTS: True}):
             return compiled(*args, **kwargs)
 
     return forward
