@@ -44,7 +44,9 @@ aten = torch.ops.aten
 # Selective checkpointing keeps these ops' outputs and recomputes everything between them (norms,
 # SiLU, RoPE, residual adds): the expensive matmuls and attention run once, the cheap element-wise
 # ops twice. Reduce-scatter outputs are kept too (as torchtitan does), so recomputation repeats
-# fewer collectives.
+# fewer collectives. In a mixture-of-experts block the routing (softmax, top-k, the sort by
+# expert) is recomputed too: cheap beside the grouped matmuls, and deterministic, so backward
+# routes as the forward did.
 _SELECTIVE_SAVE_OPS = [
     aten.mm.default,
     aten.addmm.default,
@@ -207,13 +209,43 @@ def apply_activation_checkpointing(blocks: list[nn.Module], mode: str) -> None:
         block.forward = types.MethodType(forward, block)
 
 
+_CHECKPOINT_SIDE_EFFECTS = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+
+
+def _tracing_side_effects_under_checkpoint(compiled: Any) -> Any:
+    """`compiled`, traced with Dynamo's leave to mutate state from inside a checkpointed region.
+
+    Dynamo traces `torch.utils.checkpoint` as one higher-order op and by default refuses one whose
+    body mutates anything outside it, because eager checkpointing replays such mutations when it
+    recomputes the forward in backward and a compiled graph cannot. The mixture-of-experts block
+    does mutate: it keeps its routing statistics for the load-balancing loss (`MoE.last_routing`).
+    The refusal is a graph break at the checkpoint, and the whole layer then ran eagerly: on an
+    H200, the 30B-A3B shape with LoRA fell from 18.5k tokens/s (compiled, no checkpointing) to
+    6.4k under full and 3.6k under selective checkpointing (bench/results/moe_lora_ac_*_h200*.json,
+    issue 18). With leave, the kept tensors become outputs of the checkpointed graph (the aux loss's
+    gradient flows through them) and the recomputation does not assign them again, which nothing
+    needs: the statistics are read between a forward and its backward. The setting is scoped to
+    the call, where Dynamo traces, so code compiled elsewhere keeps the default.
+    """
+    if not hasattr(torch._dynamo.config, _CHECKPOINT_SIDE_EFFECTS):  # an older torch: as before
+        return compiled
+
+    @functools.wraps(compiled)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        with torch._dynamo.config.patch(**{_CHECKPOINT_SIDE_EFFECTS: True}):
+            return compiled(*args, **kwargs)
+
+    return forward
+
+
 def apply_compile(blocks: list[nn.Module]) -> None:
-    """torch.compile each block's forward (blocks are identical, so one graph serves all).
+    """torch.compile each block's forward (blocks are identical, so one graph serves all), its
+    activation checkpointing (applied before) included.
 
     Graph breaks are allowed: context parallelism's attention communicates inside the layer.
     """
     for block in blocks:
-        block.forward = torch.compile(block.forward)
+        block.forward = _tracing_side_effects_under_checkpoint(torch.compile(block.forward))
 
 
 def apply_fsdp(

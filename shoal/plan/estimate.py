@@ -228,20 +228,24 @@ def moe_elements_per_token(cfg: ModelConfig, mode: str, compiled: bool = True, f
     (shoal.models.moe), with K routed slots of width E (hidden) and I (expert SwiGLU) each and X
     experts; the router's probabilities (its softmax output, kept for backward) are fp32 always.
 
-    none: the sorted rows (the grouped gate/up weight gradients), the gate and up outputs, their
-    product (down's weight gradient), the expert output (the routing weights' gradient) and the
-    weighted output (index_add keeps its source): K(3E + 3I), plus SiLU's output without compile
-    (K·I). Frozen experts (LoRA/DoRA) need no weight gradient, so neither the sorted rows nor the
-    product are kept: K(2E + 2I). selective: the grouped matmuls' outputs and the router logits,
-    K(2I + E) + X. full: nothing beyond the layer input. The block's input is the normed input the
+    none, eager: the sorted rows (the grouped gate/up weight gradients), the gate and up outputs,
+    their product (down's weight gradient), the expert output (the routing weights' gradient), the
+    weighted output (index_add keeps its source) and SiLU's output: K(3E + 4I). Frozen experts
+    (LoRA/DoRA) need no weight gradient, so neither the sorted rows nor the product are kept:
+    K(2E + 3I). Compiled, the partitioner does not keep the weighted output (it recomputes it from
+    what it keeps) nor SiLU's output: K(2E + 3I), frozen K(E + 2I) (read off AOTAutograd's
+    backward graph on CPU, tests/unit/plan). selective: the grouped matmuls' outputs and the router
+    logits, K(2I + E) + X: with frozen experts exactly what a compiled block keeps without
+    checkpointing, so selective saves nothing in the MoE block there. full: nothing beyond the
+    layer input. The block's input is the normed input the
     attention terms count already. Not split by tensor parallelism: every tensor-parallel rank
     routes the whole sequence. Balanced routing assumed; the int64 routing indices and the top-k
     weights (about 17 fp32 elements a token at K = 2) are left out. Checked against autograd's saved
     tensors on CPU (tests/unit/plan)."""
     k, e, i, x = cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
     if mode == "none":
-        kept = k * (2 * e + 2 * i) if frozen_experts else k * (3 * e + 3 * i)
-        return kept + (0 if compiled else k * i) + x * 4 / element_bytes
+        kept = k * (e + 2 * i) if frozen_experts else k * (2 * e + 3 * i)
+        return kept + (0 if compiled else k * (e + i)) + x * 4 / element_bytes
     if mode == "selective":
         return k * (2 * i + e) + x
     return 0.0

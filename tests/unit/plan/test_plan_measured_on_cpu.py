@@ -238,3 +238,74 @@ def test_what_a_mixture_of_experts_block_saves_is_what_is_planned(kind):
     if kind == "adapted":
         planned += cfg.num_experts_per_tok * rank * 3
     assert 0.95 * measured <= planned <= measured, (planned, measured)
+
+
+def saved_by_compiled_moe_block(cfg, mode: str, frozen: bool, tokens: int) -> float:
+    """Bytes a token leaves saved for backward by one compiled MoE block, bf16 throughout (as
+    FSDP2 computes on a GPU), read off the graphs AOTAutograd partitions: the backward graph's
+    inputs, less the incoming gradients (`tangents_*`) and the block's own inputs (`primals_*`:
+    the weights and the normed input, which the attention terms count) or views of them. The
+    grouped matmuls run as on a GPU (`torch._grouped_mm`; the CPU loop's host sync would break
+    the graph)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    from shoal.distributed.parallelize import apply_activation_checkpointing
+    from shoal.models import moe as moe_module
+
+    aten = torch.ops.aten
+    views = {aten.view.default, aten.transpose.int, aten.t.default, aten.permute.default,
+             aten._unsafe_view.default, aten.alias.default}
+    of_inputs: set[str] = set()
+    saved: list[int] = []
+
+    def forward_graph(gm, example_inputs):
+        for node in gm.graph.nodes:
+            if node.op == "placeholder" or (node.op == "call_function" and node.target in views
+                                             and node.args[0].name in of_inputs):
+                of_inputs.add(node.name)
+        return gm.forward
+
+    def backward_graph(gm, example_inputs):
+        for node in gm.graph.nodes:
+            if node.op == "placeholder" and not node.name.startswith("tangents_") and node.name not in of_inputs:
+                value = node.meta["val"]
+                saved.append(value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0)
+        return gm.forward
+
+    backend = aot_autograd(fw_compiler=forward_graph, bw_compiler=backward_graph,
+                           partition_fn=min_cut_rematerialization_partition)
+    torch.manual_seed(0)
+    block = moe_module.MoE(cfg)
+    block.gate.reset_parameters(0.5)
+    block.experts.reset_parameters(0.02)
+    block = block.to(torch.bfloat16)
+    block.experts.requires_grad_(not frozen)
+    apply_activation_checkpointing([block], mode)
+    torch._dynamo.reset()
+    forward = torch.compile(block.forward, backend=backend)
+    x = torch.randn(1, tokens, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        out = forward(x)
+    assert (block.last_routing.counts > 0).all()  # CPU's grouped backward fails on an empty group
+    (out.float().pow(2).sum() + block.last_routing.prob_sum.sum()).backward()
+    return sum(saved) / tokens
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["full-training", "experts-frozen"])
+@pytest.mark.parametrize("mode", ["none", "selective"])
+def test_what_a_compiled_mixture_of_experts_block_saves_is_what_is_planned(monkeypatch, mode, frozen):
+    """Compiled, the partitioner recomputes what is cheap on its own: the weighted expert output
+    (eager keeps it for index_add) is not kept, nor, with frozen experts, the sorted rows. The
+    int64 routing indices and the top-k weights, which the plan leaves out, are the difference
+    (about 30 bytes a token at K = 2 and this tiny width)."""
+    from shoal.models import moe as moe_module
+    from shoal.plan.estimate import moe_elements_per_token
+
+    monkeypatch.setattr(moe_module, "expert_matmuls", lambda routed, counts, gate, up, down, low_rank=None:
+                        moe_module._grouped_mm(routed, counts, gate, up, down, low_rank or {}))
+    cfg = get_preset("qwen3_moe_tiny")
+    measured = saved_by_compiled_moe_block(cfg, mode, frozen, tokens=256)
+    planned = 2 * moe_elements_per_token(cfg, mode, compiled=True, frozen_experts=frozen, element_bytes=2)
+    print(f"{mode} frozen={frozen}: planned {planned:.0f} B/token, saved {measured:.0f}")
+    assert 0.85 * measured <= planned <= measured, (planned, measured)
