@@ -1,10 +1,11 @@
 """q/k/v and gate/up fused into one matmul (shoal.models.fused_linear) against the layers run one by one.
 
-The oracle is each module's own forward (the path `SHOAL_FUSED_PROJECTIONS=0` takes), on the same
+The oracle is each module's own forward (the path shoal takes by default), on the same
 weights and input: outputs and every gradient must agree in fp32 to rounding, the fused layer must
 run fewer matmuls and keep no more saved tensors, and every case where fusing would compute
-something else (or skip a hook) must run the modules themselves. The model parity tests against
-transformers and PEFT (test_model_parity.py, tests/unit/peft/) run with fusion on.
+something else (or skip a hook) must run the modules themselves. Fusion is off by default (until
+a GPU run shows it pays); these tests turn it on, and the parity tests against transformers and
+PEFT (test_model_parity.py, tests/unit/peft/) check the unfused path they compare with.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ from tests.helpers.peft_twins import randomize_adapters
 MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
 QKV = ["q_proj", "k_proj", "v_proj"]
 GATE_UP = ["gate_proj", "up_proj"]
+
+
+@pytest.fixture(autouse=True)
+def fusion_on(monkeypatch):
+    """Fusion is off by default; every test here is about the fused path (or its fallbacks)."""
+    monkeypatch.setattr(fused_linear, "FUSED_PROJECTIONS", True)
 
 
 def _layer(family: str = "qwen2", targets: list[str] | None = None, dora: bool = False, dropout: float = 0.0):
