@@ -18,7 +18,8 @@ and loss; the document spans computed on the host and copied with the batch, as 
 does), `shoal_compile_device_spans` (the same, the spans found on the device by each forward, a
 `nonzero` that makes the host wait: what removing that sync gains, in the same run),
 `shoal_compile_cpp_wrapper` (inductor's C++ wrapper launches the compiled layers' kernels: what the
-host's Python launch overhead costs).
+host's Python launch overhead costs), `shoal_compile_fused` (q/k/v and gate/up as one matmul
+each, `SHOAL_FUSED_PROJECTIONS=1`, off by default: what fusing them gains).
 `--num_layers N` shrinks every shape to N layers for a quick smoke run; `--preset P`
 replaces every shape (with `--device cpu`, a tiny preset checks the script without a GPU).
 
@@ -225,11 +226,27 @@ def with_inductor_config(fn, **options):
     return run
 
 
+def with_fused_projections(fn):
+    """`fn` with q/k/v and gate/up run as one matmul each (shoal.models.fused_linear switched on;
+    compiled lazily, so its graphs are traced with the fusion)."""
+    def run(*args, **kwargs):
+        from shoal.models import fused_linear
+
+        previous, fused_linear.FUSED_PROJECTIONS = fused_linear.FUSED_PROJECTIONS, True
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            fused_linear.FUSED_PROJECTIONS = previous
+    return run
+
+
 RUNNERS = {"hf": (bench_hf, False), "hf_compile": (bench_hf, True),
            "shoal": (bench_shoal, False), "shoal_compile": (bench_shoal, True),
            "shoal_compile_device_spans": (functools.partial(bench_shoal, host_spans=False), True),
            # inductor's C++ wrapper: the compiled layers launch their kernels from C++, not Python
-           "shoal_compile_cpp_wrapper": (with_inductor_config(bench_shoal, cpp_wrapper=True), True)}
+           "shoal_compile_cpp_wrapper": (with_inductor_config(bench_shoal, cpp_wrapper=True), True),
+           # q/k/v and gate/up as separate matmuls, as before shoal.models.fused_linear: what fusing gains
+           "shoal_compile_fused": (with_fused_projections(bench_shoal), True)}
 
 
 def run_case(args, case: str, device: torch.device, variants: list[str]) -> dict:

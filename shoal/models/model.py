@@ -27,6 +27,7 @@ from torch import nn
 
 from shoal.models.config import ModelConfig
 from shoal.models.document_attention import DocumentSpans, document_attention_spec, varlen_causal_attention
+from shoal.models.fused_linear import project
 from shoal.models.moe import GroupedExperts, MoE, Router, load_balancing_loss
 
 
@@ -156,9 +157,13 @@ class Attention(nn.Module):
         kv: LayerCache | None = None,
     ) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, -1, self.head_dim)  # [B, S, H, D]
-        k = self.k_proj(x).view(b, s, -1, self.head_dim)  # [B, S, K, D]
-        v = self.v_proj(x).view(b, s, -1, self.head_dim)
+        # One matmul for the three where that computes the same (shoal.models.fused_linear). Fused
+        # without adapters they are views of one buffer: attention saves v (and the q/k norms, in
+        # fp32, q and k), which would keep all of it alive; own copies keep what unfused keeps.
+        q, k, v = (t.contiguous() for t in project([self.q_proj, self.k_proj, self.v_proj], x))
+        q = q.view(b, s, -1, self.head_dim)  # [B, S, H, D]
+        k = k.view(b, s, -1, self.head_dim)  # [B, S, K, D]
+        v = v.view(b, s, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, S, D]
@@ -184,7 +189,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project([self.gate_proj, self.up_proj], x)  # one matmul where possible
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

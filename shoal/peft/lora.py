@@ -36,6 +36,7 @@ from torch import nn
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from shoal.errors import ShoalError
+from shoal.models.fused_linear import Projection
 from shoal.peft.config import ALL_LINEAR, LoraConfig
 from shoal.peft.experts import (
     EXPERT_PROJECTIONS,
@@ -164,6 +165,16 @@ class LoraLinear(nn.Module):
             out = scale * (base + lora)
         out = out.to(base.dtype)  # the fp32 magnitude must not promote bf16 activations (PEFT casts back too)
         return out if self.bias is None else out + self.bias
+
+    def fused_projection(self) -> Projection | None:
+        """What this layer computes, for `shoal.models.fused_linear.project` to fuse with the
+        layers that read the same input; None where fusing would not compute `forward`: DoRA (its
+        norm scales the whole output), active dropout (the adapter reads a different input), an
+        FP8 base (`base_linear` is not F.linear) or a subclass with a forward of its own."""
+        if (type(self) is not LoraLinear or self.use_dora or self.base_linear is not F.linear
+                or (self.training and self.dropout_p > 0)):
+            return None
+        return Projection(self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     def merged(self) -> nn.Linear:
         """A plain `nn.Linear` computing what this layer computes in eval mode (bias shared)."""

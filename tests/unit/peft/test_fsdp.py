@@ -58,6 +58,19 @@ def _worker(rank: int, port: int, dora: bool, out: str) -> None:
     try:
         from torch.distributed.fsdp import fully_shard
 
+        from shoal.models import fused_linear
+
+        # Count the fused matmuls: FSDP2 hands the layers plain unsharded weights, so LoRA (not
+        # DoRA) runs q/k/v and gate/up fused, and must still match one process.
+        fused_linear.FUSED_PROJECTIONS = True  # off by default (shoal/models/fused_linear.py)
+        fused_calls = [0]
+        apply = fused_linear._ConcatenatedLinear.apply
+
+        def counted(*args):
+            fused_calls[0] += 1
+            return apply(*args)
+
+        fused_linear._ConcatenatedLinear.apply = counted
         model, inputs, targets = _model_and_batch(dora)
         base_before = {n: p.detach().clone() for n, p in model.state_dict().items() if "lora_" not in n}
         for layer in model.model.layers.values():
@@ -71,7 +84,7 @@ def _worker(rank: int, port: int, dora: bool, out: str) -> None:
         adapters = adapter_state_dict(model)  # collective: every rank gathers
         base_after = {n: p.full_tensor() for n, p in model.state_dict().items() if "lora_" not in n}
         if rank == 0:
-            torch.save({"losses": [loss / WORLD for loss in losses], "adapters": adapters,
+            torch.save({"losses": [loss / WORLD for loss in losses], "adapters": adapters, "fused_calls": fused_calls[0],
                         "base_unchanged": all(torch.equal(base_after[n], v) for n, v in base_before.items())}, out)
         # Leave together: a rank tearing gloo down while its peer still talks to it aborts the peer.
         dist.barrier()
@@ -92,6 +105,8 @@ def test_fsdp2_matches_one_process(tmp_path, dora):
     reference = adapter_state_dict(model)
 
     assert sharded["base_unchanged"]
+    # LoRA: 2 layers x 2 steps x (q/k/v base and A, gate/up base and A); DoRA never fuses.
+    assert sharded["fused_calls"] == (0 if dora else 2 * 2 * 4)
     assert all(torch.equal(p, base_before[n]) for n, p in model.state_dict().items() if "lora_" not in n)
     torch.testing.assert_close(torch.stack(sharded["losses"]), torch.stack(losses), atol=1e-5, rtol=1e-5)
     assert sharded["adapters"].keys() == reference.keys()
