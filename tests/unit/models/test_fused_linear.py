@@ -364,12 +364,14 @@ def _tp_worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=1)
+    fused_linear.FUSED_PROJECTIONS = True  # a spawned process: the autouse fixture does not reach it
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
         layer, x, cos, sin = _layer("qwen2")
         group = [getattr(layer.self_attn, n) for n in QKV]
+        assert fused_linear._fusable(group) is not None  # plain weights fuse: DTensors are what stops it
         expected = [m(x.detach()) for m in group]
         mesh = init_device_mesh("cpu", (1,))
         for module in group:
