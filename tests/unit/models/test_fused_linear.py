@@ -10,13 +10,8 @@ PEFT (test_model_parity.py, tests/unit/peft/) check the unfused path they compar
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -24,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from shoal.models import fused_linear, get_preset
 from shoal.models.model import Transformer
 from shoal.peft import apply_lora
+from tests.helpers.distributed import run_distributed
 from tests.helpers.peft_twins import randomize_adapters
 
 MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
@@ -354,43 +350,28 @@ def test_global_module_hook_turns_fusion_off(monkeypatch):
 # --- tensor parallelism: DTensor weights run unfused ---------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _tp_worker() -> dict:
+    fused_linear.FUSED_PROJECTIONS = True  # another process: the autouse fixture does not reach it
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    layer, x, cos, sin = _layer("qwen2")
+    group = [getattr(layer.self_attn, n) for n in QKV]
+    assert fused_linear._fusable(group) is not None  # plain weights fuse: DTensors are what stops it
+    expected = [m(x.detach()) for m in group]
+    mesh = init_device_mesh("cpu", (1,))
+    for module in group:
+        parallelize_module(module, mesh, ColwiseParallel())
+    got = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in fused_linear.project(group, x.detach())]
+    # Without the styles' hooks too: a DTensor weight alone keeps a group unfused.
+    mlp = _group(layer, GATE_UP)
+    for module in mlp:
+        module.weight = nn.Parameter(distribute_tensor(module.weight.detach(), mesh, [Replicate()]))
+    return {"fusable": [fused_linear._fusable(g) is not None for g in (group, mlp)],
+            "close": all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, expected))}
 
 
-def _tp_worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=1)
-    fused_linear.FUSED_PROJECTIONS = True  # a spawned process: the autouse fixture does not reach it
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
-
-        layer, x, cos, sin = _layer("qwen2")
-        group = [getattr(layer.self_attn, n) for n in QKV]
-        assert fused_linear._fusable(group) is not None  # plain weights fuse: DTensors are what stops it
-        expected = [m(x.detach()) for m in group]
-        mesh = init_device_mesh("cpu", (1,))
-        for module in group:
-            parallelize_module(module, mesh, ColwiseParallel())
-        got = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in fused_linear.project(group, x.detach())]
-        # Without the styles' hooks too: a DTensor weight alone keeps a group unfused.
-        from torch.distributed.tensor import Replicate, distribute_tensor
-
-        mlp = _group(layer, GATE_UP)
-        for module in mlp:
-            module.weight = nn.Parameter(distribute_tensor(module.weight.detach(), mesh, [Replicate()]))
-        torch.save({"fusable": [fused_linear._fusable(g) is not None for g in (group, mlp)],
-                    "close": all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, expected))}, out)
-    finally:
-        dist.destroy_process_group()
-
-
-def test_tensor_parallel_weights_run_unfused(tmp_path):
-    out = str(tmp_path / "tp.pt")
-    mp.spawn(_tp_worker, args=(_free_port(), out), nprocs=1, join=True)
-    result = torch.load(out, weights_only=True)
+def test_tensor_parallel_weights_run_unfused():
+    (result,) = run_distributed(_tp_worker, 1)
     assert result["fusable"] == [False, False] and result["close"]
