@@ -48,11 +48,14 @@ def measure_variant(run, tokens_per_step: int, flops_per_token: float, device: t
                     rate_key: str = "tokens_per_s") -> dict:
     """`run()`'s result dict with the rate (`rate_key`) and MFU added; a variant that runs out of
     memory or fails is recorded as an error, not raised: one broken variant must not cost the rest
-    of a GPU session. Frees what it left on the GPU before the next variant."""
+    of a GPU session. Starts from an empty compile cache (variants share one process: a case
+    compiled on bf16 activations must not make the next, fp32 one recompile each layer up to
+    Dynamo's limit and fall back to eager) and frees what it left on the GPU before the next."""
     import gc
 
     from shoal.train.metrics import mfu_fields
 
+    torch._dynamo.reset()
     try:
         result = run()
     except torch.OutOfMemoryError:

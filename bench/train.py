@@ -170,6 +170,7 @@ def main() -> int:
     for name in args.variants.split(","):
         fn, compile_, fp8_recipe = parse_variant(name)
         torch.manual_seed(0)
+        torch._dynamo.reset()  # a fresh compile cache per variant (bench/common.py says why)
         try:
             r = fn(args, compile_, device, fp8_recipe)
         except torch.OutOfMemoryError:
