@@ -177,12 +177,22 @@ def test_lora_loss_follows_bf16(data, peft):
     assert kinds["model.layers.0.mlp.up_proj"] is FrozenFloat8Linear
     assert all(p.dtype == torch.float32 for p in fp8_engine.parameters())  # adapters: fp32 master, bf16 compute
     losses = train(fp8_engine, data, LORA_STEPS, 1e-3)
+    # The BF16 run again, same weights and data: its curve is not reproducible (non-deterministic
+    # reductions in the backward), and on the H200 a rerun ends up to 0.17 from the first
+    # (bench/float8_lora_gap_spread.py): FP8 must stay within the fixed tolerance or within 1.5x
+    # what chance alone moves the BF16 curve, whichever is wider.
+    rerun = train(make_engine(None, peft), data, LORA_STEPS, 1e-3)
     record(f"{peft}_bf16", base)
+    record(f"{peft}_bf16_rerun", rerun)
     record(f"{peft}_tensorwise", losses)
     worst, final = gaps(base, losses)
-    print(f"{peft} tensorwise: max smoothed gap {worst:.4f}, final {final:.4f}")
+    chance_worst, chance_final = gaps(base, rerun)
+    allowed_worst, allowed_final = max(MAX_GAP, 1.5 * chance_worst), max(FINAL_GAP, 1.5 * chance_final)
+    print(f"{peft} tensorwise: max smoothed gap {worst:.4f} (allowed {allowed_worst:.4f}), "
+          f"final {final:.4f} (allowed {allowed_final:.4f})")
     assert smoothed(base)[-1] < smoothed(base)[0] - 0.5, "the BF16 LoRA run did not learn"
-    assert worst <= MAX_GAP and final <= FINAL_GAP, (worst, final)
+    assert smoothed(losses)[-1] < smoothed(losses)[0] - 0.5, "the FP8 LoRA run did not learn"
+    assert worst <= allowed_worst and final <= allowed_final, (worst, final, chance_worst, chance_final)
 
 
 def test_fp8_checkpoint_resumes_in_bf16_and_back(data, tmp_path):
