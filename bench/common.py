@@ -45,7 +45,7 @@ def time_steps(step, warmup: int, steps: int, device: torch.device) -> tuple[flo
 
 
 def measure_variant(run, tokens_per_step: int, flops_per_token: float, device: torch.device,
-                    rate_key: str = "tokens_per_s") -> dict:
+                    rate_key: str = "tokens_per_s", fp8: bool = False) -> dict:
     """`run()`'s result dict with the rate (`rate_key`) and MFU added; a variant that runs out of
     memory or fails is recorded as an error, not raised: one broken variant must not cost the rest
     of a GPU session. Starts from an empty compile cache (variants share one process: a case
@@ -67,5 +67,5 @@ def measure_variant(run, tokens_per_step: int, flops_per_token: float, device: t
         torch.cuda.empty_cache()
     if "seconds_per_step" in result:
         result[rate_key] = tokens_per_step / result["seconds_per_step"]
-        result.update(mfu_fields(result[rate_key], flops_per_token, device, fp8=False))
+        result.update(mfu_fields(result[rate_key], flops_per_token, device, fp8=fp8))
     return result

@@ -21,7 +21,7 @@ gradients for the frozen base), not 6N.
 from __future__ import annotations
 
 import argparse
-import gc
+import functools
 import json
 import sys
 from pathlib import Path
@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import random_batch  # noqa: E402 - bench/common.py
+from common import measure_variant, random_batch  # noqa: E402 - bench/common.py
 
 from shoal.config.parallel import ParallelConfig  # noqa: E402
 from shoal.config.recipe import TrainSection  # noqa: E402
@@ -38,7 +38,6 @@ from shoal.distributed import build_mesh  # noqa: E402
 from shoal.models import get_preset, to_hf_config  # noqa: E402
 from shoal.peft.config import LoraConfig  # noqa: E402
 from shoal.train.engine import build_engine  # noqa: E402
-from shoal.train.metrics import mfu_fields  # noqa: E402
 from shoal.train.step import masked_cross_entropy_sum  # noqa: E402
 
 
@@ -170,16 +169,8 @@ def main() -> int:
     for name in args.variants.split(","):
         fn, compile_, fp8_recipe = parse_variant(name)
         torch.manual_seed(0)
-        torch._dynamo.reset()  # a fresh compile cache per variant (bench/common.py says why)
-        try:
-            r = fn(args, compile_, device, fp8_recipe)
-        except torch.OutOfMemoryError:
-            r = {"error": "out of memory"}
-        gc.collect()
-        torch.cuda.empty_cache()
-        if "seconds_per_step" in r:
-            r["tokens_per_s_per_gpu"] = tokens_per_step / r["seconds_per_step"]
-            r.update(mfu_fields(r["tokens_per_s_per_gpu"], flops_per_token, device, fp8=fp8_recipe is not None))
+        r = measure_variant(functools.partial(fn, args, compile_, device, fp8_recipe), tokens_per_step,
+                            flops_per_token, device, rate_key="tokens_per_s_per_gpu", fp8=fp8_recipe is not None)
         results[name] = r
         print(f"{name}: {r}", flush=True)
     peers = [r["tokens_per_s_per_gpu"] for n, r in results.items()
