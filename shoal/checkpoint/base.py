@@ -28,7 +28,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from shoal.checkpoint.format import METADATA_FILE, MODEL_DIR, SafeFileSystemReader, read_metadata
+from shoal.checkpoint.format import METADATA_FILE, MODEL_DIR, read_metadata
+from shoal.checkpoint.model_state import SafeFileSystemReader
 from shoal.errors import ShoalError
 
 BASE_KEY = "base"

@@ -19,7 +19,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from shoal.checkpoint.format import METADATA_FILE, MODEL_DIR, OPTIM_DIR, dcp_folder_complete, is_checkpoint
+from shoal.checkpoint.format import METADATA_FILE, MODEL_DIR, OPTIM_DIR, is_checkpoint
+from shoal.checkpoint.model_state import dcp_folder_complete
 from shoal.errors import ShoalError
 
 _NAME = re.compile(r"^step=(\d+)(?:-val_loss=([0-9.]+|nan|inf))?(-last)?$")

@@ -30,7 +30,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from shoal.checkpoint.format import MODEL_DIR, OPTIM_DIR, load_model_state, model_state_info
+from shoal.checkpoint.format import MODEL_DIR, OPTIM_DIR
+from shoal.checkpoint.model_state import load_model_state, model_state_info
 from shoal.checkpoint.storage import CheckpointStorageReader
 from shoal.errors import ShoalError
 

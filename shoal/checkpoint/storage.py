@@ -50,7 +50,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from shoal.checkpoint.format import SafeFileSystemReader
+from shoal.checkpoint.model_state import SafeFileSystemReader
 from shoal.checkpoint.parallel_io import Threads, copy_range, read_exact, write_all
 from shoal.convert.safetensors_io import DTYPE_CODES
 from shoal.errors import ShoalError

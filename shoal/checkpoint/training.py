@@ -44,15 +44,8 @@ from shoal.checkpoint.catalog import (
     remove_checkpoint,
     temporary_name,
 )
-from shoal.checkpoint.format import (
-    MODEL_DIR,
-    OPTIM_DIR,
-    _dcp_errors,
-    save_model_state,
-    write_metadata,
-    write_peft_config,
-    write_tokenizer_snapshot,
-)
+from shoal.checkpoint.format import MODEL_DIR, OPTIM_DIR, write_metadata, write_peft_config, write_tokenizer_snapshot
+from shoal.checkpoint.model_state import _dcp_errors, save_model_state
 from shoal.checkpoint.state import load_model_into, load_optimizers_into, parts_model_state, parts_optimizer_state
 from shoal.checkpoint.storage import SafetensorsStorageWriter
 from shoal.errors import ShoalError

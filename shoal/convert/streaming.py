@@ -23,13 +23,8 @@ import torch
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
-from shoal.checkpoint.format import (
-    SafeFileSystemReader,
-    TensorInfo,
-    load_model_state,
-    model_state_info,
-    save_model_state,
-)
+from shoal.checkpoint.format import TensorInfo
+from shoal.checkpoint.model_state import SafeFileSystemReader, load_model_state, model_state_info, save_model_state
 from shoal.checkpoint.storage import DATA_SUFFIX, SafetensorsStorageWriter
 
 

@@ -35,7 +35,7 @@ def storage_across_layouts(root: str) -> dict[str, Any]:
 def test_storage_moves_between_layouts_and_to_one_process(tmp_path) -> None:
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
-    from shoal.checkpoint.format import load_model_state
+    from shoal.checkpoint.model_state import load_model_state
 
     saved = initial_state(model_config(), seed=321)
     results = run_distributed(storage_across_layouts, 2, str(tmp_path))

@@ -73,7 +73,7 @@ def test_a_two_rank_training_checkpoint_loads_in_one_process_as_saved(tmp_path, 
         for rank in (0, 1):  # each rank wrote files of its own
             assert any(n.startswith(f"__{rank}_") and n.endswith(".safetensors") for n in names), (folder, names)
 
-    from shoal.checkpoint.format import load_model_state, model_state_info
+    from shoal.checkpoint.model_state import load_model_state, model_state_info
 
     on_disk = model_state_info(ckpt / "model")  # a tied head is stored once, under the embedding's name
     model = {k: v for k, v in held["model"].items() if k in on_disk}
@@ -101,7 +101,7 @@ def rank_1_fails_before_rank_0_writes(root: str) -> str:
 
     import shoal.checkpoint.parallel_io as parallel_io
     import shoal.checkpoint.storage as storage
-    from shoal.checkpoint.format import save_model_state
+    from shoal.checkpoint.model_state import save_model_state
 
     rank, folder = dist.get_rank(), Path(root) / "model"
     cleaned = Path(root) / "rank1-cleaned-up"

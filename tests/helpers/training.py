@@ -115,7 +115,8 @@ def write_seed_world(root: Path, preset: str, checkpoint_name: str, assets: Trai
 
     import numpy as np
 
-    from shoal.checkpoint.format import save_model_state, write_metadata
+    from shoal.checkpoint.format import write_metadata
+    from shoal.checkpoint.model_state import save_model_state
     from shoal.data.indexed import IndexedDatasetWriter
     from shoal.models.presets import get_preset
 

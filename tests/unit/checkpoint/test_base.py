@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from shoal.checkpoint.base import base_reference, is_adapter_only, resolve_base
-from shoal.checkpoint.format import MODEL_DIR, save_model_state, write_metadata
+from shoal.checkpoint.format import MODEL_DIR, write_metadata
+from shoal.checkpoint.model_state import save_model_state
 from shoal.errors import ShoalError
 from shoal.models import get_preset
 

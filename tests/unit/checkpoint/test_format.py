@@ -14,17 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from shoal.checkpoint.format import (
-    FORMAT_VERSION,
-    copy_tokenizer,
-    load_model_state,
-    model_state_info,
-    model_state_keys,
-    read_metadata,
-    read_model_config,
-    save_model_state,
-    write_metadata,
-)
+from shoal.checkpoint.format import FORMAT_VERSION, copy_tokenizer, read_metadata, read_model_config, write_metadata
+from shoal.checkpoint.model_state import load_model_state, model_state_info, model_state_keys, save_model_state
 from shoal.errors import ShoalError
 from shoal.models import build_model, get_preset
 

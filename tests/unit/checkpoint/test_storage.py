@@ -17,7 +17,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-from shoal.checkpoint.format import load_model_state, model_state_info, save_model_state
+from shoal.checkpoint.model_state import load_model_state, model_state_info, save_model_state
 from shoal.checkpoint.storage import CheckpointStorageReader, SafetensorsStorageWriter
 
 

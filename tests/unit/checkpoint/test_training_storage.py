@@ -161,7 +161,7 @@ def test_every_per_parameter_optimizer_entry_is_stored_and_nothing_else_is_neede
     from torch.distributed.checkpoint import HuggingFaceStorageReader
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    from shoal.checkpoint.format import save_model_state
+    from shoal.checkpoint.model_state import save_model_state
     from shoal.checkpoint.state import parts_optimizer_state
     from shoal.checkpoint.storage import SafetensorsStorageWriter
     from shoal.errors import ShoalError

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shoal.checkpoint.format import save_model_state, write_metadata
+from shoal.checkpoint.format import write_metadata
+from shoal.checkpoint.model_state import save_model_state
 from shoal.config.loader import to_dict
 from shoal.config.recipe import Recipe
 from shoal.config.resolve import resolve_recipe

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from shoal.checkpoint.format import save_model_state, write_metadata
+from shoal.checkpoint.format import write_metadata
+from shoal.checkpoint.model_state import save_model_state
 from shoal.cli import main as shoal
 from shoal.models import build_model, get_preset
 from tests.helpers.hf_models import save_hf_checkpoint

@@ -22,13 +22,8 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from shoal.checkpoint.format import (  # noqa: E402
-    load_model_state,
-    read_metadata,
-    read_model_config,
-    save_model_state,
-    write_metadata,  # noqa: E402
-)
+from shoal.checkpoint.format import read_metadata, read_model_config, write_metadata  # noqa: E402
+from shoal.checkpoint.model_state import load_model_state, save_model_state  # noqa: E402
 from shoal.cli import main as shoal  # noqa: E402
 from shoal.models import build_model  # noqa: E402
 from tests.helpers.hf_models import save_hf_checkpoint

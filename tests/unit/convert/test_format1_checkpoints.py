@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from shoal.checkpoint.format import MODEL_DIR, copy_tokenizer, dtype_name, save_model_state, write_metadata
+from shoal.checkpoint.format import MODEL_DIR, copy_tokenizer, dtype_name, write_metadata
+from shoal.checkpoint.model_state import save_model_state
 from shoal.checkpoint.state import load_model_into
 from shoal.cli import main as shoal
 from shoal.convert.importer import read_hf_config

@@ -16,7 +16,8 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from shoal.checkpoint.format import load_model_state, read_metadata, read_model_config
+from shoal.checkpoint.format import read_metadata, read_model_config
+from shoal.checkpoint.model_state import load_model_state
 from shoal.cli import main as shoal
 from shoal.models import build_model
 from tests.helpers.hf_models import FAMILY_CONFIGS, VOCAB_SIZE, save_hf_checkpoint

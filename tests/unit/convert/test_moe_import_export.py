@@ -18,7 +18,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from shoal.checkpoint.format import model_state_info, read_model_config  # noqa: E402
+from shoal.checkpoint.format import read_model_config  # noqa: E402
+from shoal.checkpoint.model_state import model_state_info  # noqa: E402
 from shoal.cli import main as shoal  # noqa: E402
 from shoal.convert.exporter import export_checkpoint  # noqa: E402
 from tests.helpers.hf_moe import VOCAB_SIZE, save_hf_moe
