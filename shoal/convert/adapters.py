@@ -24,13 +24,17 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from shoal.checkpoint.format import TensorInfo
 from shoal.errors import ShoalError
 from shoal.models.config import ModelConfig
-from shoal.models.model import Transformer
+from shoal.models.shapes import weight_shapes
+
+if TYPE_CHECKING:  # torch only for annotations: names, plans and checks run without it
+    import torch
+
+    Transform = Callable[[torch.Tensor, ModelConfig], torch.Tensor]
 
 _LAYER = re.compile(r"(?<=\.layers\.)\d+(?=\.)")
 
@@ -71,8 +75,6 @@ _GROUPED_EXPERT_KEYS = {
 # One expert's weight in a Hugging Face checkpoint -> (grouped name, expert index).
 _PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
-Transform = Callable[[torch.Tensor, ModelConfig], torch.Tensor]
-
 
 def _template(name: str) -> str:
     return _LAYER.sub("{}", name, count=1)
@@ -105,17 +107,15 @@ class StateDictAdapter:
         self._expected = self._expected_shoal_shapes()
 
     def _expected_shoal_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Names and shapes of the model's weights, read off a model built on the meta device
-        (no memory), so they can never disagree with what the model actually holds."""
-        with torch.device("meta"):
-            model = Transformer(self.cfg)
+        """Names and shapes of the model's weights, from the config without torch (`weight_shapes`,
+        tested against the model built on the meta device for every preset)."""
         shapes = {}
-        for name, tensor in model.state_dict(keep_vars=True).items():
+        for name, shape in weight_shapes(self.cfg).items():
             if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
                 continue  # stored once, as model.embed_tokens.weight
             if _template(name) not in self.inverse:
                 raise ValueError(f"{type(self).__name__}: model parameter {name} has no entry in key_map")
-            shapes[name] = tuple(tensor.shape)
+            shapes[name] = shape
         return shapes
 
     # -- names -------------------------------------------------------------------------------
