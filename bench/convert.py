@@ -7,14 +7,16 @@ Makes a random checkpoint of the preset's shape as `save_pretrained` would write
 and shapes from `transformers.AutoModelForCausalLM.from_config` on the meta device (a tied
 `lm_head.weight` is left out, as HF does), bf16 values ~ N(0, 0.02), safetensors shards of at
 most `--shard_size` with `model.safetensors.index.json`, `config.json` (shoal's `to_hf_config`)
-and `generation_config.json`; no tokenizer (shoal import warns about it).
+and `generation_config.json`, and the demo's tokenizer (`shoal/demo/assets/tokenizer`, checked
+against `vocab_size` by the import as a user's would be).
 
 Then, in the same run and each as its own child process (wall time and `ru_maxrss` from `os.wait4`):
   import phase: `cp -r HF COPY` and `shoal import --source HF --output_path CKPT`, alternating,
   export phase: `cp -r CKPT COPY` and `shoal export --source CKPT --output_path OUT`, alternating,
 `--repeats` times each, outputs removed between runs, plus an interpreter baseline: a child that
 only imports shoal's CLI and conversion modules (its peak RSS and, alternating with the others,
-its wall time: the start-up, reported beside the ratio of what is left after it). Medians are reported (min/max in the JSON).
+its wall time: the start-up, reported beside the ratio of what is left after it). One more,
+untimed run of each conversion records whether it imported torch. Medians are reported (min/max in the JSON).
 
 Fairness: `sync` runs (untimed) before every timed command so no earlier dirty pages are charged
 to it, and the command's source is read once (untimed) so that cp and shoal both start from a
@@ -52,6 +54,7 @@ from shoal.models import get_preset, to_hf_config  # noqa: E402
 TIME_TARGET = 1.2  # issue 19
 RSS_TARGET = 1.5
 INTERPRETER_MODULES = "import shoal.cli, shoal.convert.importer, shoal.convert.exporter"
+TOKENIZER = Path(__file__).resolve().parents[1] / "shoal" / "demo" / "assets" / "tokenizer"
 
 
 def hf_tensor_specs(hf_config: dict) -> list[tuple[str, tuple[int, ...]]]:
@@ -106,6 +109,8 @@ def make_hf_checkpoint(preset: str, out: Path, shard_size: int, seed: int = 0) -
     generation = {"_from_model_config": True, "bos_token_id": hf_config.get("bos_token_id"),
                   "eos_token_id": hf_config.get("eos_token_id")}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    for item in TOKENIZER.iterdir():
+        shutil.copyfile(item, out / item.name)
     return {"tensors": len(specs), "files": len(files), "weight_bytes": total,
             "tied_embeddings": bool(hf_config.get("tie_word_embeddings")),
             "largest_shard_bytes": max((out / f).stat().st_size for f in files)}
@@ -206,6 +211,22 @@ def summary(runs: list[dict], key: str) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+IMPORTS_TORCH = """
+import sys
+from shoal.cli import main
+rc = main(sys.argv[1:])
+print("torch" in sys.modules)
+sys.exit(rc)
+"""
+
+
+def imports_torch(shoal_args: list[str]) -> bool:
+    """Whether the conversion `shoal_args` imports torch (an untimed run of its own)."""
+    done = subprocess.run([sys.executable, "-c", IMPORTS_TORCH, *shoal_args], capture_output=True, text=True,
+                          check=True)
+    return done.stdout.strip().splitlines()[-1] == "True"
+
+
 def run_phase(name: str, source: Path, cp_out: Path, shoal_out: Path, shoal_args: list[str],
               repeats: int, keep_last: bool) -> dict:
     """Alternate `cp -r source cp_out` and shoal; the last shoal output stays when `keep_last`."""
@@ -221,7 +242,11 @@ def run_phase(name: str, source: Path, cp_out: Path, shoal_out: Path, shoal_args
               f"shoal {shoal_runs[-1]['wall_s']:.1f}s (durable {shoal_runs[-1]['durable_s']:.1f}s), "
               f"shoal peak RSS {shoal_runs[-1]['maxrss_bytes'] / 2**20:.0f} MiB, load {shoal_runs[-1]['load']:.1f}",
               flush=True)
-    return {"cp_runs": cp_runs, "shoal_runs": shoal_runs, "startup_runs": startup_runs,
+    torch_imported = imports_torch(shoal_args)
+    print(f"  {name}: imports torch: {torch_imported}", flush=True)
+    if not keep_last:
+        remove(shoal_out)
+    return {"imports_torch": torch_imported, "cp_runs": cp_runs, "shoal_runs": shoal_runs, "startup_runs": startup_runs,
             "startup_wall_s": summary(startup_runs, "wall_s"),
             "cp": {k: summary(cp_runs, k) for k in ("wall_s", "durable_s", "maxrss_bytes", "load")},
             "shoal": {k: summary(shoal_runs, k) for k in ("wall_s", "durable_s", "maxrss_bytes", "load")}}
@@ -265,6 +290,7 @@ def ratio_row(label: str, phase: dict, largest: int, interp: int) -> dict:
         # imports its modules (torch, DCP: seconds on a loaded 2-core machine; measured in the same
         # alternation), against the copy.
         "startup_s": startup_s,
+        "imports_torch": phase["imports_torch"],
         "time_ratio_durable_after_startup": (sh["durable_s"]["median"] - startup_s) / cp["durable_s"]["median"],
         "phase": label,
         "cp_wall_s": cp["wall_s"]["median"], "shoal_wall_s": sh["wall_s"]["median"],

@@ -25,10 +25,8 @@ layout: a rank reads only the part of each chunk its shard needs.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pickle
-import struct
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -50,15 +48,11 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
+from shoal.checkpoint.data_files import DATA_SUFFIX, DEFAULT_THREADS, METADATA_NAME, data_file_name, dcp_header_metadata
 from shoal.checkpoint.model_state import SafeFileSystemReader
 from shoal.checkpoint.parallel_io import Threads, copy_range, read_exact, write_all
-from shoal.convert.safetensors_io import DTYPE_CODES
+from shoal.convert.safetensors_io import DTYPE_CODES, build_header, dtype_code
 from shoal.errors import ShoalError
-
-DATA_SUFFIX = ".safetensors"
-METADATA_NAME = ".metadata"
-DEFAULT_THREADS = 2
-SHARDING_INFO_KEY = "DCP_SHARDING_INFO"  # torch's key: each chunk's offsets in its global tensor
 
 # A planner may offer, per write item, (path, offset, length) of a file that already holds its
 # bytes exactly as they are to be stored; the writer then copies them in the kernel.
@@ -124,28 +118,16 @@ def _lay_out(items: Sequence[WriteItem], files: int, prefix: str) -> list[_DataF
     for n, members in enumerate(b for b in bins if b):
         # Larger elements first keeps every chunk aligned to its element size, as safetensors does.
         members.sort(key=lambda e: -e.dtype.itemsize)
-        laid_out.append(_with_header(_DataFile(f"{prefix}{n}{DATA_SUFFIX}", members)))
+        laid_out.append(_with_header(_DataFile(data_file_name(prefix, n), members)))
     return laid_out
 
 
 def _with_header(file: _DataFile) -> _DataFile:
-    header: dict[str, Any] = {}
-    sharding = {}
-    offset = 0
+    sharding = {e.item.index.fqn: {"saved_offsets": list(e.item.tensor_data.chunk.offsets)} for e in file.entries}
+    file.header, spans = build_header([(e.item.index.fqn, dtype_code(e.dtype), e.shape) for e in file.entries],
+                                      dcp_header_metadata(sharding))
     for entry in file.entries:
-        fqn = entry.item.index.fqn
-        header[fqn] = {"dtype": DTYPE_CODES[entry.dtype], "shape": list(entry.shape),
-                       "data_offsets": [offset, offset + entry.nbytes]}
-        sharding[fqn] = {"saved_offsets": list(entry.item.tensor_data.chunk.offsets)}
-        entry.begin = offset
-        offset += entry.nbytes
-    header = {"__metadata__": {"format": "pt", "DCP_VERSION": "1.0", SHARDING_INFO_KEY: json.dumps(sharding)},
-              **header}
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    file.header = struct.pack("<Q", len(raw)) + raw
-    for entry in file.entries:
-        entry.begin += len(file.header)
+        entry.begin = spans[entry.item.index.fqn][0]
     return file
 
 

@@ -23,34 +23,62 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from shoal.checkpoint.atomic import atomic_directory
-from shoal.checkpoint.format import (
-    MODEL_DIR,
-    TOKENIZER_DIR,
-    TensorInfo,
-    dtype_name,
-    parse_dtype,
-    read_metadata,
-    read_model_config,
-)
+from shoal.checkpoint.data_files import whole_tensors
+from shoal.checkpoint.format import MODEL_DIR, TOKENIZER_DIR, TensorInfo, dtype_name, read_metadata, read_model_config
 from shoal.checkpoint.parallel_io import Threads
 from shoal.convert.adapters import get_adapter
 from shoal.convert.options import DEFAULT_MAX_SHARD_SIZE, check_output, parse_size
 from shoal.convert.provenance import base_model_name, describe_checkpoint, resolve_export_source, source_dtype
-from shoal.convert.safetensors_io import SafetensorsWriter, plan_shards, shard_file_names, write_index
-from shoal.convert.streaming import DCPWeightReader, WeightReader
+from shoal.convert.safetensors_io import (
+    SafetensorsWriter,
+    StoredDType,
+    TensorEntry,
+    dtype_code,
+    plan_shards,
+    shard_file_names,
+    write_index,
+)
 from shoal.errors import ShoalError
 from shoal.models.config import to_hf_config
-from shoal.peft.export import merged_weight_reader, write_peft_adapter
+
+if TYPE_CHECKING:
+    import torch
+
+    from shoal.convert.streaming import WeightReader
 
 DEFAULT_LOAD_BUDGET = 256 << 20  # bytes of weights read from DCP per load (plus one tensor in flight)
 COPY_THREADS = 2  # threads copying unchanged tensors into a shard (one of them also writes the rest)
 
-WeightReaderFactory = Callable[[Path], WeightReader]
+WeightReaderFactory = Callable[[Path], "WeightReader"]
 Finalizer = Callable[[Path, Path], None]
+
+
+class WholeTensorReader:
+    """The weights of a `model/` that holds every tensor whole in a safetensors data file and no
+    DCP `.metadata` (an import's, `shoal.checkpoint.data_files`): shapes, dtypes and byte ranges
+    come from the headers, so an export that copies every tensor never imports torch."""
+
+    def __init__(self, entries: dict[str, TensorEntry]):
+        self._entries = entries
+
+    def tensor_info(self) -> dict[str, TensorInfo]:
+        return {name: TensorInfo(e.shape, e.stored) for name, e in self._entries.items()}
+
+    def byte_source(self, name: str) -> tuple[str, int, int] | None:
+        entry = self._entries.get(name)
+        return None if entry is None else (str(entry.path), entry.begin, entry.end - entry.begin)
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from shoal.convert.safetensors_io import read_tensor
+
+        return {name: read_tensor(self._entries[name]) for name in names}
+
+
+def _torch_dtype(dtype: Any) -> torch.dtype:
+    return dtype.torch if isinstance(dtype, StoredDType) else dtype
 
 
 def generation_config(meta: dict) -> dict:
@@ -94,18 +122,29 @@ def export_checkpoint(
     ckpt = resolve_export_source(source)
     meta = read_metadata(ckpt)
     cfg = read_model_config(ckpt)
-    target_dtype = parse_dtype(dtype, where="--dtype") if isinstance(dtype, str) else dtype
-    if target_dtype is None and source_dtype(meta) != dtype_name(meta["dtype"]):
-        target_dtype = parse_dtype(source_dtype(meta), where=f"{ckpt / 'shoal.json'}: source_dtype")
+    # The dtype asked for, by name (None: keep each tensor's); names are checked without torch.
+    if dtype is not None:
+        try:
+            target_dtype = dtype_name(dtype)
+        except ShoalError:
+            from shoal.checkpoint.format import parse_dtype
+
+            target_dtype = dtype_name(parse_dtype(dtype, where="--dtype"))
+    elif source_dtype(meta) != dtype_name(meta["dtype"]):
+        target_dtype = source_dtype(meta)
+    else:
+        target_dtype = None
     max_bytes = parse_size(max_shard_size)
     base = _checked_base(ckpt, base_checkpoint)
     out = check_output(output_path, overwrite, sources=(ckpt, *base))
     merging = weight_reader is None and (ckpt / "peft.json").is_file()
     if merging:
+        from shoal.peft.export import merged_weight_reader
+
         weight_reader = lambda folder: merged_weight_reader(folder, *base)  # noqa: E731
     if weight_reader is None and not (ckpt / MODEL_DIR).is_dir():
         raise ShoalError(f"{ckpt}: {MODEL_DIR}/ is missing (an incomplete checkpoint?)")
-    reader = weight_reader(ckpt) if weight_reader else DCPWeightReader(ckpt / MODEL_DIR)
+    reader = weight_reader(ckpt) if weight_reader else _plain_reader(ckpt / MODEL_DIR)
 
     adapter = get_adapter(cfg)
     saved = reader.tensor_info()
@@ -119,7 +158,11 @@ def export_checkpoint(
         name, expert = written[disk_name]
         info = saved[name]
         shape = tuple(info.shape) if expert is None else tuple(info.shape[1:])
-        return TensorInfo(shape, target_dtype or info.dtype)
+        if target_dtype is None or target_dtype == dtype_name(info.dtype):
+            return TensorInfo(shape, info.dtype)
+        from shoal.checkpoint.format import parse_dtype
+
+        return TensorInfo(shape, parse_dtype(target_dtype))
 
     # Tensors written exactly as stored (no transform, no dtype change, one raw chunk in model/):
     # their bytes are copied file to file in the kernel, never loaded (an import's export). Only
@@ -128,7 +171,7 @@ def export_checkpoint(
     copies = {}
     for disk, (name, expert) in written.items():
         if byte_source is not None and expert is None and adapter.keeps_bytes(disk) \
-                and out_info(disk).dtype == saved[name].dtype:
+                and dtype_code(out_info(disk).dtype) == dtype_code(saved[name].dtype):
             found = byte_source(name)
             if found is not None:
                 copies[disk] = found
@@ -143,7 +186,7 @@ def export_checkpoint(
             specs = {hf: (out_info(hf).shape, out_info(hf).dtype) for hf in shard}
             writer = SafetensorsWriter(tmp / file, specs, metadata={"format": "pt"})
             try:
-                _write_shard(writer, written, copies, reader, adapter, target_dtype, out_info, load_budget)
+                _write_shard(writer, written, copies, reader, adapter, out_info, load_budget)
             finally:
                 writer.abort()
             weight_map.update({hf: file for hf in shard})
@@ -167,6 +210,17 @@ def export_checkpoint(
     return out
 
 
+def _plain_reader(model_dir: Path) -> WeightReader:
+    """The reader of a checkpoint's own `model/`: from the data files' headers when they describe it
+    whole (no torch), else through DCP."""
+    entries = whole_tensors(model_dir)
+    if entries is not None:
+        return WholeTensorReader(entries)
+    from shoal.convert.streaming import DCPWeightReader
+
+    return DCPWeightReader(model_dir)
+
+
 def _checked_base(ckpt: Path, override: str | os.PathLike | None) -> tuple[Path, ...]:
     """(the base,) of an adapter-only checkpoint, checked before any output is made; () otherwise."""
     from shoal.checkpoint.base import resolve_base
@@ -177,7 +231,7 @@ def _checked_base(ckpt: Path, override: str | os.PathLike | None) -> tuple[Path,
 
 def _write_shard(writer: SafetensorsWriter, written: dict[str, tuple[str, int | None]],
                  copies: dict[str, tuple[str, int, int]], reader: WeightReader, adapter,
-                 target_dtype: torch.dtype | None, out_info: Callable[[str], TensorInfo], load_budget: int) -> None:
+                 out_info: Callable[[str], TensorInfo], load_budget: int) -> None:
     """Fill one shard: the tensors in `copies` by in-kernel copies, shared between two threads;
     the others loaded, converted and written by the first thread (`_write_loaded`). An error in
     either stops both, and is raised once both have stopped."""
@@ -192,7 +246,7 @@ def _write_shard(writer: SafetensorsWriter, written: dict[str, tuple[str, int | 
     def work(i: int) -> None:
         if i == 0:
             _write_loaded(writer, [hf for hf in writer.order if hf not in copies], written, reader, adapter,
-                          target_dtype, out_info, load_budget, threads.stopped)
+                          out_info, load_budget, threads.stopped)
         while (hf := next_copy()) is not None:
             writer.copy(hf, copies[hf])
 
@@ -201,8 +255,8 @@ def _write_shard(writer: SafetensorsWriter, written: dict[str, tuple[str, int | 
 
 
 def _write_loaded(writer: SafetensorsWriter, names: list[str], written: dict[str, tuple[str, int | None]],
-                  reader: WeightReader, adapter, target_dtype: torch.dtype | None,
-                  out_info: Callable[[str], TensorInfo], load_budget: int, stopped: Callable[[], bool]) -> None:
+                  reader: WeightReader, adapter, out_info: Callable[[str], TensorInfo], load_budget: int,
+                  stopped: Callable[[], bool]) -> None:
     """Write `names` (in the shard's data order), loading at most `load_budget` bytes of weights at a
     time (plus, for an MoE model, the grouped expert tensors whose experts are still being written:
     one layer's worth, since each grouped tensor's experts are written one after another)."""
@@ -231,8 +285,9 @@ def _write_loaded(writer: SafetensorsWriter, names: list[str], written: dict[str
                 pending[name] -= 1
                 if not pending[name]:
                     del grouped[name]
-            if target_dtype is not None and tensor.dtype != target_dtype:
-                tensor = tensor.to(target_dtype)
+            wanted = out_info(hf).dtype
+            if dtype_code(tensor.dtype) != dtype_code(wanted):
+                tensor = tensor.to(_torch_dtype(wanted))
             writer.write(hf, tensor)
             del tensor
 
@@ -266,6 +321,8 @@ def export_adapter(source: str | os.PathLike, output_path: str | os.PathLike, ov
         print(f"shoal export: warning: {ckpt} does not record its base model, so adapter_config.json has "
               "base_model_name_or_path null and AutoPeftModelForCausalLM cannot load it alone; pass "
               "--base_model ID|DIR", file=sys.stderr)
+    from shoal.peft.export import write_peft_adapter
+
     with atomic_directory(out, overwrite=overwrite) as tmp:
         write_peft_adapter(ckpt, tmp / "adapter", base_model_name_or_path=base)
         for item in (tmp / "adapter").iterdir():

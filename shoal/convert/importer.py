@@ -5,8 +5,12 @@
 
 Reads `config.json` (refusing what shoal cannot represent), the tokenizer files and the
 safetensors weights (one file or sharded with an index), checks every tensor against the shapes
-the config implies, then streams the weights into DCP one tensor at a time. The checkpoint
-appears under OUT only once complete.
+the config implies, then writes `model/`. When every tensor is stored as the file holds it (the
+dense families: same names, no transform), that is a copy of the bytes into safetensors data
+files whose headers describe the DCP folder (`shoal.checkpoint.data_files`), and torch is never
+imported: the import takes about as long as `cp`. Otherwise (per-expert tensors stacked into
+grouped ones) the weights are streamed into DCP one tensor at a time. The checkpoint appears
+under OUT only once complete.
 """
 
 from __future__ import annotations
@@ -16,16 +20,15 @@ import json
 import os
 import sys
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from shoal.checkpoint.atomic import atomic_directory, refuse_overlap
+from shoal.checkpoint.data_files import write_whole_tensors
 from shoal.checkpoint.format import MODEL_DIR, TensorInfo, copy_tokenizer, dtype_name, write_metadata
 from shoal.convert import hub
-from shoal.convert.adapters import get_adapter
+from shoal.convert.adapters import StateDictAdapter, get_adapter
 from shoal.convert.options import check_output
-from shoal.convert.safetensors_io import find_weight_files, read_tensor
-from shoal.convert.streaming import stream_to_dcp
+from shoal.convert.safetensors_io import TensorEntry, find_weight_files
 from shoal.errors import ShoalError
 from shoal.models.config import ModelConfig, from_hf_config
 from shoal.models.presets import NEMO_ALIASES, get_preset
@@ -92,6 +95,39 @@ def check_preset(name: str, cfg: ModelConfig) -> list[str]:
     return []
 
 
+# The files a tokenizer's vocabulary can be read from (transformers' fast and slow formats).
+_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+
+
+def tokenizer_size(model_dir: Path) -> tuple[int, int, int] | None:
+    """(tokens, tokens in the base vocabulary, highest id) of the folder's tokenizer, counted as
+    `transformers` counts `len(tokenizer)`; None when it has no tokenizer files. A `tokenizer.json`
+    is read with the `tokenizers` library (milliseconds); any other format loads through
+    transformers (seconds: it imports torch)."""
+    if not any((model_dir / name).is_file() for name in _VOCABULARY_FILES):
+        return None  # a chat template or settings alone: no vocabulary to count
+    if (model_dir / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        ids = set(vocab.values())
+        # transformers also adds the tokens tokenizer_config.json declares that tokenizer.json lacks.
+        config = model_dir / "tokenizer_config.json"
+        declared = read_json(config, "tokenizer settings").get("added_tokens_decoder") if config.is_file() else None
+        contents = set(vocab)
+        for key, token in (declared or {}).items():
+            content = token.get("content") if isinstance(token, dict) else None
+            if str(key).isdigit() and content not in contents:
+                ids.add(int(key))
+                contents.add(content)
+        return len(ids), tokenizer.get_vocab_size(with_added_tokens=False), max(ids, default=-1)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    return len(tokenizer), tokenizer.vocab_size, max(tokenizer.get_vocab().values(), default=-1)
+
+
 def check_tokenizer_fits(model_dir: Path, vocab_size: int) -> None:
     """Refuse a tokenizer that gives ids the model cannot embed (config.json `vocab_size`).
 
@@ -99,34 +135,31 @@ def check_tokenizer_fits(model_dir: Path, vocab_size: int) -> None:
     id. Fewer tokens than embedding rows is normal (padded embeddings). A tokenizer that cannot be
     loaded here is left to the stage that loads it, with a warning.
     """
-    from shoal.checkpoint.format import tokenizer_files
-
-    if not tokenizer_files(model_dir):
-        return
     try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-        highest = max(tokenizer.get_vocab().values(), default=-1)
+        size = tokenizer_size(model_dir)
+    except ShoalError:
+        raise
     except Exception as err:  # noqa: BLE001 - many tokenizer formats, many failure types
         print(f"shoal import: warning: could not load the tokenizer in {model_dir} to check its size against "
               f"vocab_size ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})", file=sys.stderr)
         return
-    count = max(len(tokenizer), highest + 1)
+    if size is None:
+        return
+    length, base, highest = size
+    count = max(length, highest + 1)
     if count <= vocab_size:
         return
-    added = len(tokenizer) - tokenizer.vocab_size
     raise ShoalError(
-        f"{model_dir}: the tokenizer has {count} tokens ({tokenizer.vocab_size} in its vocabulary + {added} added; "
+        f"{model_dir}: the tokenizer has {count} tokens ({base} in its vocabulary + {length - base} added; "
         f"highest id {highest}) but config.json vocab_size is {vocab_size}: ids {vocab_size}..{count - 1} would "
         "index past the model's embedding. Use the tokenizer that belongs to this model (or resize the model's "
         "embedding in transformers and save it again)"
     )
 
 
-def _dominant_dtype(infos: dict[str, TensorInfo]) -> torch.dtype:
+def _dominant_dtype(infos: dict[str, TensorInfo]) -> Any:
     """The dtype holding most of the weight bytes: the model's dtype for shoal.json."""
-    by_dtype: dict[torch.dtype, int] = {}
+    by_dtype: dict[Any, int] = {}
     for info in infos.values():
         by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.nbytes
     return max(by_dtype, key=by_dtype.get)
@@ -161,12 +194,42 @@ def import_checkpoint(
     entries = find_weight_files(model_dir)
     adapter = get_adapter(cfg)
     # Per-expert tensors appear stacked, under the grouped name (a no-op for dense families).
-    found = adapter.group_experts({name: TensorInfo(e.shape, e.dtype) for name, e in entries.items()}, model_dir)
+    found = adapter.group_experts({name: TensorInfo(e.shape, e.stored) for name, e in entries.items()}, model_dir)
     plan = adapter.import_plan(found, where=model_dir)  # {shoal name: HF name}
     specs = {name: found[hf_name] for name, hf_name in plan.items()}
     generation_config = None
     if (model_dir / "generation_config.json").is_file():
         generation_config = read_json(model_dir / "generation_config.json", "generation defaults")
+
+    copies = {name: entries[hf_name] for name, hf_name in plan.items() if adapter.keeps_bytes(hf_name)}
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        copied = copy_tokenizer(model_dir, tmp)
+        if not copied:
+            print(f"shoal import: warning: {model_dir} has no tokenizer files; the checkpoint has no tokenizer/",
+                  file=sys.stderr)
+        if len(copies) == len(plan):  # every tensor as the file holds it: a copy, no torch
+            write_whole_tensors(copies, tmp / MODEL_DIR)
+        else:
+            _stream_weights(specs, plan, entries, adapter, tmp / MODEL_DIR)
+        made_by = {
+            "command": "shoal import",
+            "source": str(hub_source) if hub_source else str(model_dir.absolute()),
+            # The snapshot folder of the HF cache is named after the commit it holds.
+            "revision": model_dir.name if hub_source else None,
+        }
+        extra = {"generation_config": generation_config} if generation_config else {}
+        write_metadata(tmp, cfg, dtype_name(_dominant_dtype(specs)), made_by=made_by, extra=extra)
+    return out
+
+
+def _stream_weights(specs: dict[str, TensorInfo], plan: dict[str, str], entries: dict[str, TensorEntry],
+                    adapter: StateDictAdapter, model_dir: Path) -> None:
+    """Write `model/` through DCP, reading (and stacking, for grouped experts) one tensor at a time;
+    a tensor kept as its file holds it is still copied in the kernel (`stream_to_dcp`'s `source`)."""
+    import torch
+
+    from shoal.convert.safetensors_io import read_tensor
+    from shoal.convert.streaming import stream_to_dcp
 
     def read(name: str) -> torch.Tensor:
         hf_name = plan[name]
@@ -182,21 +245,8 @@ def import_checkpoint(
         entry = entries[hf_name]
         return str(entry.path), entry.begin, entry.end - entry.begin
 
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        copied = copy_tokenizer(model_dir, tmp)
-        if not copied:
-            print(f"shoal import: warning: {model_dir} has no tokenizer files; the checkpoint has no tokenizer/",
-                  file=sys.stderr)
-        stream_to_dcp(specs, read, tmp / MODEL_DIR, source=source)
-        made_by = {
-            "command": "shoal import",
-            "source": str(hub_source) if hub_source else str(model_dir.absolute()),
-            # The snapshot folder of the HF cache is named after the commit it holds.
-            "revision": model_dir.name if hub_source else None,
-        }
-        extra = {"generation_config": generation_config} if generation_config else {}
-        write_metadata(tmp, cfg, dtype_name(_dominant_dtype(specs)), made_by=made_by, extra=extra)
-    return out
+    torch_specs = {name: TensorInfo(info.shape, info.dtype.torch) for name, info in specs.items()}
+    stream_to_dcp(torch_specs, read, model_dir, source=source)
 
 
 def main(args: argparse.Namespace) -> int:

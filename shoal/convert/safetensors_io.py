@@ -10,6 +10,10 @@ file must end in a message naming the file, not in a crash halfway through a con
 are read with `readinto` straight into their own buffer and written from theirs at their offset,
 so memory holds only the tensors in flight (no memory map whose pages would pile up, no
 serialised copy of a shard).
+
+Headers are read, checked and written without torch (`StoredDType` describes a dtype by its
+safetensors code): a conversion that only copies bytes never imports it. Reading a tensor's
+values, or writing one, imports torch then.
 """
 
 from __future__ import annotations
@@ -22,18 +26,60 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from shoal.checkpoint.parallel_io import copy_range, write_all
 from shoal.errors import ShoalError
 
-DTYPES: dict[str, torch.dtype] = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class StoredDType:
+    """A dtype as a safetensors header names it, with what checks and layouts need of it."""
+
+    code: str  # the header's spelling: "BF16"
+    name: str  # torch's spelling: "bfloat16"
+    itemsize: int
+    is_floating_point: bool
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def torch(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.name)
+
+
+STORED_DTYPES: dict[str, StoredDType] = {
+    code: StoredDType(code, name, size, floating) for code, name, size, floating in (
+        ("BF16", "bfloat16", 2, True), ("F16", "float16", 2, True), ("F32", "float32", 4, True),
+        ("F64", "float64", 8, True), ("I64", "int64", 8, False), ("I32", "int32", 4, False),
+        ("I16", "int16", 2, False), ("I8", "int8", 1, False), ("U8", "uint8", 1, False),
+        ("BOOL", "bool", 1, False), ("F8_E4M3", "float8_e4m3fn", 1, True), ("F8_E5M2", "float8_e5m2", 1, True),
+    )
 }
-DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
+_CODE_OF_NAME = {dtype.name: code for code, dtype in STORED_DTYPES.items()}
+
+
+def dtype_code(dtype: Any) -> str:
+    """The safetensors code of a torch.dtype or a StoredDType ("BF16"); KeyError for one it lacks."""
+    if isinstance(dtype, StoredDType):
+        return dtype.code
+    return _CODE_OF_NAME[str(dtype).removeprefix("torch.")]
+
+
+def __getattr__(name: str) -> Any:
+    # {code: torch.dtype} and its inverse, built on first use: importing torch is for those who need it.
+    if name in ("DTYPES", "DTYPE_CODES"):
+        dtypes = {code: dtype.torch for code, dtype in STORED_DTYPES.items()}
+        globals().update(DTYPES=dtypes, DTYPE_CODES={dtype: code for code, dtype in dtypes.items()})
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -49,10 +95,14 @@ class TensorEntry:
 
     path: Path
     name: str
-    dtype: torch.dtype
+    stored: StoredDType
     shape: tuple[int, ...]
     begin: int
     end: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.stored.torch
 
 
 def _numel(shape: Iterable[int]) -> int:
@@ -93,7 +143,7 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
         if name == "__metadata__":
             continue
         try:
-            dtype = DTYPES[info["dtype"]]
+            dtype = STORED_DTYPES[info["dtype"]]
             shape = tuple(int(s) for s in info["shape"])
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
@@ -116,6 +166,8 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
 
 def read_tensor(entry: TensorEntry) -> torch.Tensor:
     """Read one tensor from disk into fresh memory of exactly its size."""
+    import torch
+
     tensor = torch.empty(entry.shape, dtype=entry.dtype)
     if tensor.numel() == 0:
         return tensor
@@ -131,6 +183,25 @@ def read_tensor(entry: TensorEntry) -> torch.Tensor:
     return tensor
 
 
+def build_header(tensors: list[tuple[str, str, tuple[int, ...]]],
+                 metadata: dict[str, str]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """A safetensors header (length prefix included) for `tensors` [(name, dtype code, shape)],
+    their data laid out in that order, and {name: (absolute offset in the file, byte length)}.
+    The caller orders larger element sizes first, which keeps every tensor aligned to its size."""
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    offset = 0
+    spans = {}
+    for name, code, shape in tensors:
+        nbytes = _numel(shape) * STORED_DTYPES[code].itemsize
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        spans[name] = (offset, nbytes)
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # pad so the data buffer starts 8-byte aligned
+    start = 8 + len(raw)
+    return struct.pack("<Q", len(raw)) + raw, {name: (start + begin, n) for name, (begin, n) in spans.items()}
+
+
 class SafetensorsWriter:
     """Write one safetensors file whose tensors are known in advance and arrive in any order.
 
@@ -141,30 +212,20 @@ class SafetensorsWriter:
     element size, as the reference writer does). `close` checks all arrived.
     """
 
-    def __init__(self, path: str | os.PathLike, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    def __init__(self, path: str | os.PathLike, specs: dict[str, tuple[tuple[int, ...], Any]],
                  metadata: dict[str, str] | None = None):
+        """specs: {name: (shape, dtype)}, the dtype a torch.dtype or a StoredDType."""
         self.path = Path(path)
         # Stable sort: within one element size the caller's (HF state-dict) order is kept.
         self.order = sorted(specs, key=lambda name: -specs[name][1].itemsize)
         self.specs = specs
-        header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
-        offset = 0
-        spans = {}
-        for name in self.order:
-            shape, dtype = specs[name]
-            nbytes = _numel(shape) * dtype.itemsize
-            header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            spans[name] = (offset, nbytes)
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        raw += b" " * (-len(raw) % 8)  # pad so the data buffer starts 8-byte aligned
-        start = 8 + len(raw)
-        self.spans = {name: (start + begin, nbytes) for name, (begin, nbytes) in spans.items()}
+        header, self.spans = build_header([(name, dtype_code(specs[name][1]), specs[name][0]) for name in self.order],
+                                          metadata or {"format": "pt"})
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         self._done: set[str] = set()
         self._lock = threading.Lock()
-        write_all(self._fd, memoryview(struct.pack("<Q", len(raw)) + raw), 0)
-        self.total_bytes = offset
+        write_all(self._fd, memoryview(header), 0)
+        self.total_bytes = sum(nbytes for _, nbytes in self.spans.values())
 
     def _claim(self, name: str) -> tuple[int, int]:
         with self._lock:
@@ -174,8 +235,10 @@ class SafetensorsWriter:
         return self.spans[name]
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        import torch
+
         shape, dtype = self.specs.get(name, (None, None))
-        if tuple(tensor.shape) != tuple(shape or ()) or tensor.dtype != dtype:
+        if tuple(tensor.shape) != tuple(shape or ()) or dtype is None or dtype_code(tensor.dtype) != dtype_code(dtype):
             raise RuntimeError(f"{self.path}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
                                f"declared {shape} {dtype}")
         offset, _ = self._claim(name)

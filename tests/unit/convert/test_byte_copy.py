@@ -1,0 +1,122 @@
+"""Conversion as a copy (issue 19): a dense model's import and export copy every tensor's bytes,
+and neither imports torch (its start-up alone is longer than copying a 1B model on a small machine).
+
+Oracles: the `safetensors` library (the files shoal writes hold the source's values), transformers
+(the exported model, and what a tokenizer's size is), and a subprocess's `sys.modules` (whether
+torch was imported).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from shoal.cli import main as shoal
+from shoal.convert.importer import tokenizer_size
+from tests.helpers.hf_models import save_hf_checkpoint
+from tests.helpers.tokenizers import llama3_bpe_tokenizer, word_level_tokenizer
+
+REPO = Path(__file__).resolve().parents[3]
+DEMO_TOKENIZER = REPO / "shoal" / "demo" / "assets" / "tokenizer"
+
+RUN_AND_REPORT_MODULES = """
+import json, sys
+from shoal.cli import main
+codes = [main(args) for args in json.loads(sys.argv[1])]
+print(json.dumps({"codes": codes, "torch": "torch" in sys.modules, "transformers": "transformers" in sys.modules}))
+"""
+
+
+def run_fresh(*commands: list[str]) -> dict:
+    """Run shoal commands in one fresh interpreter; their exit codes and what it imported."""
+    done = subprocess.run([sys.executable, "-c", RUN_AND_REPORT_MODULES, json.dumps(list(commands))],
+                          capture_output=True, text=True, cwd=REPO, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    found = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        found.update(load_file(path))
+    return found
+
+
+@pytest.mark.parametrize("family, shards", [("llama", None), ("qwen3", "40KB")])
+def test_a_dense_import_and_export_copy_bytes_without_torch(tmp_path, family, shards):
+    hf, ckpt, out = tmp_path / "hf", tmp_path / "ck", tmp_path / "out"
+    model = save_hf_checkpoint(hf, family, dtype=torch.bfloat16, max_shard_size=shards)
+    assert shards is None or (hf / "model.safetensors.index.json").is_file()
+
+    report = run_fresh(["import", "--source", str(hf), "--output_path", str(ckpt)],
+                       ["export", "--source", str(ckpt), "--output_path", str(out)])
+
+    assert report["codes"] == [0, 0]
+    assert not report["torch"] and not report["transformers"]
+    # model/ is safetensors data files with no DCP pickle; together they hold the source's tensors.
+    assert not (ckpt / "model" / ".metadata").exists()
+    source = all_tensors(hf)
+    stored = all_tensors(ckpt / "model")
+    assert stored.keys() == source.keys()
+    for name, tensor in source.items():
+        assert torch.equal(stored[name], tensor), name
+    assert json.loads((ckpt / "shoal.json").read_text())["format_version"] == 3
+    # The export is the source model again, bit for bit, and transformers loads it as such.
+    exported = all_tensors(out)
+    assert exported.keys() == source.keys()
+    for name, tensor in source.items():
+        assert torch.equal(exported[name], tensor), name
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    ids = torch.tensor([[1, 5, 9, 2]])
+    assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_an_export_that_converts_dtypes_still_works_from_a_copied_import(tmp_path):
+    hf, ckpt, out = tmp_path / "hf", tmp_path / "ck", tmp_path / "out"
+    save_hf_checkpoint(hf, "llama", dtype=torch.bfloat16)
+    assert shoal(["import", "--source", str(hf), "--output_path", str(ckpt)]) == 0
+    assert shoal(["export", "--source", str(ckpt), "--output_path", str(out), "--dtype", "float32"]) == 0
+    source, exported = all_tensors(hf), all_tensors(out)
+    for name, tensor in source.items():
+        assert exported[name].dtype == torch.float32
+        assert torch.equal(exported[name], tensor.float()), name
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+
+
+def _saved(tokenizer, folder: Path) -> Path:
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _with_declared_token(folder: Path) -> Path:
+    """A tokenizer whose tokenizer_config.json declares an added token that tokenizer.json lacks."""
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.setdefault("added_tokens_decoder", {})["1500"] = {
+        "content": "<|declared_only|>", "special": True, "lstrip": False, "rstrip": False,
+        "normalized": False, "single_word": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("make", [
+    lambda d: _saved(word_level_tokenizer(), d),
+    lambda d: _saved(llama3_bpe_tokenizer(), d),
+    lambda d: DEMO_TOKENIZER,
+    lambda d: _with_declared_token(_saved(word_level_tokenizer(), d)),
+], ids=["word_level", "bpe_llama3_specials", "demo", "declared_in_config_only"])
+def test_the_tokenizer_is_counted_as_transformers_counts_it(tmp_path, make):
+    folder = make(tmp_path / "tok")
+    reference = transformers.AutoTokenizer.from_pretrained(folder)
+    highest = max(reference.get_vocab().values())
+    assert tokenizer_size(folder) == (len(reference), reference.vocab_size, highest)
+
+
+def test_a_folder_with_only_a_chat_template_has_no_tokenizer_to_count(tmp_path):
+    (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
+    assert tokenizer_size(tmp_path) is None
