@@ -8,7 +8,7 @@ tensor unchanged writes them here instead, without `.metadata` (format 3): the h
 describe the folder (`shoal.checkpoint.model_state` turns them into DCP metadata), and the tensors'
 bytes are copied file to file in the kernel from wherever they already lie, as `cp` does.
 
-    write_whole_tensors({name: TensorEntry of the source}, model_dir)
+    write_whole_tensors({name: CopiedTensor.of(source entry)}, model_dir)
     whole_tensors(model_dir) -> {name: TensorEntry} | None
 """
 
@@ -18,10 +18,12 @@ import json
 import os
 import threading
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.checkpoint.parallel_io import Threads, copy_range, write_all
-from shoal.convert.safetensors_io import TensorEntry, build_header, read_header
+from shoal.convert.safetensors_io import StoredDType, TensorEntry, build_header, read_header
 from shoal.errors import ShoalError
 
 DATA_SUFFIX = ".safetensors"
@@ -29,6 +31,28 @@ METADATA_NAME = ".metadata"  # DCP's pickled metadata, when torch wrote the fold
 SHARDING_INFO_KEY = "DCP_SHARDING_INFO"  # torch's key: each chunk's offsets in its global tensor
 SAVE_ID_KEY = "shoal_save_id"  # a random id per save, as DCP's `.metadata` has: a re-import differs
 DEFAULT_THREADS = 2
+
+
+@dataclass(frozen=True)
+class CopiedTensor:
+    """A tensor stored whole whose bytes are `pieces` [(file, offset, length)] one after another:
+    one piece for a tensor kept as its file holds it, one per expert for experts stacked along a
+    new first dimension (C order makes the stack the experts' bytes in expert order)."""
+
+    stored: StoredDType
+    shape: tuple[int, ...]
+    pieces: tuple[tuple[str, int, int], ...]
+
+    @classmethod
+    def of(cls, entries: Sequence[TensorEntry]) -> CopiedTensor:
+        """One entry as it is, or several of one shape and dtype stacked."""
+        first = entries[0]
+        shape = first.shape if len(entries) == 1 else (len(entries), *first.shape)
+        return cls(first.stored, tuple(shape), tuple((str(e.path), e.begin, e.end - e.begin) for e in entries))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(length for _, _, length in self.pieces)
 
 
 def dcp_header_metadata(sharding: dict[str, dict], save_id: str | None = None) -> dict[str, str]:
@@ -55,16 +79,16 @@ def _balance(sizes: dict[str, int], files: int) -> list[list[str]]:
     return [b for b in bins if b]
 
 
-def write_whole_tensors(sources: dict[str, TensorEntry], folder: str | os.PathLike,
+def write_whole_tensors(sources: dict[str, CopiedTensor], folder: str | os.PathLike,
                         threads: int = DEFAULT_THREADS, sync: bool = True) -> list[Path]:
     """Write a DCP folder without `.metadata` holding each tensor whole, its bytes copied from
-    `sources[name]` (a range of another safetensors file). One data file per thread; an error in
+    `sources[name].pieces` (ranges of other files). One data file per thread; an error in
     any thread stops the others and is raised once all have stopped (the caller's atomic folder
     removes what was written). `sync` fsyncs the files and the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_id = str(uuid.uuid4())
-    groups = _balance({name: e.end - e.begin for name, e in sources.items()}, threads)
+    groups = _balance({name: source.nbytes for name, source in sources.items()}, threads)
     workers = Threads()
     written: list[Path] = []
     lock = threading.Lock()
@@ -82,10 +106,12 @@ def write_whole_tensors(sources: dict[str, TensorEntry], folder: str | os.PathLi
         try:
             write_all(fd, memoryview(header), 0)
             for name in names:
-                if workers.stopped():
-                    return
-                source = sources[name]
-                copy_range(str(source.path), source.begin, source.end - source.begin, fd, spans[name][0])
+                at = spans[name][0]
+                for path, begin, length in sources[name].pieces:
+                    if workers.stopped():
+                        return
+                    copy_range(path, begin, length, fd, at)
+                    at += length
             if sync:
                 os.fsync(fd)
         finally:

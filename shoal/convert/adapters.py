@@ -141,6 +141,11 @@ class StateDictAdapter:
         so a conversion may copy its bytes without reading them into memory."""
         return _template(hf_name) not in self.transforms and self.expert_members(hf_name) is None
 
+    def copies_bytes(self, hf_name: str) -> bool:
+        """Whether the stored tensor is the file's bytes, or its experts' bytes one after another
+        (stacking along a new first dimension moves no byte), so an import may copy it as it lies."""
+        return _template(hf_name) not in self.transforms
+
     # -- grouped experts ---------------------------------------------------------------------
     def group_experts(self, found: dict[str, TensorInfo], where: str | Path) -> dict[str, TensorInfo]:
         """An HF checkpoint's tensors with each projection's per-expert tensors replaced by one

@@ -164,15 +164,20 @@ def export_checkpoint(
 
         return TensorInfo(shape, parse_dtype(target_dtype))
 
-    # Tensors written exactly as stored (no transform, no dtype change, one raw chunk in model/):
-    # their bytes are copied file to file in the kernel, never loaded (an import's export). Only
+    # Tensors written exactly as stored (no transform, no dtype change, one raw chunk in model/), and
+    # each expert of a grouped tensor (its contiguous share of the chunk): their bytes are copied
+    # file to file in the kernel, never loaded (an import's export). Only
     # from the plain reader of model/: a hook's reader returns other values than the stored bytes.
     byte_source = reader.byte_source if weight_reader is None else None
     copies = {}
     for disk, (name, expert) in written.items():
-        if byte_source is not None and expert is None and adapter.keeps_bytes(disk) \
+        if byte_source is not None and adapter.keeps_bytes(disk) \
+                and (expert is None or adapter.copies_bytes(adapter.to_hf_name(name))) \
                 and dtype_code(out_info(disk).dtype) == dtype_code(saved[name].dtype):
             found = byte_source(name)
+            if found is not None and expert is not None:  # one expert of [X, ...]: its contiguous share
+                share = found[2] // saved[name].shape[0]
+                found = (found[0], found[1] + expert * share, share)
             if found is not None:
                 copies[disk] = found
 

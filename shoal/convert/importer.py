@@ -5,11 +5,11 @@
 
 Reads `config.json` (refusing what shoal cannot represent), the tokenizer files and the
 safetensors weights (one file or sharded with an index), checks every tensor against the shapes
-the config implies, then writes `model/`. When every tensor is stored as the file holds it (the
-dense families: same names, no transform), that is a copy of the bytes into safetensors data
-files whose headers describe the DCP folder (`shoal.checkpoint.data_files`), and torch is never
-imported: the import takes about as long as `cp`. Otherwise (per-expert tensors stacked into
-grouped ones) the weights are streamed into DCP one tensor at a time. The checkpoint appears
+the config implies, then writes `model/`. When no tensor needs a transform (every family today:
+same names; an MoE model's per-expert tensors stacked into grouped ones, which moves no byte),
+that is a copy of the bytes into safetensors data files whose headers describe the DCP folder
+(`shoal.checkpoint.data_files`), and torch is never imported: the import takes about as long as
+`cp`. Otherwise the weights are streamed into DCP one tensor at a time. The checkpoint appears
 under OUT only once complete.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.checkpoint.atomic import atomic_directory, refuse_overlap
-from shoal.checkpoint.data_files import write_whole_tensors
+from shoal.checkpoint.data_files import CopiedTensor, write_whole_tensors
 from shoal.checkpoint.format import MODEL_DIR, TensorInfo, copy_tokenizer, dtype_name, write_metadata
 from shoal.convert import hub
 from shoal.convert.adapters import StateDictAdapter, get_adapter
@@ -201,7 +201,8 @@ def import_checkpoint(
     if (model_dir / "generation_config.json").is_file():
         generation_config = read_json(model_dir / "generation_config.json", "generation defaults")
 
-    copies = {name: entries[hf_name] for name, hf_name in plan.items() if adapter.keeps_bytes(hf_name)}
+    copies = {name: CopiedTensor.of([entries[m] for m in adapter.expert_members(hf_name) or [hf_name]])
+              for name, hf_name in plan.items() if adapter.copies_bytes(hf_name)}
     with atomic_directory(out, overwrite=overwrite) as tmp:
         copied = copy_tokenizer(model_dir, tmp)
         if not copied:

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from shoal.cli import main as shoal
 from shoal.convert.importer import tokenizer_size
 from tests.helpers.hf_models import save_hf_checkpoint
+from tests.helpers.hf_moe import save_hf_moe
 from tests.helpers.tokenizers import llama3_bpe_tokenizer, word_level_tokenizer
 
 REPO = Path(__file__).resolve().parents[3]
@@ -48,10 +49,18 @@ def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return found
 
 
-@pytest.mark.parametrize("family, shards", [("llama", None), ("qwen3", "40KB")])
-def test_a_dense_import_and_export_copy_bytes_without_torch(tmp_path, family, shards):
+def _moe(path: Path, dtype: torch.dtype, max_shard_size: str | None = None) -> torch.nn.Module:
+    model = save_hf_moe(path, dtype=dtype, mlp_only_layers=[1])  # a dense layer between two sparse ones
+    return model
+
+
+@pytest.mark.parametrize("family, shards", [("llama", None), ("qwen3", "40KB"), ("qwen3_moe", None)])
+def test_import_and_export_copy_bytes_without_torch(tmp_path, family, shards):
+    """Dense tensors are copied as they lie; an MoE model's per-expert tensors are stacked into
+    grouped ones by copying each expert's bytes after the last, and sliced back the same way."""
     hf, ckpt, out = tmp_path / "hf", tmp_path / "ck", tmp_path / "out"
-    model = save_hf_checkpoint(hf, family, dtype=torch.bfloat16, max_shard_size=shards)
+    save = _moe if family == "qwen3_moe" else lambda path, **kw: save_hf_checkpoint(path, family, **kw)
+    model = save(hf, dtype=torch.bfloat16, max_shard_size=shards)
     assert shards is None or (hf / "model.safetensors.index.json").is_file()
 
     report = run_fresh(["import", "--source", str(hf), "--output_path", str(ckpt)],
@@ -63,9 +72,15 @@ def test_a_dense_import_and_export_copy_bytes_without_torch(tmp_path, family, sh
     assert not (ckpt / "model" / ".metadata").exists()
     source = all_tensors(hf)
     stored = all_tensors(ckpt / "model")
-    assert stored.keys() == source.keys()
-    for name, tensor in source.items():
-        assert torch.equal(stored[name], tensor), name
+    for name, tensor in stored.items():
+        if name not in source:  # a grouped [X, out, in] tensor: the experts' tensors stacked
+            prefix, _, proj = name.rpartition(".")
+            tensor = torch.stack([source.pop(f"{prefix}.{x}.{proj}.weight") for x in range(tensor.shape[0])])
+            assert family == "qwen3_moe" and torch.equal(stored[name], tensor), name
+        else:
+            assert torch.equal(tensor, source.pop(name)), name
+    assert not source  # nothing left out
+    source = all_tensors(hf)
     assert json.loads((ckpt / "shoal.json").read_text())["format_version"] == 3
     # The export is the source model again, bit for bit, and transformers loads it as such.
     exported = all_tensors(out)
