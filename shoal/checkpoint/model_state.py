@@ -5,13 +5,19 @@ tensor parallel) saves and loads here as it is, and a checkpoint written by one 
 any other or into a single process. DCP's `.metadata` file is a pickle; it is read here with an
 unpickler that only admits DCP's own metadata classes, so a checkpoint from someone else cannot
 run code when it is opened (the tensor blobs are read by DCP with `weights_only=True`).
+
+A folder without `.metadata` whose data files are safetensors (format 3: an import that writes
+`model/` without torch) is described by those files' headers instead: `metadata_from_headers`
+builds the same `Metadata` from them, checking that every tensor's chunks tile it exactly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
+import struct
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +27,18 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 
 from shoal.checkpoint.format import TensorInfo
+from shoal.convert.safetensors_io import read_header
 from shoal.errors import ShoalError
 
 _ALLOWED_PICKLE_GLOBALS = {
@@ -53,18 +68,155 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from DCP metadata")
 
 
+DCP_METADATA = ".metadata"
+DATA_SUFFIX = ".safetensors"
+SHARDING_INFO_KEY = "DCP_SHARDING_INFO"  # torch's key: each chunk's offsets in its global tensor
+
+
+def data_files(folder: str | os.PathLike) -> list[Path]:
+    """The safetensors data files of a DCP folder, sorted by name (hidden files are not data)."""
+    folder = Path(folder)
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    return [folder / n for n in names if n.endswith(DATA_SUFFIX) and not n.startswith(".") and (folder / n).is_file()]
+
+
+def _header_metadata(path: Path) -> dict[str, Any]:
+    """The `__metadata__` object of a safetensors header (read_header has validated the rest)."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length).decode("utf-8"))
+    extra = header.get("__metadata__", {})
+    if not isinstance(extra, dict):
+        raise ShoalError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
+    return extra
+
+
+def _sharding_info(path: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    raw = extra.get(SHARDING_INFO_KEY)
+    if raw is None:
+        return {}
+    try:
+        info = json.loads(raw) if isinstance(raw, str) else None
+    except json.JSONDecodeError:
+        info = None
+    if not isinstance(info, dict):
+        raise ShoalError(f"{path}: corrupt safetensors header ({SHARDING_INFO_KEY} is not a JSON object)")
+    return info
+
+
+def _saved_offsets(path: Path, name: str, ndim: int, sharding: dict[str, Any]) -> tuple[int, ...]:
+    entry = sharding.get(name)
+    if entry is None:
+        return (0,) * ndim  # a plain Hugging Face file: each tensor whole
+    offsets = entry.get("saved_offsets") if isinstance(entry, dict) else None
+    if not (isinstance(offsets, list) and len(offsets) == ndim
+            and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)):
+        raise ShoalError(f"{path}: tensor {name!r}: {SHARDING_INFO_KEY} gives saved_offsets {offsets!r}, "
+                         f"not {ndim} non-negative integers")
+    return tuple(offsets)
+
+
+def _numel(shape: tuple[int, ...] | list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _check_tiling(folder: Path, name: str, size: list[int],
+                  chunks: list[tuple[tuple[int, ...], tuple[int, ...], str]]) -> None:
+    """The chunks of `name` (offsets, sizes, file) cover its global `size` exactly once: no two
+    overlap and their elements add up to the whole (they lie inside it by how `size` is made)."""
+    ordered = sorted((c for c in chunks if _numel(c[1])), key=lambda c: c[0])
+    active: list[tuple[tuple[int, ...], tuple[int, ...], str]] = []
+    for chunk in ordered:  # a sweep along dim 0: only chunks still open there can overlap this one
+        offsets, sizes, file = chunk
+        active = [a for a in active if a[0][0] + a[1][0] > offsets[0]]
+        for other in active:
+            if all(o1 < o2 + s2 and o2 < o1 + s1 for o1, s1, o2, s2 in zip(offsets, sizes, other[0], other[1])):
+                what = "the same chunk" if other[0] == offsets else "overlapping chunks"
+                raise ShoalError(f"{folder}: tensor {name!r} has {what} at offsets {list(other[0])} "
+                                 f"({other[2]}) and {list(offsets)} ({file})")
+        active.append(chunk)
+    stored, whole = sum(_numel(c[1]) for c in chunks), _numel(size)
+    if stored != whole:
+        raise ShoalError(f"{folder}: tensor {name!r} of shape {size} has {whole} elements, but its chunks in "
+                         f"{', '.join(sorted({c[2] for c in chunks}))} hold {stored}: they do not tile it")
+
+
+def metadata_from_headers(folder: str | os.PathLike) -> Metadata:
+    """DCP's Metadata of a folder without `.metadata`, from its safetensors data files' headers.
+
+    Every header entry is one chunk of its tensor, at the `saved_offsets` that
+    `__metadata__["DCP_SHARDING_INFO"]` gives it (all zeros when it gives none: a plain Hugging Face
+    file); a tensor's global size is, per dim, the largest offset + size of its chunks, and its
+    dtype the one all its chunks have. Raises a ShoalError naming the file and tensor when a header
+    is not valid (or its file is truncated), a tensor comes in two dtypes, two chunks overlap or
+    repeat, or the chunks do not tile the tensor; and the "no DCP .metadata" one without data files.
+    """
+    folder = Path(folder)
+    files = data_files(folder)
+    if not files:
+        raise ShoalError(f"{folder}: no DCP .metadata file (incomplete or not a DCP checkpoint)")
+    chunks: dict[str, list[tuple[tuple[int, ...], tuple[int, ...], str]]] = {}
+    dtypes: dict[str, tuple[torch.dtype, str]] = {}
+    storage_data: dict[MetadataIndex, _StorageInfo] = {}
+    for path in files:
+        entries = read_header(path)
+        try:
+            sharding = _sharding_info(path, _header_metadata(path))
+        except (OSError, ValueError, struct.error) as err:
+            raise ShoalError(f"{path}: cannot read its safetensors header ({err})") from None
+        for name, entry in entries.items():
+            offsets = _saved_offsets(path, name, len(entry.shape), sharding)
+            seen = dtypes.setdefault(name, (entry.dtype, path.name))
+            if seen[0] != entry.dtype:
+                raise ShoalError(f"{folder}: tensor {name!r} is {str(seen[0]).removeprefix('torch.')} in {seen[1]} "
+                                 f"but {str(entry.dtype).removeprefix('torch.')} in {path.name}")
+            parts = chunks.setdefault(name, [])
+            index = MetadataIndex(name, offsets)
+            if index in storage_data and not _numel(entry.shape):
+                continue  # an empty chunk where another lies adds nothing (a repeat of data is refused below)
+            if index in storage_data:  # keep the chunk with data in place of an empty one
+                parts[:] = [p for p in parts if p[0] != offsets or _numel(p[1])]
+            parts.append((offsets, entry.shape, path.name))
+            if index not in storage_data or _numel(entry.shape):
+                storage_data[index] = _StorageInfo(path.name, entry.begin, entry.end - entry.begin)
+    state_dict_metadata: dict[str, TensorStorageMetadata] = {}
+    for name in sorted(chunks):
+        parts = chunks[name]
+        if len({len(o) for o, _, _ in parts}) > 1:
+            raise ShoalError(f"{folder}: tensor {name!r} has chunks of different numbers of dimensions in "
+                             f"{', '.join(sorted({f for _, _, f in parts}))}")
+        size = [max(o[d] + s[d] for o, s, _ in parts) for d in range(len(parts[0][0]))]
+        _check_tiling(folder, name, size, parts)
+        state_dict_metadata[name] = TensorStorageMetadata(
+            properties=TensorProperties(dtype=dtypes[name][0]),
+            size=torch.Size(size),
+            chunks=[ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s))
+                    for o, s, _ in sorted(parts, key=lambda c: c[0])],
+        )
+    return Metadata(state_dict_metadata=state_dict_metadata, storage_data=storage_data, storage_meta=StorageMeta())
+
+
 class SafeFileSystemReader(dcp.FileSystemReader):
-    """DCP's FileSystemReader with a restricted unpickler for `.metadata`."""
+    """DCP's FileSystemReader with a restricted unpickler for `.metadata`; a folder without any
+    `.metadata` but with safetensors data files is described by their headers (`metadata_from_headers`)."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         rank = kwargs.get("rank")
-        name = ".metadata" if rank is None else f"__{rank}.metadata"
+        name = DCP_METADATA if rank is None else f"__{rank}.metadata"
         path = Path(self.path) / name
         try:
             with open(path, "rb") as handle:
                 metadata = _MetadataUnpickler(handle).load()
         except FileNotFoundError:
-            raise ShoalError(f"{Path(self.path)}: no DCP .metadata file (incomplete or not a DCP checkpoint)") from None
+            if (Path(self.path) / DCP_METADATA).exists():
+                raise ShoalError(f"{Path(self.path)}: no DCP {name} file (incomplete or not a DCP checkpoint)") from None
+            metadata = metadata_from_headers(self.path)
         except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as err:
             raise ShoalError(f"{path}: unreadable DCP metadata ({err})") from None
         if not isinstance(metadata, Metadata):
@@ -158,10 +310,16 @@ def model_state_info(model_dir: str | os.PathLike) -> dict[str, TensorInfo]:
 
 
 def dcp_folder_complete(folder: str | os.PathLike) -> bool:
-    """Whether a DCP folder has its metadata and every data file the metadata names, at full length."""
+    """Whether a DCP folder has its metadata and every data file the metadata names, at full length;
+    for a folder without `.metadata`: at least one safetensors data file, every header valid, every
+    file as long as its header's last byte, and every tensor's chunks tiling it exactly."""
     folder = Path(folder)
-    if not (folder / ".metadata").is_file():
-        return False
+    if not (folder / DCP_METADATA).is_file():
+        try:
+            metadata_from_headers(folder)
+        except ShoalError:
+            return False
+        return True
     try:
         metadata = SafeFileSystemReader(str(folder)).read_metadata()
     except ShoalError:
