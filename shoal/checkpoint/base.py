@@ -15,6 +15,13 @@ at the same path changes it, and a truncated data file changes a size, while a `
 of the base keeps it (file dates are left out for that reason). The base's `shoal.json` is not
 hashed: it holds the time it was made and nothing about the weights that `.metadata` lacks.
 
+A base whose `model/` has no `.metadata` (format 3: its safetensors headers describe it) is
+fingerprinted by its headers instead: `metadata_sha256` is then the SHA-256 of, for every
+`*.safetensors` data file sorted by name, its name, a NUL byte, and its raw header (the 8-byte
+length and the JSON as stored, as far as the file holds it), and `files` the size of each of
+those files. Such headers carry a random per-save `shoal_save_id`, so a re-import changes the
+fingerprint as a DCP save's `save_id` does. (The key keeps its name for compatibility.)
+
 Readers find the base at `override` (the `--checkpoint.base=PATH` key of a training run, the
 `--base_checkpoint PATH` flag of export, generate, chat and eval) when given, else at the recorded
 `resolved` path; either way the fingerprint must match, or a ShoalError names the base and what
@@ -25,11 +32,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
+from shoal.checkpoint.data_files import METADATA_NAME, data_files
 from shoal.checkpoint.format import METADATA_FILE, MODEL_DIR, read_metadata
-from shoal.checkpoint.model_state import SafeFileSystemReader
+from shoal.convert.safetensors_io import MAX_HEADER_BYTES
 from shoal.errors import ShoalError
 
 BASE_KEY = "base"
@@ -37,13 +46,43 @@ POINT_AT_IT = ("pass its new place with --base_checkpoint PATH (export, generate
                "--checkpoint.base=PATH (training; when resuming, --nemo_model PATH does too)")
 
 
+def _raw_header(path: Path) -> bytes:
+    """A safetensors file's header as stored (length prefix and JSON), as much of it as the file has."""
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            return prefix
+        (length,) = struct.unpack("<Q", prefix)
+        return prefix + handle.read(min(length, MAX_HEADER_BYTES))
+
+
+def _headers_fingerprint(model: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    files = {}
+    for path in data_files(model):
+        try:
+            header = _raw_header(path)
+            files[path.name] = path.stat().st_size
+        except OSError as err:
+            raise ShoalError(f"{path}: cannot read it ({err.strerror or err})") from None
+        digest.update(path.name.encode("utf-8") + b"\0" + header)
+    if not files:
+        raise ShoalError(f"{model}: no DCP .metadata file and no safetensors data files (incomplete or not a checkpoint)")
+    return {"metadata_sha256": digest.hexdigest(), "files": files}
+
+
 def fingerprint(ckpt: Path) -> dict[str, Any]:
-    """{metadata_sha256, files: {data file: size}} of a checkpoint's `model/` (see the module docstring)."""
+    """{metadata_sha256, files: {data file: size}} of a checkpoint's `model/`: of `.metadata` and
+    the files it names, or of the data files' raw headers without it (see the module docstring)."""
     model = Path(ckpt) / MODEL_DIR
+    if not (model / METADATA_NAME).exists():
+        return _headers_fingerprint(model)
     try:
-        digest = hashlib.sha256((model / ".metadata").read_bytes()).hexdigest()
+        digest = hashlib.sha256((model / METADATA_NAME).read_bytes()).hexdigest()
     except OSError as err:
         raise ShoalError(f"{model}/.metadata: cannot read it ({err.strerror or err})") from None
+    from shoal.checkpoint.model_state import SafeFileSystemReader  # DCP's pickle needs torch
+
     metadata = SafeFileSystemReader(str(model)).read_metadata()
     names = sorted({str(getattr(info, "relative_path", "")) for info in (metadata.storage_data or {}).values()})
     files = {}
@@ -78,10 +117,10 @@ def is_adapter_only(ckpt: Path) -> bool:
     return recorded_base(read_metadata(ckpt), Path(ckpt)) is not None
 
 
-def _differences(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
+def _differences(expected: dict[str, Any], found: dict[str, Any], hashed: str = f"{MODEL_DIR}/.metadata") -> list[str]:
     out = []
     if expected["metadata_sha256"] != found["metadata_sha256"]:
-        out.append(f"{MODEL_DIR}/.metadata differs (SHA-256 {found['metadata_sha256'][:12]}..., recorded "
+        out.append(f"{hashed} differs (SHA-256 {found['metadata_sha256'][:12]}..., recorded "
                    f"{expected['metadata_sha256'][:12]}...: the base was saved again or replaced)")
     for name in sorted(set(expected["files"]) | set(found["files"])):
         want, got = expected["files"].get(name), found["files"].get(name)
@@ -104,12 +143,14 @@ def resolve_base(ckpt: Path, override: str | os.PathLike | None = None) -> Path 
     base = Path(override).expanduser() if override is not None else Path(ref["resolved"])
     named = f"--base_checkpoint/--checkpoint.base {base}" if override is not None else f"{base}"
     intro = f"{ckpt} holds adapters only; its base checkpoint {named}"
-    if not (base / METADATA_FILE).is_file() or not (base / MODEL_DIR / ".metadata").is_file():
+    has_metadata = (base / MODEL_DIR / METADATA_NAME).is_file()
+    if not (base / METADATA_FILE).is_file() or not (has_metadata or data_files(base / MODEL_DIR)):
         what = "does not exist" if not base.exists() else "is not a complete shoal checkpoint"
         raise ShoalError(f"{intro} {what} (recorded as {ref.get('path')!r}); if the base was moved, {POINT_AT_IT}")
     if recorded_base(read_metadata(base), base) is not None:
         raise ShoalError(f"{intro} holds adapters only itself; a base must hold the whole model")
-    differs = _differences(ref["fingerprint"], fingerprint(base))
+    hashed = f"{MODEL_DIR}/.metadata" if has_metadata else f"the safetensors headers in {MODEL_DIR}/"
+    differs = _differences(ref["fingerprint"], fingerprint(base), hashed)
     if differs:
         raise ShoalError(f"{intro} has changed since the adapters were trained on it: {'; '.join(differs)}. "
                          f"The adapters apply only to the weights they were trained on: restore that base, or {POINT_AT_IT}")

@@ -3,7 +3,9 @@
     RESULTS/EXPERIMENT/checkpoints/step=NNNNNN-val_loss=X.XXX[-last]/
 
 A folder counts as a checkpoint only when it is complete: `shoal.json` is there and every file
-that DCP's metadata of `model/` (and `optim/`, when present) names exists at its full length. A
+that DCP's metadata of `model/` (and `optim/`, when present) names exists at its full length; a
+folder without `.metadata` needs safetensors data files whose headers are valid, whose bytes are
+all there and whose chunks tile every tensor (`shoal.checkpoint.data_files.folder_complete`). A
 save appears under its final name only by a rename of a finished temporary folder, and a deleted
 checkpoint is first renamed to a hidden name, so a kill at any moment never leaves a folder that
 looks valid but is not. This module is the only place that knows the names.
@@ -19,8 +21,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from shoal.checkpoint.data_files import folder_complete
 from shoal.checkpoint.format import METADATA_FILE, MODEL_DIR, OPTIM_DIR, is_checkpoint
-from shoal.checkpoint.model_state import dcp_folder_complete
 from shoal.errors import ShoalError
 
 _NAME = re.compile(r"^step=(\d+)(?:-val_loss=([0-9.]+|nan|inf))?(-last)?$")
@@ -50,12 +52,12 @@ def parse_checkpoint_name(path: Path) -> CheckpointInfo | None:
 
 
 def is_complete(ckpt: Path) -> bool:
-    """shoal.json, and every file the DCP metadata of model/ (and optim/) names, at its full length."""
+    """shoal.json, and model/ (and optim/) complete by `data_files.folder_complete`."""
     if not (ckpt / METADATA_FILE).is_file():
         return False
-    if not dcp_folder_complete(ckpt / MODEL_DIR):
+    if not folder_complete(ckpt / MODEL_DIR):
         return False
-    return not (ckpt / OPTIM_DIR).exists() or dcp_folder_complete(ckpt / OPTIM_DIR)
+    return not (ckpt / OPTIM_DIR).exists() or folder_complete(ckpt / OPTIM_DIR)
 
 
 def list_checkpoints(root: Path) -> list[CheckpointInfo]:
@@ -91,8 +93,8 @@ def resolve_checkpoint(path: str | os.PathLike, which: str = "latest") -> Path:
     path = Path(path)
     if is_checkpoint(path):
         if not is_complete(path):
-            raise ShoalError(f"checkpoint {path} is incomplete: files that {MODEL_DIR}/.metadata names are missing "
-                             "(a save or a deletion was interrupted); use another checkpoint")
+            raise ShoalError(f"checkpoint {path} is incomplete: data files of {MODEL_DIR}/ (or {OPTIM_DIR}/) are "
+                             "missing or truncated (a save or a deletion was interrupted); use another checkpoint")
         return path
     if not path.exists():
         raise ShoalError(f"checkpoint {path} does not exist")

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shoal.checkpoint.parallel_io import Threads, copy_range, write_all
 from shoal.convert.safetensors_io import StoredDType, TensorEntry, build_header, read_header
@@ -30,6 +32,7 @@ DATA_SUFFIX = ".safetensors"
 METADATA_NAME = ".metadata"  # DCP's pickled metadata, when torch wrote the folder
 SHARDING_INFO_KEY = "DCP_SHARDING_INFO"  # torch's key: each chunk's offsets in its global tensor
 SAVE_ID_KEY = "shoal_save_id"  # a random id per save, as DCP's `.metadata` has: a re-import differs
+SAVE_FILES_KEY = "shoal_save_files"  # how many data files that save wrote: a lost one is noticed
 DEFAULT_THREADS = 2
 
 
@@ -55,11 +58,14 @@ class CopiedTensor:
         return sum(length for _, _, length in self.pieces)
 
 
-def dcp_header_metadata(sharding: dict[str, dict], save_id: str | None = None) -> dict[str, str]:
-    """A data file's `__metadata__`: {fqn: {"saved_offsets": [...]}} of its chunks, as torch's writer keeps it."""
+def dcp_header_metadata(sharding: dict[str, dict], save_id: str | None = None, files: int | None = None) -> dict[str, str]:
+    """A data file's `__metadata__`: {fqn: {"saved_offsets": [...]}} of its chunks, as torch's writer
+    keeps it; with the id of the save and the number of files it wrote, when given."""
     metadata = {"format": "pt", "DCP_VERSION": "1.0", SHARDING_INFO_KEY: json.dumps(sharding)}
     if save_id is not None:
         metadata[SAVE_ID_KEY] = save_id
+    if files is not None:
+        metadata[SAVE_FILES_KEY] = str(files)
     return metadata
 
 
@@ -98,7 +104,7 @@ def write_whole_tensors(sources: dict[str, CopiedTensor], folder: str | os.PathL
         names = sorted(groups[i], key=lambda n: -sources[n].stored.itemsize)
         sharding = {name: {"saved_offsets": [0] * len(sources[name].shape)} for name in names}
         header, spans = build_header([(n, sources[n].stored.code, sources[n].shape) for n in names],
-                                     dcp_header_metadata(sharding, save_id))
+                                     dcp_header_metadata(sharding, save_id, len(groups)))
         path = folder / data_file_name("__0_", i)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         with lock:
@@ -127,36 +133,173 @@ def write_whole_tensors(sources: dict[str, CopiedTensor], folder: str | os.PathL
     return sorted(written)
 
 
-def folder_headers(folder: str | os.PathLike) -> dict[str, dict[str, TensorEntry]]:
-    """{data file name: {name: TensorEntry}} of every safetensors data file of a DCP folder, sorted by name."""
+def data_files(folder: str | os.PathLike) -> list[Path]:
+    """The safetensors data files of a DCP folder, sorted by name (hidden files are not data)."""
     folder = Path(folder)
-    return {path.name: read_header(path) for path in sorted(folder.glob(f"*{DATA_SUFFIX}"))}
-
-
-def saved_offsets(path: Path, name: str, ndim: int, header_metadata: dict | None) -> tuple[int, ...]:
-    """Where a chunk starts in its global tensor: DCP_SHARDING_INFO's offsets, or zeros (a whole tensor)."""
-    raw = (header_metadata or {}).get(SHARDING_INFO_KEY)
-    if raw is None:
-        return (0,) * ndim
     try:
-        offsets = json.loads(raw)[name]["saved_offsets"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise ShoalError(f"{path}: {SHARDING_INFO_KEY} in its header has no saved_offsets for {name!r}") from None
-    if not isinstance(offsets, list) or len(offsets) != ndim or not all(isinstance(o, int) and o >= 0 for o in offsets):
-        raise ShoalError(f"{path}: {SHARDING_INFO_KEY} gives {name!r} the offsets {offsets!r}, "
-                         f"expected {ndim} non-negative integers")
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    return [folder / n for n in names if n.endswith(DATA_SUFFIX) and not n.startswith(".") and (folder / n).is_file()]
+
+
+def header_metadata(path: Path) -> dict[str, Any]:
+    """The `__metadata__` object of a safetensors header ({} without one; read_header checks the rest)."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length).decode("utf-8"))
+    except (OSError, ValueError, struct.error) as err:
+        raise ShoalError(f"{path}: cannot read its safetensors header ({err})") from None
+    extra = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(extra, dict):
+        raise ShoalError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
+    return extra
+
+
+def _sharding_info(path: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    raw = extra.get(SHARDING_INFO_KEY)
+    if raw is None:
+        return {}
+    try:
+        info = json.loads(raw) if isinstance(raw, str) else None
+    except json.JSONDecodeError:
+        info = None
+    if not isinstance(info, dict):
+        raise ShoalError(f"{path}: corrupt safetensors header ({SHARDING_INFO_KEY} is not a JSON object)")
+    return info
+
+
+def _saved_offsets(path: Path, name: str, ndim: int, sharding: dict[str, Any]) -> tuple[int, ...]:
+    entry = sharding.get(name)
+    if entry is None:
+        return (0,) * ndim  # a plain Hugging Face file: each tensor whole
+    offsets = entry.get("saved_offsets") if isinstance(entry, dict) else None
+    if not (isinstance(offsets, list) and len(offsets) == ndim
+            and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)):
+        raise ShoalError(f"{path}: tensor {name!r}: {SHARDING_INFO_KEY} gives saved_offsets {offsets!r}, "
+                         f"not {ndim} non-negative integers")
     return tuple(offsets)
 
 
-def header_metadata(path: Path) -> dict:
-    """A safetensors file's `__metadata__` ({} when it has none)."""
-    import struct
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    metadata = header.get("__metadata__") or {}
-    return metadata if isinstance(metadata, dict) else {}
+
+@dataclass(frozen=True)
+class Chunk:
+    """One header entry: a chunk of a tensor at `offsets`, its bytes at [begin, begin + length) of `file`."""
+
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]
+    file: str
+    begin: int
+    length: int
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor as a folder's headers describe it: dtype, global size, its chunks by offsets."""
+
+    stored: StoredDType
+    size: tuple[int, ...]
+    chunks: tuple[Chunk, ...]
+
+
+def _check_tiling(folder: Path, name: str, size: tuple[int, ...], chunks: list[Chunk]) -> None:
+    """The chunks of `name` cover its global `size` exactly once: no two overlap and their
+    elements add up to the whole (they lie inside it by how `size` is made)."""
+    ordered = sorted((c for c in chunks if _numel(c.shape)), key=lambda c: c.offsets)
+    active: list[Chunk] = []
+    for chunk in ordered:  # a sweep along dim 0: only chunks still open there can overlap this one
+        active = [a for a in active if a.offsets[0] + a.shape[0] > chunk.offsets[0]]
+        for other in active:
+            if all(o1 < o2 + s2 and o2 < o1 + s1
+                   for o1, s1, o2, s2 in zip(chunk.offsets, chunk.shape, other.offsets, other.shape)):
+                what = "the same chunk" if other.offsets == chunk.offsets else "overlapping chunks"
+                raise ShoalError(f"{folder}: tensor {name!r} has {what} at offsets {list(other.offsets)} "
+                                 f"({other.file}) and {list(chunk.offsets)} ({chunk.file})")
+        active.append(chunk)
+    stored, whole = sum(_numel(c.shape) for c in chunks), _numel(size)
+    if stored != whole:
+        raise ShoalError(f"{folder}: tensor {name!r} of shape {list(size)} has {whole} elements, but its chunks in "
+                         f"{', '.join(sorted({c.file for c in chunks}))} hold {stored}: they do not tile it")
+
+
+def read_chunks(folder: str | os.PathLike) -> dict[str, StoredTensor]:
+    """{name: StoredTensor} of a DCP folder without `.metadata`, from its data files' headers, sorted by name.
+
+    Every header entry is one chunk of its tensor, at the `saved_offsets` that
+    `__metadata__["DCP_SHARDING_INFO"]` gives it (all zeros when it gives none: a plain Hugging Face
+    file); a tensor's global size is, per dim, the largest offset + size of its chunks, and its
+    dtype the one all its chunks have. Raises a ShoalError naming the file and tensor when a header
+    is not valid (or its file is truncated), a tensor comes in two dtypes, two chunks overlap or
+    repeat, or the chunks do not tile the tensor; when a save that wrote several files (its
+    `shoal_save_files`) has lost one; and the "no DCP .metadata" one without data files.
+    """
+    folder = Path(folder)
+    files = data_files(folder)
+    if not files:
+        raise ShoalError(f"{folder}: no DCP .metadata file (incomplete or not a DCP checkpoint)")
+    parts: dict[str, dict[tuple[int, ...], Chunk]] = {}
+    dtypes: dict[str, tuple[StoredDType, str]] = {}
+    saves: dict[str, tuple[int, list[str]]] = {}  # save id -> (files it wrote, files found)
+    for path in files:
+        entries = read_header(path)
+        extra = header_metadata(path)
+        sharding = _sharding_info(path, extra)
+        if isinstance(extra.get(SAVE_ID_KEY), str) and str(extra.get(SAVE_FILES_KEY, "")).isdigit():
+            saves.setdefault(extra[SAVE_ID_KEY], (int(extra[SAVE_FILES_KEY]), []))[1].append(path.name)
+        for name, entry in entries.items():
+            offsets = _saved_offsets(path, name, len(entry.shape), sharding)
+            seen = dtypes.setdefault(name, (entry.stored, path.name))
+            if seen[0] != entry.stored:
+                raise ShoalError(f"{folder}: tensor {name!r} is {seen[0]} in {seen[1]} but {entry.stored} in {path.name}")
+            chunk = Chunk(offsets, entry.shape, path.name, entry.begin, entry.end - entry.begin)
+            chunks = parts.setdefault(name, {})
+            if offsets in chunks and not _numel(entry.shape):
+                continue  # an empty chunk where another lies adds nothing (a repeat of data is refused below)
+            if offsets in chunks and _numel(chunks[offsets].shape):
+                raise ShoalError(f"{folder}: tensor {name!r} has the same chunk at offsets {list(offsets)} "
+                                 f"({chunks[offsets].file}) and {list(offsets)} ({path.name})")
+            chunks[offsets] = chunk
+    for save_id, (wrote, found) in saves.items():
+        if len(found) != wrote:
+            raise ShoalError(f"{folder}: {wrote} data files were written together ({SAVE_ID_KEY} {save_id}) but only "
+                             f"{len(found)} are here ({', '.join(found)}): the others were lost")
+    tensors: dict[str, StoredTensor] = {}
+    for name in sorted(parts):
+        chunks = sorted(parts[name].values(), key=lambda c: c.offsets)
+        if len({len(c.offsets) for c in chunks}) > 1:
+            raise ShoalError(f"{folder}: tensor {name!r} has chunks of different numbers of dimensions in "
+                             f"{', '.join(sorted({c.file for c in chunks}))}")
+        size = tuple(max(c.offsets[d] + c.shape[d] for c in chunks) for d in range(len(chunks[0].offsets)))
+        _check_tiling(folder, name, size, chunks)
+        tensors[name] = StoredTensor(dtypes[name][0], size, tuple(chunks))
+    return tensors
+
+
+def headers_complete(folder: str | os.PathLike) -> bool:
+    """Whether a folder without `.metadata` is whole by its headers (`read_chunks` finds nothing wrong)."""
+    try:
+        read_chunks(folder)
+    except ShoalError:
+        return False
+    return True
+
+
+def folder_complete(folder: str | os.PathLike) -> bool:
+    """The completeness rule of a DCP folder (docs/checkpoint-format.md): by its headers when it has
+    no `.metadata` (no torch), else by DCP's metadata (`shoal.checkpoint.model_state`)."""
+    folder = Path(folder)
+    if not (folder / METADATA_NAME).is_file():
+        return headers_complete(folder)
+    from shoal.checkpoint.model_state import dcp_folder_complete
+
+    return dcp_folder_complete(folder)
 
 
 def whole_tensors(folder: str | os.PathLike) -> dict[str, TensorEntry] | None:
@@ -169,10 +312,9 @@ def whole_tensors(folder: str | os.PathLike) -> dict[str, TensorEntry] | None:
     if any(p.is_file() and not p.name.endswith(DATA_SUFFIX) and not p.name.startswith(".") for p in folder.iterdir()):
         return None
     found: dict[str, TensorEntry] = {}
-    for file, entries in folder_headers(folder).items():
-        meta = header_metadata(folder / file)
-        for name, entry in entries.items():
-            if name in found or any(saved_offsets(folder / file, name, len(entry.shape), meta)):
-                return None  # a tensor in pieces
-            found[name] = entry
+    for name, tensor in read_chunks(folder).items():
+        if len(tensor.chunks) != 1:
+            return None  # a tensor in pieces
+        c = tensor.chunks[0]
+        found[name] = TensorEntry(folder / c.file, name, tensor.stored, c.shape, c.begin, c.begin + c.length)
     return found or None

@@ -5,6 +5,10 @@ tensor parallel) saves and loads here as it is, and a checkpoint written by one 
 any other or into a single process. DCP's `.metadata` file is a pickle; it is read here with an
 unpickler that only admits DCP's own metadata classes, so a checkpoint from someone else cannot
 run code when it is opened (the tensor blobs are read by DCP with `weights_only=True`).
+
+A folder without `.metadata` whose data files are safetensors (format 3: an import that writes
+`model/` without torch) is described by those files' headers instead: `metadata_from_headers`
+builds the same `Metadata` from them, checking that every tensor's chunks tile it exactly.
 """
 
 from __future__ import annotations
@@ -21,8 +25,17 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 
+from shoal.checkpoint.data_files import METADATA_NAME, headers_complete, read_chunks
 from shoal.checkpoint.format import TensorInfo
 from shoal.errors import ShoalError
 
@@ -53,18 +66,38 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from DCP metadata")
 
 
+def metadata_from_headers(folder: str | os.PathLike) -> Metadata:
+    """DCP's Metadata of a folder without `.metadata`, from its safetensors data files' headers
+    (`shoal.checkpoint.data_files.read_chunks`, which checks that the chunks tile every tensor)."""
+    state_dict_metadata: dict[str, TensorStorageMetadata] = {}
+    storage_data: dict[MetadataIndex, _StorageInfo] = {}
+    for name, tensor in read_chunks(folder).items():
+        state_dict_metadata[name] = TensorStorageMetadata(
+            properties=TensorProperties(dtype=tensor.stored.torch),
+            size=torch.Size(tensor.size),
+            chunks=[ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.shape))
+                    for c in tensor.chunks],
+        )
+        for c in tensor.chunks:
+            storage_data[MetadataIndex(name, c.offsets)] = _StorageInfo(c.file, c.begin, c.length)
+    return Metadata(state_dict_metadata=state_dict_metadata, storage_data=storage_data, storage_meta=StorageMeta())
+
+
 class SafeFileSystemReader(dcp.FileSystemReader):
-    """DCP's FileSystemReader with a restricted unpickler for `.metadata`."""
+    """DCP's FileSystemReader with a restricted unpickler for `.metadata`; a folder without any
+    `.metadata` but with safetensors data files is described by their headers (`metadata_from_headers`)."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         rank = kwargs.get("rank")
-        name = ".metadata" if rank is None else f"__{rank}.metadata"
+        name = METADATA_NAME if rank is None else f"__{rank}.metadata"
         path = Path(self.path) / name
         try:
             with open(path, "rb") as handle:
                 metadata = _MetadataUnpickler(handle).load()
         except FileNotFoundError:
-            raise ShoalError(f"{Path(self.path)}: no DCP .metadata file (incomplete or not a DCP checkpoint)") from None
+            if (Path(self.path) / METADATA_NAME).exists():
+                raise ShoalError(f"{Path(self.path)}: no DCP {name} file (incomplete or not a DCP checkpoint)") from None
+            metadata = metadata_from_headers(self.path)
         except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as err:
             raise ShoalError(f"{path}: unreadable DCP metadata ({err})") from None
         if not isinstance(metadata, Metadata):
@@ -158,10 +191,12 @@ def model_state_info(model_dir: str | os.PathLike) -> dict[str, TensorInfo]:
 
 
 def dcp_folder_complete(folder: str | os.PathLike) -> bool:
-    """Whether a DCP folder has its metadata and every data file the metadata names, at full length."""
+    """Whether a DCP folder has its metadata and every data file the metadata names, at full length;
+    for a folder without `.metadata`: at least one safetensors data file, every header valid, every
+    file as long as its header's last byte, and every tensor's chunks tiling it exactly."""
     folder = Path(folder)
-    if not (folder / ".metadata").is_file():
-        return False
+    if not (folder / METADATA_NAME).is_file():
+        return headers_complete(folder)
     try:
         metadata = SafeFileSystemReader(str(folder)).read_metadata()
     except ShoalError:

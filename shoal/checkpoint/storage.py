@@ -16,7 +16,9 @@ bytes inside a data file. The data files are valid safetensors files in the layo
 in the global tensor), so `torch.distributed.checkpoint.HuggingFaceStorageReader` and the
 `safetensors` library read them without shoal. `CheckpointStorageReader` reads both these files
 and today's `.distcp` ones (`torch.save` records), so checkpoints of either kind load, into any
-layout: a rank reads only the part of each chunk its shard needs.
+layout: a rank reads only the part of each chunk its shard needs. A folder of these files
+without `.metadata` (format 3, written without torch) loads too: the headers describe it
+(`shoal.checkpoint.model_state.metadata_from_headers`).
 
     dcp.save(state, storage_writer=SafetensorsStorageWriter(folder), no_dist=...)
     dcp.load(state, storage_reader=CheckpointStorageReader(folder), no_dist=...)
@@ -281,7 +283,8 @@ class SafetensorsStorageWriter(StorageWriter):
 
 class CheckpointStorageReader(SafeFileSystemReader):
     """Reads a DCP folder whose data files are safetensors (raw chunks) or `.distcp` (torch.save),
-    with `.metadata` unpickled by shoal's restricted unpickler. Raw chunks are read by
+    with `.metadata` unpickled by shoal's restricted unpickler (or, without it, the safetensors
+    headers read as metadata). Raw chunks are read by
     `thread_count` threads straight into the destination tensor when its memory allows."""
 
     def __init__(self, path: str | os.PathLike, thread_count: int = DEFAULT_THREADS):

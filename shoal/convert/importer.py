@@ -111,17 +111,15 @@ def tokenizer_size(model_dir: Path) -> tuple[int, int, int] | None:
 
         tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         vocab = tokenizer.get_vocab(with_added_tokens=True)
-        ids = set(vocab.values())
-        # transformers also adds the tokens tokenizer_config.json declares that tokenizer.json lacks.
+        # transformers also adds the tokens tokenizer_config.json declares that tokenizer.json
+        # lacks, each at the next id after the vocabulary (not at the id the config gives it).
         config = model_dir / "tokenizer_config.json"
         declared = read_json(config, "tokenizer settings").get("added_tokens_decoder") if config.is_file() else None
-        contents = set(vocab)
-        for key, token in (declared or {}).items():
-            content = token.get("content") if isinstance(token, dict) else None
-            if str(key).isdigit() and content not in contents:
-                ids.add(int(key))
-                contents.add(content)
-        return len(ids), tokenizer.get_vocab_size(with_added_tokens=False), max(ids, default=-1)
+        missing = {token.get("content") for token in (declared or {}).values()
+                   if isinstance(token, dict) and token.get("content") not in vocab}
+        length = len(vocab) + len(missing)
+        highest = max(vocab.values(), default=-1)
+        return length, tokenizer.get_vocab_size(with_added_tokens=False), max(highest, length - 1) if missing else highest
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)

@@ -97,3 +97,98 @@ def test_a_bad_base_entry_names_the_key(tmp_path):
     write_metadata(ckpt, get_preset("llama_tiny"), "float32", base={"path": "x"})
     with pytest.raises(ShoalError, match=r"shoal.json: key 'base' must be"):
         resolve_base(ckpt)
+
+
+# A base whose model/ has no `.metadata` (format 3, written without torch): the headers of its
+# safetensors data files carry a random per-save `shoal_save_id`, and are what the fingerprint covers.
+
+
+def write_headers_base(folder: Path, save_id: str | None = None) -> Path:
+    """A base as a torch-free import leaves it: safetensors data files, each header with a save id."""
+    import uuid
+
+    from shoal.checkpoint.storage import SafetensorsStorageWriter
+
+    model = folder / MODEL_DIR
+    save_model_state({k: v.clone() for k, v in WEIGHTS.items()}, model, storage_writer=SafetensorsStorageWriter(model))
+    (model / ".metadata").unlink()
+    for data in sorted(model.glob("*.safetensors")):
+        set_save_id(data, save_id or str(uuid.uuid4()))
+    write_metadata(folder, get_preset("llama_tiny"), "float32")
+    return folder
+
+
+def set_save_id(data: Path, save_id: str) -> None:
+    import json
+    import struct
+
+    raw = data.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    header["__metadata__"]["shoal_save_id"] = save_id
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    data.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length :])
+
+
+def test_a_base_without_metadata_resolves_moved_and_copied(tmp_path):
+    base = write_headers_base(tmp_path / "base")
+    ckpt = write_adapters(tmp_path / "ckpt", base)
+    assert resolve_base(ckpt) == base.resolve()
+    recorded = base_reference(base)["fingerprint"]
+    assert sorted(recorded["files"]) == sorted(p.name for p in (base / MODEL_DIR).glob("*.safetensors"))
+    assert recorded["files"] == {p.name: p.stat().st_size for p in (base / MODEL_DIR).glob("*.safetensors")}
+    copied = tmp_path / "copy"
+    shutil.copytree(base, copied, copy_function=shutil.copyfile)
+    assert resolve_base(ckpt, copied) == copied
+    loaded = {k: torch.zeros_like(v) for k, v in WEIGHTS.items()}
+    from shoal.checkpoint.model_state import load_model_state
+
+    load_model_state(loaded, copied / MODEL_DIR)
+    assert all(torch.equal(loaded[k], v) for k, v in WEIGHTS.items())
+
+
+def test_a_new_save_id_in_a_header_is_another_base(tmp_path):
+    import uuid
+
+    base = write_headers_base(tmp_path / "base")
+    ckpt = write_adapters(tmp_path / "ckpt", base)
+    data = sorted((base / MODEL_DIR).glob("*.safetensors"))[-1]
+    size = data.stat().st_size
+    set_save_id(data, str(uuid.uuid4()))  # a re-import of the same weights: same bytes but the id
+    assert data.stat().st_size == size
+    with pytest.raises(ShoalError) as err:
+        resolve_base(ckpt)
+    assert str(base.resolve()) in str(err.value)
+    assert "the safetensors headers in model/ differ" in str(err.value) and "bytes, recorded" not in str(err.value)
+
+
+def test_a_changed_size_of_a_headers_base_file_is_named(tmp_path):
+    base = write_headers_base(tmp_path / "base")
+    ckpt = write_adapters(tmp_path / "ckpt", base)
+    data = sorted((base / MODEL_DIR).glob("*.safetensors"))[0]
+    size = data.stat().st_size
+    with open(data, "ab") as handle:
+        handle.write(b"\0" * 8)
+    with pytest.raises(ShoalError, match=rf"model/{data.name} is {size + 8} bytes, recorded {size} bytes"):
+        resolve_base(ckpt)
+    with open(data, "r+b") as handle:
+        handle.truncate(size - 4)
+    with pytest.raises(ShoalError, match=rf"model/{data.name} is {size - 4} bytes, recorded {size} bytes"):
+        resolve_base(ckpt)
+
+
+def test_a_headers_base_and_its_metadata_twin_are_different_bases(tmp_path):
+    """Deleting `.metadata` (or writing it) changes what is hashed: the fingerprint changes."""
+    base = write_base(tmp_path / "base")
+    from shoal.checkpoint.base import fingerprint
+
+    before = fingerprint(base)
+    (base / MODEL_DIR / ".metadata").unlink()
+    for path in (base / MODEL_DIR).iterdir():
+        path.unlink()
+    with pytest.raises(ShoalError, match="no DCP .metadata file and no safetensors data files"):
+        fingerprint(base)
+    base2 = write_headers_base(tmp_path / "base2", save_id="same")
+    base3 = write_headers_base(tmp_path / "base3", save_id="same")
+    assert fingerprint(base2) == fingerprint(base3) != before  # the same headers and sizes

@@ -261,7 +261,9 @@ def test_export_hooks_for_adapters(tmp_path, monkeypatch):
             return {name: tensor * 3 for name, tensor in super().load(names).items()}
 
     (ckpt / "peft.json").write_text(json.dumps({"rank": 8}))
-    monkeypatch.setattr(exporter, "merged_weight_reader", lambda c: Tripled(c / "model"))
+    import shoal.peft.export as peft_export  # where the exporter takes the merging reader from
+
+    monkeypatch.setattr(peft_export, "merged_weight_reader", lambda c: Tripled(c / "model"))
     assert shoal(["export", "--source", str(ckpt), "--output_path", str(tmp_path / "merged")]) == 0
     after = hf_tensors(tmp_path / "merged")
     assert all(torch.equal(after[n], before[n] * 3) for n in before)
