@@ -8,7 +8,7 @@ tensor unchanged writes them here instead, without `.metadata` (format 3): the h
 describe the folder (`shoal.checkpoint.model_state` turns them into DCP metadata), and the tensors'
 bytes are copied file to file in the kernel from wherever they already lie, as `cp` does.
 
-    write_whole_tensors({name: CopiedTensor.of(source entry)}, model_dir)
+    write_whole_tensors({name: CopiedTensor.of([source entry])}, model_dir)
     whole_tensors(model_dir) -> {name: TensorEntry} | None
 """
 

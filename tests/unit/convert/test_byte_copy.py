@@ -138,3 +138,17 @@ def test_the_tokenizer_is_counted_as_transformers_counts_it(tmp_path, make):
 def test_a_folder_with_only_a_chat_template_has_no_tokenizer_to_count(tmp_path):
     (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
     assert tokenizer_size(tmp_path) is None
+
+
+def test_an_import_that_lost_a_data_file_is_incomplete(tmp_path, capsys):
+    """The copied model/ has no .metadata to list its files: each header says how many files its
+    save wrote, so a folder missing one is incomplete, not a model short of some tensors."""
+    hf, ckpt = tmp_path / "hf", tmp_path / "ck"
+    save_hf_checkpoint(hf, "llama", dtype=torch.bfloat16)
+    assert shoal(["import", "--source", str(hf), "--output_path", str(ckpt)]) == 0
+    files = sorted((ckpt / "model").glob("*.safetensors"))
+    assert len(files) == 2
+    files[1].unlink()
+    assert shoal(["export", "--source", str(ckpt), "--output_path", str(tmp_path / "out")]) == 2
+    assert f"checkpoint {ckpt} is incomplete" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
