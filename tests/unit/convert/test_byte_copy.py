@@ -152,3 +152,29 @@ def test_an_import_that_lost_a_data_file_is_incomplete(tmp_path, capsys):
     assert shoal(["export", "--source", str(ckpt), "--output_path", str(tmp_path / "out")]) == 2
     assert f"checkpoint {ckpt} is incomplete" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_family_whose_tensors_change_on_the_way_is_streamed_through_dcp(tmp_path, monkeypatch):
+    """No family transforms a tensor today; one that did (a fused or permuted projection) would be
+    read, transformed and written through DCP, and exported through the inverse: stood in for here
+    by negating q_proj on import and again on export."""
+    from shoal.checkpoint.model_state import load_model_state
+    from shoal.convert import adapters
+
+    negate = (lambda t, cfg: -t, lambda t, cfg: -t)
+    monkeypatch.setattr(adapters.LlamaAdapter, "transforms", {"model.layers.{}.self_attn.q_proj.weight": negate})
+    hf, ckpt, out = tmp_path / "hf", tmp_path / "ck", tmp_path / "out"
+    save_hf_checkpoint(hf, "llama", dtype=torch.bfloat16)
+    assert shoal(["import", "--source", str(hf), "--output_path", str(ckpt)]) == 0
+    assert (ckpt / "model" / ".metadata").is_file()  # written by DCP, not copied
+    source = all_tensors(hf)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    stored = {name: torch.empty_like(source[name]), "model.norm.weight": torch.empty_like(source["model.norm.weight"])}
+    load_model_state(stored, ckpt / "model")
+    assert torch.equal(stored[name], -source[name])
+    assert torch.equal(stored["model.norm.weight"], source["model.norm.weight"])
+    assert shoal(["export", "--source", str(ckpt), "--output_path", str(out)]) == 0
+    exported = all_tensors(out)
+    assert exported.keys() == source.keys()
+    for key, tensor in source.items():
+        assert torch.equal(exported[key], tensor), key
