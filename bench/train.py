@@ -218,6 +218,7 @@ def main() -> int:
                             flops_per_token, device, rate_key="tokens_per_s_per_gpu", fp8=fp8_recipe is not None)
         results[name] = r
         print(f"{name}: {r}", flush=True)
+        write_output(args, results, device)  # after each variant: a run cut short keeps what it measured
     peers = [r["tokens_per_s_per_gpu"] for n, r in results.items()
              if n.startswith("hf") and "tokens_per_s_per_gpu" in r]
     best_peer = max(peers) if peers else None
@@ -239,10 +240,14 @@ def main() -> int:
         mfu8 = f"{100 * r['mfu_fp8_peak']:.1f}%" if r.get("mfu_fp8_peak") else ""
         print(f"{name:34s} {r['tokens_per_s_per_gpu']:13,.0f} {mfu:>9s} {mfu8:>8s} {r['memory_gib']:8.1f} "
               f"{ratio:9.2f}x {vs_bf16}  step {r['seconds_per_step']:.4f}s {r.get('spread', '')}")
+    write_output(args, results, device)
+    return 0
+
+
+def write_output(args, results: dict, device: torch.device) -> None:
     if args.output:
         Path(args.output).write_text(json.dumps({"args": vars(args), "results": results,
                                                  "device": torch.cuda.get_device_name(device)}, indent=1))
-    return 0
 
 
 if __name__ == "__main__":
