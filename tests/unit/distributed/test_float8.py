@@ -225,6 +225,24 @@ def test_apply_float8_converts_the_groups_only_when_compiled():
     assert k_proj(compiled=False, lora=True) is not FrozenFloat8Linear
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_engine_tells_the_conversion_whether_it_compiles(monkeypatch, compiled):
+    """build_engine hands parallel.compile to the FP8 conversion (recorded here, not run: no torchao
+    or GPU needed)."""
+    from shoal.config.parallel import ParallelConfig
+    from shoal.config.recipe import TrainSection
+    from shoal.distributed import build_mesh
+    from shoal.train import engine as engine_module
+
+    seen = []
+    monkeypatch.setattr(engine_module, "_apply_float8", lambda model, plan, device, compiled: seen.append(compiled))
+    parallel = ParallelConfig(compile=compiled)
+    engine_module.build_engine(get_preset("llama_tiny"), train=TrainSection(micro_batch_size=1, global_batch_size=1, fp8="hybrid"),
+                               parallel=parallel, peft=None, dims=build_mesh(parallel, 1, "cpu"),
+                               device=torch.device("cpu"), compute_dtype=torch.float32)
+    assert seen == [compiled]
+
+
 def test_filter_sees_lora_layers_but_never_their_adapters():
     with torch.device("meta"):
         model = Transformer(dataclasses.replace(get_preset("llama32_1b"), num_layers=1))
