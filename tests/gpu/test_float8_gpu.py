@@ -20,6 +20,8 @@ fix (bench/results/float8_curves_after_restructure_h200.json): LoRA 0.026 / 0.01
 0.079 / 0.067 / 0.000 (DoRA's FP8 curve left its plateau at step ~72 about 3 steps after BF16's and
 ended one step behind; every other curve stays within one step of BF16 throughout, to 0.011).
 CPU emulation found no DoRA-specific FP8 fault (tests/unit/distributed/test_float8_dora.py).
+`tensorwise_compiled` (added 2026-12-07, not yet run on a GPU): compiled, k/v convert too
+(shoal.distributed.float8.SHARED_INPUT_GROUPS), so this curve is the one the recipes' default runs.
 Curves are written to $OUT/float8_curves.json when OUT is set.
 """
 
