@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU machine's share of the work, in one call: GPU tests, then scaling benchmarks.
-#   bash bench/gpu_suite.sh tests|scale1b|scale8b|train1|fp8tests|fp8_1b|fp8_3b|fp8_8b_lora|ckpt_stall|moe_full|moe_lora|finetune_lora|finetune_dora|finetune_full
+#   bash bench/gpu_suite.sh tests|scale1b|scale8b|train1|fp8tests|fp8_1b|fp8_3b|fp8_3b_quick|fp8_8b_lora|ckpt_stall|moe_full|moe_lora|finetune_lora|finetune_dora|finetune_full
 #   (results under $OUT, or ./bench_out; the fp8 ones need torchao on the path)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,15 +14,19 @@ for what in "$@"; do
       run python3 -m pytest -q -m gpu tests/gpu -x -p no:cacheprovider | tee -a "$OUT/gpu_tests.log" ;;
     fp8tests)  # FP8 loss curves against BF16, LoRA/DoRA, checkpoints across precisions
       run python3 -m pytest -q -s -m gpu tests/gpu/test_float8_gpu.py -p no:cacheprovider | tee -a "$OUT/fp8_tests.log" ;;
-    fp8_1b|fp8_3b)  # one GPU, full training: BF16 and FP8 recipes against transformers
+    fp8_1b|fp8_3b)  # one GPU, full training: BF16 and FP8 recipes against transformers; _perlayer: k/v left in bf16 (the filter before 2026-12-07)
       preset=llama32_${what#fp8_}
       CUDA_VISIBLE_DEVICES=0 run python3 bench/train.py --preset "$preset" --seq_length 4096 --micro_batch_size 4 \
-        --variants hf_compile,shoal_compile,shoal_compile_fp8_tensorwise,shoal_compile_fp8_rowwise,shoal,shoal_fp8_tensorwise \
-        --warmup 4 --steps 10 --output "$OUT/train_${what}.json" ;;
+        --variants hf_compile,shoal_compile,shoal_compile_fp8_tensorwise,shoal_compile_fp8_tensorwise_perlayer,shoal_compile_fp8_rowwise,shoal,shoal_fp8_tensorwise \
+        --warmup 5 --steps 20 --output "$OUT/train_${what}.json" ;;
+    fp8_3b_quick)  # the 3B target alone (BF16, FP8 tensorwise, the same with the per-layer filter), with a profile of each
+      CUDA_VISIBLE_DEVICES=0 run python3 bench/train.py --preset llama32_3b --seq_length 4096 --micro_batch_size 4 \
+        --variants shoal_compile,shoal_compile_fp8_tensorwise,shoal_compile_fp8_tensorwise_perlayer \
+        --warmup 5 --steps 25 --profile --profile_dir "$OUT" --output "$OUT/train_fp8_3b_quick.json" ;;
     fp8_8b_lora)  # one GPU, LoRA on the 8B shape
       CUDA_VISIBLE_DEVICES=0 run python3 bench/train.py --preset llama31_8b --peft lora --seq_length 4096 \
         --micro_batch_size 2 --activation_checkpointing full \
-        --variants hf_compile,shoal_compile,shoal_compile_fp8_tensorwise,shoal_compile_fp8_rowwise \
+        --variants hf_compile,shoal_compile,shoal_compile_fp8_tensorwise,shoal_compile_fp8_tensorwise_perlayer,shoal_compile_fp8_rowwise \
         --warmup 3 --steps 8 --output "$OUT/train_${what}.json" ;;
     ckpt_stall)  # one GPU: the step-loop stall per checkpoint (model + AdamW), sync against async saves
       CUDA_VISIBLE_DEVICES=0 run python3 bench/checkpoint_stall.py --preset llama32_1b --seq_length 4096 \

@@ -25,6 +25,7 @@ import functools
 import json
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -35,14 +36,16 @@ from common import measure_variant, random_batch  # noqa: E402 - bench/common.py
 from shoal.config.parallel import ParallelConfig  # noqa: E402
 from shoal.config.recipe import TrainSection  # noqa: E402
 from shoal.distributed import build_mesh  # noqa: E402
+from shoal.distributed import float8 as float8_module  # noqa: E402
 from shoal.models import get_preset, to_hf_config  # noqa: E402
 from shoal.peft.config import LoraConfig  # noqa: E402
 from shoal.train.engine import build_engine  # noqa: E402
 from shoal.train.step import masked_cross_entropy_sum  # noqa: E402
 
 
-def time_steps(step, warmup: int, steps: int) -> tuple[float, float]:
-    """Seconds per step (median of per-step event timings) and peak memory in GiB."""
+def time_steps(step, warmup: int, steps: int) -> tuple[float, float, list[float]]:
+    """Seconds per step (median of per-step event timings), peak memory in GiB, and every step's
+    seconds in order (their spread says how firm the median is)."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
@@ -55,11 +58,16 @@ def time_steps(step, warmup: int, steps: int) -> tuple[float, float]:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1000)
-    times.sort()
-    return times[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
+    return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30, times
 
 
-def bench_shoal(args, compile_: bool, device: torch.device, fp8_recipe: str | None = None) -> dict:
+def timing_fields(sec: float, mem: float, times: list[float]) -> dict:
+    return {"seconds_per_step": sec, "memory_gib": mem, "step_seconds": [round(t, 5) for t in times],
+            "spread_seconds": [min(times), max(times)]}
+
+
+def bench_shoal(args, compile_: bool, device: torch.device, fp8_recipe: str | None = None,
+                per_layer_filter: bool = False) -> dict:
     train = TrainSection(micro_batch_size=args.micro_batch_size, global_batch_size=args.micro_batch_size,
                          weight_decay=0.1, **({"fp8": "hybrid", "fp8_recipe": fp8_recipe} if fp8_recipe else {}))
     parallel = ParallelConfig(compile=compile_, activation_checkpointing=args.activation_checkpointing)
@@ -68,8 +76,12 @@ def bench_shoal(args, compile_: bool, device: torch.device, fp8_recipe: str | No
                                                        use_dora=args.peft == "dora")
     cfg = get_preset(args.preset)
     dims = build_mesh(parallel, 1, "cuda")
-    engine = build_engine(cfg, train=train, parallel=parallel, peft=peft, dims=dims, device=device,
-                          compute_dtype=torch.bfloat16)
+    # `_perlayer`: FP8 layers chosen each alone (torchao's auto filter, shoal before 2026-12-07),
+    # not by their shared-input group: the same run measures what the grouping changes.
+    groups = () if per_layer_filter else float8_module.SHARED_INPUT_GROUPS
+    with mock.patch.object(float8_module, "SHARED_INPUT_GROUPS", groups):
+        engine = build_engine(cfg, train=train, parallel=parallel, peft=peft, dims=dims, device=device,
+                              compute_dtype=torch.bfloat16)
     batch = random_batch(cfg.vocab_size, args.micro_batch_size, args.seq_length, device)
     tokens = float(batch["loss_mask"].sum())
 
@@ -77,21 +89,50 @@ def bench_shoal(args, compile_: bool, device: torch.device, fp8_recipe: str | No
         engine.forward_backward([batch], tokens)
         engine.clip_and_step(1.0, 1e-4)
 
-    sec, mem = time_steps(step, args.warmup, args.steps)
+    timing = timing_fields(*time_steps(step, args.warmup, args.steps))
     if args.profile:
-        print_profile(step)
+        timing["profile_ms"] = print_profile(step, args.profile_dir, args.profile_name)
     engine = None  # frees its memory before the next variant (the closure `step` holds it too)
-    return {"seconds_per_step": sec, "memory_gib": mem}
+    return timing
 
 
-def print_profile(step, rows: int = 25) -> None:
-    """The kernels one step spends its GPU time in, to see what limits throughput."""
+# Where one step's GPU time goes, by the operator that launched it (matmuls) or the kernel's name.
+PROFILE_OPS = ("aten::mm", "aten::_scaled_mm", "aten::addmm", "aten::bmm")
+PROFILE_KERNELS = (("attention", ("flash", "fmha", "attn", "cudnn")), ("foreach/optimizer", ("multi_tensor_apply",)),
+                   ("triton reduction", ("triton_red", "triton_per")), ("triton pointwise", ("triton_poi",)))
+
+
+def print_profile(step, out_dir: str | None = None, name: str = "shoal", rows: int = 40) -> dict:
+    """The kernels one step spends its GPU time in, to see what limits throughput: the top `rows`
+    (printed, and the top 150 written to `out_dir/profile_NAME.txt`) and a summary by kind (ms)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
+    averages = prof.key_averages()
+    if out_dir:
+        Path(out_dir, f"profile_{name}.txt").write_text(
+            averages.table(sort_by="self_device_time_total", row_limit=150, max_name_column_width=90))
+    print(averages.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70))
+    summary = {op: 0.0 for op in PROFILE_OPS} | {kind: 0.0 for kind, _ in PROFILE_KERNELS} | {"other kernels": 0.0}
+    kernels_total = 0.0
+    for event in averages:
+        ms = event.self_device_time_total / 1000
+        if event.key in PROFILE_OPS:
+            summary[event.key] += ms
+        if event.device_type != DeviceType.CUDA:
+            continue
+        kernels_total += ms
+        kind = next((k for k, marks in PROFILE_KERNELS if any(m in event.key for m in marks)), None)
+        if kind is not None:
+            summary[kind] += ms
+    matmuls = sum(summary[op] for op in PROFILE_OPS)
+    summary["other kernels"] = kernels_total - matmuls - sum(summary[k] for k, _ in PROFILE_KERNELS)
+    summary["all kernels"] = kernels_total
+    print(f"profile {name} (GPU ms in one step): " + ", ".join(f"{k} {v:.1f}" for k, v in summary.items()), flush=True)
+    return {k: round(v, 2) for k, v in summary.items()}
 
 
 def bench_hf(args, compile_: bool, device: torch.device, fp8_recipe: str | None = None) -> dict:
@@ -127,20 +168,22 @@ def bench_hf(args, compile_: bool, device: torch.device, fp8_recipe: str | None 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    sec, mem = time_steps(step, args.warmup, args.steps)
+    timing = timing_fields(*time_steps(step, args.warmup, args.steps))
     model = optimizer = forward = None  # frees their memory before the next variant
-    return {"seconds_per_step": sec, "memory_gib": mem}
+    return timing
 
 
 def parse_variant(name: str):
-    """`hf`, `hf_compile`, `shoal`, `shoal_compile`, with `_fp8_RECIPE` after a shoal name."""
+    """`hf`, `hf_compile`, `shoal`, `shoal_compile`, with `_fp8_RECIPE` after a shoal name and
+    optionally `_perlayer` after that: (runner, compile, recipe, keyword arguments)."""
     base, _, fp8_recipe = name.partition("_fp8_")
+    fp8_recipe, per_layer = fp8_recipe.removesuffix("_perlayer"), fp8_recipe.endswith("_perlayer")
     runners = {"hf": (bench_hf, False), "hf_compile": (bench_hf, True),
                "shoal": (bench_shoal, False), "shoal_compile": (bench_shoal, True)}
     if base not in runners or (fp8_recipe and not base.startswith("shoal")):
         raise SystemExit(f"unknown variant {name!r}: expected one of {', '.join(runners)}, "
-                         "a shoal one optionally followed by _fp8_RECIPE")
-    return (*runners[base], fp8_recipe or None)
+                         "a shoal one optionally followed by _fp8_RECIPE[_perlayer]")
+    return (*runners[base], fp8_recipe or None, {"per_layer_filter": True} if per_layer else {})
 
 
 def main() -> int:
@@ -154,6 +197,7 @@ def main() -> int:
     parser.add_argument("--peft", default="none", choices=["none", "lora", "dora"])
     parser.add_argument("--variants", default="hf,hf_compile,shoal,shoal_compile")
     parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of one shoal step")
+    parser.add_argument("--profile_dir", default=None, help="with --profile: write each variant's table here")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -167,12 +211,14 @@ def main() -> int:
     flops_per_token = cfg.flops_per_token(args.seq_length, frozen_params=cfg.num_params if args.peft != "none" else 0)
     results = {}
     for name in args.variants.split(","):
-        fn, compile_, fp8_recipe = parse_variant(name)
+        fn, compile_, fp8_recipe, options = parse_variant(name)
         torch.manual_seed(0)
-        r = measure_variant(functools.partial(fn, args, compile_, device, fp8_recipe), tokens_per_step,
+        args.profile_name = name
+        r = measure_variant(functools.partial(fn, args, compile_, device, fp8_recipe, **options), tokens_per_step,
                             flops_per_token, device, rate_key="tokens_per_s_per_gpu", fp8=fp8_recipe is not None)
         results[name] = r
         print(f"{name}: {r}", flush=True)
+        write_output(args, results, device)  # after each variant: a run cut short keeps what it measured
     peers = [r["tokens_per_s_per_gpu"] for n, r in results.items()
              if n.startswith("hf") and "tokens_per_s_per_gpu" in r]
     best_peer = max(peers) if peers else None
@@ -186,15 +232,22 @@ def main() -> int:
             continue
         ratio = r["tokens_per_s_per_gpu"] / best_peer if best_peer else float("nan")
         bf16 = results.get(name.split("_fp8_")[0], {}).get("tokens_per_s_per_gpu") if "_fp8_" in name else None
+        if "step_seconds" in r:  # the spread of the timed steps, as a fraction of the median
+            low, high = r["spread_seconds"]
+            r["spread"] = f"{100 * (low / r['seconds_per_step'] - 1):+.1f}%..{100 * (high / r['seconds_per_step'] - 1):+.1f}%"
         vs_bf16 = f"{r['tokens_per_s_per_gpu'] / bf16:12.2f}x" if bf16 else f"{'':13s}"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
         mfu8 = f"{100 * r['mfu_fp8_peak']:.1f}%" if r.get("mfu_fp8_peak") else ""
         print(f"{name:34s} {r['tokens_per_s_per_gpu']:13,.0f} {mfu:>9s} {mfu8:>8s} {r['memory_gib']:8.1f} "
-              f"{ratio:9.2f}x {vs_bf16}")
+              f"{ratio:9.2f}x {vs_bf16}  step {r['seconds_per_step']:.4f}s {r.get('spread', '')}")
+    write_output(args, results, device)
+    return 0
+
+
+def write_output(args, results: dict, device: torch.device) -> None:
     if args.output:
         Path(args.output).write_text(json.dumps({"args": vars(args), "results": results,
                                                  "device": torch.cuda.get_device_name(device)}, indent=1))
-    return 0
 
 
 if __name__ == "__main__":

@@ -161,16 +161,47 @@ def worth_float8(in_features: int, out_features: int, recipe: str) -> bool:
     return not (out_features <= 4096 and in_features <= 2048)
 
 
-def float8_targets(model: nn.Module, recipe: str) -> tuple[list[str], list[str]]:
-    """(converted, skipped) names of the model's linear layers (plain or LoRA-adapted) under `recipe`."""
+# Linear layers of one block that read the same input. Compiled, their FP8 casts of that input
+# (amax, scale and cast, in the forward and again for the weight gradient) are one computation
+# (AOTAutograd merges the identical subgraphs), so a member's own cost is only its output
+# gradient's and its weight's casts. torchao's break-even sizes were measured for a lone matmul
+# that casts its input itself; such a group is judged as the one matmul it shares a cast with:
+# the input features by the summed output features. Llama's k/v projections (3B: 3072 -> 1024) are
+# too narrow alone but not beside q (3072 -> 5120 together).
+SHARED_INPUT_GROUPS: tuple[frozenset[str], ...] = (
+    frozenset({"q_proj", "k_proj", "v_proj"}),
+    frozenset({"gate_proj", "up_proj"}),
+)
+
+
+def float8_targets(model: nn.Module, recipe: str, shared_input_casts: bool = False) -> tuple[list[str], list[str]]:
+    """(converted, skipped) names of the model's linear layers (plain or LoRA-adapted) under `recipe`.
+
+    `shared_input_casts` (the model will be compiled): layers of a `SHARED_INPUT_GROUPS` group are
+    judged by the group's summed output features; otherwise each alone, as torchao's auto filter.
+    """
     from shoal.peft.lora import LoraLinear
 
+    linears = {name: module for name, module in model.named_modules()
+               if isinstance(module, (nn.Linear, LoraLinear)) and not _is_adapter_part(name)}
     converted, skipped = [], []
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, LoraLinear)) and not _is_adapter_part(name):
-            keep = name.rpartition(".")[2] != "lm_head" and worth_float8(module.in_features, module.out_features, recipe)
-            (converted if keep else skipped).append(name)
+    for name, module in linears.items():
+        parent, _, leaf = name.rpartition(".")
+        out = _group_out_features(linears, parent, leaf, module) if shared_input_casts else module.out_features
+        keep = (leaf != "lm_head" and module.out_features % 16 == 0
+                and worth_float8(module.in_features, out, recipe))
+        (converted if keep else skipped).append(name)
     return converted, skipped
+
+
+def _group_out_features(linears: dict[str, nn.Module], parent: str, leaf: str, module: nn.Module) -> int:
+    """The summed output features of `module`'s shared-input group (its own when it has none):
+    the group's members present beside it that read inputs of the same width."""
+    group = next((g for g in SHARED_INPUT_GROUPS if leaf in g), None)
+    if group is None:
+        return module.out_features
+    members = [linears.get(f"{parent}.{member}" if parent else member) for member in sorted(group)]
+    return sum(m.out_features for m in members if m is not None and m.in_features == module.in_features)
 
 
 def _is_adapter_part(name: str) -> bool:
@@ -212,11 +243,12 @@ def _fold(names: list[str]) -> str:
     return ", ".join(sorted({re.sub(r"\.\d+\.", ".{i}.", n) for n in names}))
 
 
-def apply_float8(model: nn.Module, plan: Float8Plan) -> Float8Conversion:
+def apply_float8(model: nn.Module, plan: Float8Plan, compiled: bool = False) -> Float8Conversion:
     """Convert the model's linear layers worth it to FP8 compute, in place.
 
     Call on the built model (meta device is fine) after LoRA/DoRA are applied and before tensor
-    parallelism, compile and FSDP2, as torchao requires.
+    parallelism, compile and FSDP2, as torchao requires. `compiled`: the layers will run under
+    torch.compile, where layers reading one input share its cast (see `SHARED_INPUT_GROUPS`).
     """
     check_torchao_installed()
     from torchao.float8 import convert_to_float8_training
@@ -224,7 +256,7 @@ def apply_float8(model: nn.Module, plan: Float8Plan) -> Float8Conversion:
     from shoal.peft.lora import LoraLinear
 
     config = float8_config(plan)
-    converted, skipped = float8_targets(model, plan.recipe)
+    converted, skipped = float8_targets(model, plan.recipe, shared_input_casts=compiled)
     chosen = set(converted)
     convert_to_float8_training(model, config=config, module_filter_fn=lambda _m, fqn: fqn in chosen)
     for name, module in model.named_modules():

@@ -202,7 +202,7 @@ def build_engine(
                    target_modules=peft.target_modules, use_dora=peft.use_dora)
     float8 = float8_plan(train.fp8, train.fp8_recipe, dims.dp_shard * dims.cp if dims.dp_enabled else 1)
     if float8 is not None:
-        _apply_float8(model, float8, device)
+        _apply_float8(model, float8, device, parallel.compile)
     pipeline = None
     if dims.pp_enabled:
         from shoal.distributed.pipeline import pipeline_model
@@ -328,8 +328,9 @@ def _state_in_original_dtype(module: nn.Module, state: dict, prefix: str, local_
             state[prefix + name] = state[prefix + name].to(dtype)
 
 
-def _apply_float8(model: nn.Module, plan: Float8Plan, device: torch.device) -> None:
-    """FP8 compute for the linears worth it, before the layout is applied (torchao's order)."""
+def _apply_float8(model: nn.Module, plan: Float8Plan, device: torch.device, compiled: bool) -> None:
+    """FP8 compute for the linears worth it, before the layout is applied (torchao's order);
+    `compiled` (parallel.compile) lets layers that read one input share its cast."""
     import sys
 
     import torch.distributed as dist
@@ -337,7 +338,7 @@ def _apply_float8(model: nn.Module, plan: Float8Plan, device: torch.device) -> N
     from shoal.distributed.float8 import apply_float8, check_float8_device
 
     check_float8_device(device)
-    conversion = apply_float8(model, plan)
+    conversion = apply_float8(model, plan, compiled)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         print(f"shoal: {conversion.summary(plan)}", file=sys.stderr)
 

@@ -20,6 +20,8 @@ fix (bench/results/float8_curves_after_restructure_h200.json): LoRA 0.026 / 0.01
 0.079 / 0.067 / 0.000 (DoRA's FP8 curve left its plateau at step ~72 about 3 steps after BF16's and
 ended one step behind; every other curve stays within one step of BF16 throughout, to 0.011).
 CPU emulation found no DoRA-specific FP8 fault (tests/unit/distributed/test_float8_dora.py).
+`tensorwise_compiled` (added 2026-12-07, not yet run on a GPU): compiled, k/v convert too
+(shoal.distributed.float8.SHARED_INPUT_GROUPS), so this curve is the one the recipes' default runs.
 Curves are written to $OUT/float8_curves.json when OUT is set.
 """
 
@@ -151,15 +153,21 @@ def test_float8_converts_the_big_linears_and_keeps_the_state_dict():
     kinds = {n: type(m) for n, m in fp8.parts[0].named_modules()}
     assert kinds["model.layers.0.mlp.gate_proj"] is Float8Linear and kinds["model.layers.0.self_attn.q_proj"] is Float8Linear
     assert kinds["lm_head"] is torch.nn.Linear and kinds["model.layers.0.self_attn.k_proj"] is torch.nn.Linear
+    # Compiled, k/v share q's input cast and convert too (shoal.distributed.float8.SHARED_INPUT_GROUPS).
+    compiled = make_engine("tensorwise", parallel=ParallelConfig(compile=True))
+    assert type(compiled.parts[0].get_submodule("model.layers.0.self_attn.k_proj")) is Float8Linear
     a, b = parts_model_state(bf16.parts), parts_model_state(fp8.parts)
-    assert list(a) == list(b)
+    assert list(a) == list(b) == list(parts_model_state(compiled.parts))
     assert all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)
     assert all(type(b[k]) is torch.Tensor for k in b), "FP8 must not change what a checkpoint stores"
 
 
-@pytest.mark.parametrize("fp8_recipe", RECIPES)
+@pytest.mark.parametrize("fp8_recipe", [*RECIPES, "tensorwise_compiled"])
 def test_pretraining_loss_follows_bf16(bf16_curve, data, fp8_recipe):
-    losses = train(make_engine(fp8_recipe), data, STEPS, 3e-4)
+    """`tensorwise_compiled`: as the recipes run (parallel.compile), where every linear but the head
+    computes in FP8, k/v included; the BF16 reference stays the eager one."""
+    recipe, _, compiled = fp8_recipe.partition("_")
+    losses = train(make_engine(recipe, parallel=ParallelConfig(compile=bool(compiled))), data, STEPS, 3e-4)
     record(fp8_recipe, losses)
     worst, final = gaps(bf16_curve, losses)
     print(f"{fp8_recipe}: max smoothed gap {worst:.4f}, final {final:.4f} (bf16 final {smoothed(bf16_curve)[-1]:.4f})")
@@ -224,8 +232,12 @@ def test_fp8_checkpoint_resumes_in_bf16_and_back(data, tmp_path):
     assert worst <= MAX_GAP and final <= FINAL_GAP
 
 
-def test_compiled_selective_checkpointing_matches_eager(data):
-    """torch.compile and selective activation checkpointing over FP8 layers give the eager FP8 losses."""
+def test_compiled_selective_checkpointing_matches_eager(data, monkeypatch):
+    """torch.compile and selective activation checkpointing over FP8 layers give the eager FP8 losses
+    (the same layers converted in both: compiled, k/v would convert too)."""
+    from shoal.distributed import float8
+
+    monkeypatch.setattr(float8, "SHARED_INPUT_GROUPS", ())
     eager = train(make_engine("tensorwise"), data, 5, 3e-4)
     recipe_engine = make_engine_with(compile_=True, ac="selective")
     compiled = train(recipe_engine, data, 5, 3e-4)

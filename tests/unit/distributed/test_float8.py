@@ -130,6 +130,119 @@ def test_filter_is_torchaos_own_auto_filter(preset, recipe):
     assert set(converted) == theirs
 
 
+def test_compiled_filter_judges_layers_that_share_an_input_together():
+    """Hand-worked on Llama-3.2-3B's shapes (hidden 3072, 8 kv heads x 128 = 1024, MLP 8192). Alone,
+    k_proj and v_proj [3072 -> 1024] are below tensorwise's break-even (in <= 4096, out <= 1024) and
+    rowwise's (out <= 2048). Compiled, they share their input's cast with q_proj, and the group is
+    the matmul [3072 -> 3072 + 1024 + 1024 = 5120]: above both. On the 1B (2048 -> 2048 + 512 + 512
+    = 3072), rowwise still skips the group (out <= 4096 and in <= 2048)."""
+    leaves = lambda names: {n.rpartition(".")[2] for n in names}  # noqa: E731
+    with torch.device("meta"):
+        small, big = (Transformer(dataclasses.replace(get_preset(p), num_layers=1)) for p in ("llama32_1b", "llama32_3b"))
+    all_seven = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    for recipe in ("tensorwise", "rowwise"):
+        assert {"k_proj", "v_proj"} <= leaves(float8_targets(big, recipe)[1])  # alone (eager): skipped
+        converted, skipped = float8_targets(big, recipe, shared_input_casts=True)
+        assert leaves(converted) == all_seven and skipped == ["lm_head"]
+    assert leaves(float8_targets(small, "tensorwise", shared_input_casts=True)[0]) == all_seven
+    assert leaves(float8_targets(small, "rowwise", shared_input_casts=True)[0]) == {"gate_proj", "up_proj"}
+
+
+def test_a_narrow_layer_without_its_group_is_judged_alone():
+    """Only members that are there and read an input of the same width count: a k_proj with no
+    q_proj beside it, or beside a q_proj of another input width, stays below break-even."""
+
+    def block(q_in: int | None) -> nn.Module:
+        attn = nn.Module()
+        attn.k_proj = nn.Linear(3072, 1024, bias=False)
+        if q_in is not None:
+            attn.q_proj = nn.Linear(q_in, 3072, bias=False)
+        root = nn.Module()
+        root.self_attn = attn
+        return root
+
+    assert float8_targets(block(None), "tensorwise", shared_input_casts=True)[1] == ["self_attn.k_proj"]
+    converted, skipped = float8_targets(block(2048), "tensorwise", shared_input_casts=True)
+    assert skipped == ["self_attn.k_proj"] and converted == ["self_attn.q_proj"]
+    assert float8_targets(block(3072), "tensorwise", shared_input_casts=True) == (["self_attn.k_proj", "self_attn.q_proj"], [])
+
+
+def test_compiled_layers_reading_one_input_cast_it_once():
+    """Where torchao is installed: the premise of the grouped filter. A tensorwise Float8Linear takes
+    4 amaxes (|t|.max(), one per scale) in its forward and backward graphs: its input, its weight
+    (reused by the input-gradient matmul), its output's gradient, and its input again for the
+    weight gradient. Three layers on three inputs: 12. Traced as torch.compile traces them
+    (AOTAutograd with inductor's partitioner; torchao's emulation on CPU), three layers on one
+    input take the input's two once for the group: 12 - 2 x 2 = 8."""
+    pytest.importorskip("torchao")
+    from functorch.compile import min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+    from torchao.float8.float8_linear import Float8Linear
+
+    from shoal.distributed.float8 import float8_config
+
+    config = dataclasses.replace(float8_config(float8_plan("hybrid", "tensorwise")), emulate=True)
+    layers = [Float8Linear.from_float(nn.Linear(64, n, bias=False), config=config) for n in (64, 32, 32)]
+
+    def amaxes(fn) -> int:
+        graphs = []
+
+        def keep(gm, _inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        backend = aot_autograd(fw_compiler=keep, bw_compiler=keep, partition_fn=min_cut_rematerialization_partition)
+        torch.compile(fn, backend=backend)(torch.randn(4, 64, requires_grad=True)).backward()
+        assert len(graphs) == 2  # one forward, one backward: no graph break
+        return sum(node.target is torch.ops.aten.abs.default for g in graphs for node in g.graph.nodes)
+
+    # Squares, not plain sums: each output's gradient (2y) then differs, so none of those casts merge.
+    shared = amaxes(lambda x: sum(layer(x).pow(2).sum() for layer in layers))
+    separate = amaxes(lambda x: sum(layer(x + i).pow(2).sum() for i, layer in enumerate(layers)))
+    assert (shared, separate) == (8, 12)
+
+
+def test_apply_float8_converts_the_groups_only_when_compiled():
+    """Where torchao is installed: the engine's `compiled` reaches the filter, for plain layers and
+    for the frozen base of LoRA layers."""
+    pytest.importorskip("torchao")
+    from torchao.float8.float8_linear import Float8Linear
+
+    from shoal.distributed.float8 import FrozenFloat8Linear, apply_float8
+
+    def k_proj(compiled: bool, lora: bool) -> object:
+        with torch.device("meta"):
+            model = Transformer(dataclasses.replace(get_preset("llama32_3b"), num_layers=1))
+        if lora:
+            apply_lora(model, rank=16, target_modules="all-linear")
+        apply_float8(model, float8_plan("hybrid", "tensorwise"), compiled=compiled)
+        layer = model.get_submodule("model.layers.0.self_attn.k_proj")
+        return type(layer.base_linear) if lora else type(layer)
+
+    assert k_proj(compiled=True, lora=False) is Float8Linear and k_proj(compiled=False, lora=False) is nn.Linear
+    assert k_proj(compiled=True, lora=True) is FrozenFloat8Linear
+    assert k_proj(compiled=False, lora=True) is not FrozenFloat8Linear
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_engine_tells_the_conversion_whether_it_compiles(monkeypatch, compiled):
+    """build_engine hands parallel.compile to the FP8 conversion (recorded here, not run: no torchao
+    or GPU needed)."""
+    from shoal.config.parallel import ParallelConfig
+    from shoal.config.recipe import TrainSection
+    from shoal.distributed import build_mesh
+    from shoal.train import engine as engine_module
+
+    seen = []
+    monkeypatch.setattr(engine_module, "_apply_float8", lambda model, plan, device, compiled: seen.append(compiled))
+    parallel = ParallelConfig(compile=compiled)
+    engine_module.build_engine(get_preset("llama_tiny"), train=TrainSection(micro_batch_size=1, global_batch_size=1, fp8="hybrid"),
+                               parallel=parallel, peft=None, dims=build_mesh(parallel, 1, "cpu"),
+                               device=torch.device("cpu"), compute_dtype=torch.float32)
+    assert seen == [compiled]
+
+
 def test_filter_sees_lora_layers_but_never_their_adapters():
     with torch.device("meta"):
         model = Transformer(dataclasses.replace(get_preset("llama32_1b"), num_layers=1))
