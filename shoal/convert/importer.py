@@ -131,7 +131,8 @@ def check_tokenizer_fits(model_dir: Path, vocab_size: int) -> None:
 
     Counted as `transformers` counts it: the base vocabulary plus the added tokens, up to the highest
     id. Fewer tokens than embedding rows is normal (padded embeddings). A tokenizer that cannot be
-    loaded here is left to the stage that loads it, with a warning.
+    loaded here is left to the stage that loads it, with a warning; a tokenizer_config.json that is
+    not JSON is refused here, with its line (it would be copied into the checkpoint as it is).
     """
     try:
         size = tokenizer_size(model_dir)
