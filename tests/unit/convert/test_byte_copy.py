@@ -178,3 +178,13 @@ def test_a_family_whose_tensors_change_on_the_way_is_streamed_through_dcp(tmp_pa
     assert exported.keys() == source.keys()
     for key, tensor in source.items():
         assert torch.equal(exported[key], tensor), key
+
+
+def test_a_tokenizer_config_that_is_not_json_is_refused_with_its_line(tmp_path, capsys):
+    hf = tmp_path / "hf"
+    save_hf_checkpoint(hf, "llama", dtype=torch.bfloat16)
+    (hf / "tokenizer_config.json").write_text('{\n  "model_max_length": 8,\n  oops\n}\n')
+    assert shoal(["import", "--source", str(hf), "--output_path", str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err
+    assert f"{hf / 'tokenizer_config.json'}: invalid JSON at line 3" in err, err
+    assert not (tmp_path / "ck").exists()
