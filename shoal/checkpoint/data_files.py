@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import threading
 import uuid
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.checkpoint.parallel_io import Threads, copy_range, write_all
-from shoal.convert.safetensors_io import StoredDType, TensorEntry, build_header, read_header
+from shoal.convert.safetensors_io import StoredDType, TensorEntry, build_header, read_header_and_metadata
 from shoal.errors import ShoalError
 
 DATA_SUFFIX = ".safetensors"
@@ -143,20 +142,6 @@ def data_files(folder: str | os.PathLike) -> list[Path]:
     return [folder / n for n in names if n.endswith(DATA_SUFFIX) and not n.startswith(".") and (folder / n).is_file()]
 
 
-def header_metadata(path: Path) -> dict[str, Any]:
-    """The `__metadata__` object of a safetensors header ({} without one; read_header checks the rest)."""
-    try:
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length).decode("utf-8"))
-    except (OSError, ValueError, struct.error) as err:
-        raise ShoalError(f"{path}: cannot read its safetensors header ({err})") from None
-    extra = header.get("__metadata__", {}) if isinstance(header, dict) else None
-    if not isinstance(extra, dict):
-        raise ShoalError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
-    return extra
-
-
 def _sharding_info(path: Path, extra: dict[str, Any]) -> dict[str, Any]:
     raw = extra.get(SHARDING_INFO_KEY)
     if raw is None:
@@ -248,8 +233,9 @@ def read_chunks(folder: str | os.PathLike) -> dict[str, StoredTensor]:
     dtypes: dict[str, tuple[StoredDType, str]] = {}
     saves: dict[str, tuple[int, list[str]]] = {}  # save id -> (files it wrote, files found)
     for path in files:
-        entries = read_header(path)
-        extra = header_metadata(path)
+        entries, extra = read_header_and_metadata(path)
+        if not isinstance(extra, dict):
+            raise ShoalError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
         sharding = _sharding_info(path, extra)
         if isinstance(extra.get(SAVE_ID_KEY), str) and str(extra.get(SAVE_FILES_KEY, "")).isdigit():
             saves.setdefault(extra[SAVE_ID_KEY], (int(extra[SAVE_FILES_KEY]), []))[1].append(path.name)

@@ -114,6 +114,11 @@ def _numel(shape: Iterable[int]) -> int:
 
 def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
     """Parse and validate a safetensors header: {name: TensorEntry}, in file order."""
+    return read_header_and_metadata(path)[0]
+
+
+def read_header_and_metadata(path: str | os.PathLike) -> tuple[dict[str, TensorEntry], dict[str, Any]]:
+    """`read_header`, and the header's `__metadata__` as stored ({} without one), from one read."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -136,6 +141,7 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
         raise ShoalError(f"{path}: corrupt safetensors header (not valid JSON)") from None
     if not isinstance(header, dict):
         raise ShoalError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.get("__metadata__", {})  # as stored: the caller that reads it checks it
     data_start = 8 + header_len
     data_len = size - data_start
     entries: dict[str, TensorEntry] = {}
@@ -161,7 +167,7 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
     for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
         if begin_b < end_a:
             raise ShoalError(f"{path}: corrupt safetensors file: tensors {a!r} and {b!r} overlap")
-    return entries
+    return entries, metadata
 
 
 def read_tensor(entry: TensorEntry) -> torch.Tensor:
