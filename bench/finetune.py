@@ -17,6 +17,8 @@ transformers 5.17 and then runs slower than eager), `shoal`, `shoal_compile` (sh
 and loss; the document spans computed on the host and copied with the batch, as `shoal finetune`
 does), `shoal_compile_device_spans` (the same, the spans found on the device by each forward, a
 `nonzero` that makes the host wait: what removing that sync gains, in the same run),
+`shoal_compile_cudagraphs` (the same with `parallel.cuda_graphs`: each compiled layer's forward
+and backward replayed as a CUDA graph, so the host launches a graph, not each kernel),
 `shoal_compile_cpp_wrapper` (inductor's C++ wrapper launches the compiled layers' kernels: what the
 host's Python launch overhead costs), `shoal_compile_fused` (q/k/v and gate/up as one matmul
 each, `SHOAL_FUSED_PROJECTIONS=1`, off by default: what fusing them gains).
@@ -122,11 +124,13 @@ def shape(case: str, num_layers: int | None, preset_override: str | None = None)
     return cfg, kind, targets
 
 
-def bench_shoal(args, case: str, compile_: bool, device: torch.device, host_spans: bool = True) -> dict:
+def bench_shoal(args, case: str, compile_: bool, device: torch.device, host_spans: bool = True,
+                cuda_graphs: bool = False) -> dict:
     cfg, kind, targets = shape(case, args.num_layers, args.preset)
     train = TrainSection(micro_batch_size=micro_batch(args, case), global_batch_size=micro_batch(args, case),
                          weight_decay=0.1)
-    parallel = ParallelConfig(compile=compile_, activation_checkpointing=args.activation_checkpointing)
+    parallel = ParallelConfig(compile=compile_, activation_checkpointing=args.activation_checkpointing,
+                              cuda_graphs=cuda_graphs)
     peft = None if kind is None else LoraConfig(rank=RANK, alpha=ALPHA, target_modules=targets, use_dora=kind == "dora")
     dims = build_mesh(parallel, 1, device.type)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -134,7 +138,7 @@ def bench_shoal(args, case: str, compile_: bool, device: torch.device, host_span
                           compute_dtype=dtype, document_mask=True, seq_length=args.seq_length)
     host = packed_batch(cfg.vocab_size, micro_batch(args, case), args.seq_length, torch.device("cpu"))
     tokens = float(host["loss_mask"].sum())  # on the host, as the step loop counts it
-    batch = to_device(with_document_spans(host) if host_spans else host, device)
+    batch = to_device(with_document_spans(host, fixed_shapes=cuda_graphs) if host_spans else host, device)
 
     def step():
         engine.forward_backward([batch], tokens)
@@ -243,6 +247,8 @@ def with_fused_projections(fn):
 RUNNERS = {"hf": (bench_hf, False), "hf_compile": (bench_hf, True),
            "shoal": (bench_shoal, False), "shoal_compile": (bench_shoal, True),
            "shoal_compile_device_spans": (functools.partial(bench_shoal, host_spans=False), True),
+           # the compiled layers replayed as CUDA graphs (parallel.cuda_graphs)
+           "shoal_compile_cudagraphs": (functools.partial(bench_shoal, cuda_graphs=True), True),
            # inductor's C++ wrapper: the compiled layers launch their kernels from C++, not Python
            "shoal_compile_cpp_wrapper": (with_inductor_config(bench_shoal, cpp_wrapper=True), True),
            # q/k/v and gate/up as separate matmuls, as before shoal.models.fused_linear: what fusing gains

@@ -59,6 +59,11 @@ class ParallelConfig:
     activation_checkpointing: Literal["none", "full", "selective", "auto"] = "none"
     # torch.compile each decoder layer.
     compile: bool = False
+    # Replay each compiled decoder layer's forward and backward as CUDA graphs (inductor's
+    # cudagraph trees): the host launches one graph per layer and pass instead of every kernel,
+    # which is what limits a LoRA step on one GPU. One CUDA device, no data/tensor/pipeline/context
+    # parallelism, and `compile` on; see docs/training.md.
+    cuda_graphs: bool = False
     # dtype of parameters during forward/backward under FSDP (master weights stay fp32).
     # None: the run's training precision (bf16 on GPU, fp32 on CPU).
     param_dtype: Literal["bfloat16", "float32"] | None = None

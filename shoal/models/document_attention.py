@@ -57,9 +57,13 @@ def document_spans(document_ids: torch.Tensor) -> DocumentSpans:
     return DocumentSpans(torch.cat([offsets, end]).to(torch.int32), s)
 
 
-def host_cu_seqlens(document_ids: torch.Tensor) -> torch.Tensor:
+def host_cu_seqlens(document_ids: torch.Tensor, fixed_shapes: bool = False) -> torch.Tensor:
     """`document_spans(document_ids).cu_seqlens` of a batch in host memory, computed on the host:
-    [B, S] -> int32 [N + 1], with no device work (the data loader's batch, before its copy)."""
+    [B, S] -> int32 [N + 1], with no device work (the data loader's batch, before its copy).
+
+    `fixed_shapes` pads the spans to a power-of-two length (at least 16) with empty documents at
+    the end (the total repeated), which attention skips: a CUDA graph is recorded for each input
+    shape, and the number of documents in a batch changes from batch to batch."""
     if document_ids.device.type != "cpu" or document_ids.dim() != 2:
         raise ValueError(f"host_cu_seqlens takes [B, S] document ids in host memory, got "
                          f"{tuple(document_ids.shape)} on {document_ids.device}")
@@ -69,6 +73,9 @@ def host_cu_seqlens(document_ids: torch.Tensor) -> torch.Tensor:
     starts[1:] = flat[1:] != flat[:-1]
     starts[::s] = True  # a row always starts a new document
     offsets = np.append(np.flatnonzero(starts), flat.size)
+    if fixed_shapes:
+        length = max(16, 1 << (offsets.size - 1).bit_length())
+        offsets = np.pad(offsets, (0, length - offsets.size), constant_values=flat.size)
     return torch.from_numpy(offsets.astype(np.int32))
 
 

@@ -57,6 +57,9 @@ class Engine:
     # Output layer + loss a chunk of tokens at a time (shoal.train.linear_cross_entropy), where
     # lm_head is a plain, whole nn.Linear of this process: no [tokens, vocab] logits are kept.
     head_loss_fn: Callable[..., torch.Tensor] | None = None
+    # The compiled layers replay CUDA graphs (parallel.cuda_graphs): each micro-batch starts a new
+    # replay, and gradients are kept outside the graphs' memory (see _keep_gradients_outside_graphs).
+    cuda_graphs: bool = False
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for part in self.parts for p in part.parameters() if p.requires_grad]
@@ -91,9 +94,13 @@ class Engine:
         total = torch.zeros((), device=mbs[0]["tokens"].device)
         aux_total = torch.zeros((), device=total.device) if self.moe else None
         counts_total = None
+        if self.cuda_graphs:
+            self._keep_gradients_outside_graphs()
         for i, mb in enumerate(mbs):
             if self.defer_gradient_sync:
                 self._gradient_sync(i == len(mbs) - 1)
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with self._sequence_shard(mb) as (tokens, labels, loss_mask, inputs):
                 loss_sum = self._loss_sum(tokens, labels, loss_mask, inputs)
                 # Gradients are summed (not averaged) across data-parallel ranks, see docs/parallelism.md.
@@ -112,6 +119,17 @@ class Engine:
             self.last_aux_loss = aux_total / len(mbs)
             self.expert_counts = counts_total
         return total
+
+    def _keep_gradients_outside_graphs(self) -> None:
+        """Give every trainable parameter a zero gradient before the first backward.
+
+        A layer's backward graph writes the gradients into memory of the graphs' own pool, which
+        the next replay reuses. Autograd would keep that very tensor as `.grad` when the parameter
+        had none, and the next micro-batch's replay would overwrite it; an existing `.grad` is
+        added into instead, so the sums live in ordinary memory (clip_and_step zeroes them in place)."""
+        for p in self.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
 
     def _gradient_sync(self, sync: bool) -> None:
         """FSDP2: reduce-scatter (and free the gathered parameters) after this backward only if `sync`;
@@ -142,6 +160,8 @@ class Engine:
             return self._pipeline_run(mbs, 1.0, backward=False)
         total = torch.zeros((), device=mbs[0]["tokens"].device)
         for mb in mbs:
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with self._sequence_shard(mb) as (tokens, labels, loss_mask, inputs):
                 total += self._loss_sum(tokens, labels, loss_mask, inputs)
         return total
@@ -163,7 +183,7 @@ class Engine:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=not self.cuda_graphs)
         precompute_float8_scales(self.parts, self.float8)  # FP8 all-gather: scales of the new weights
         return norm
 
@@ -190,6 +210,8 @@ def build_engine(
     """Build on meta, add adapters, apply the layout, materialise, then load `start`'s weights
     (or initialise them); the optimizer is AdamW with `train`'s settings. `seq_length` is needed
     only to resolve `parallel.activation_checkpointing: auto`."""
+    if parallel.cuda_graphs:
+        check_cuda_graphs(parallel, dims, device)
     if parallel.activation_checkpointing == "auto":
         parallel = resolve_auto_checkpointing(cfg, train, parallel, peft, dims, device, compute_dtype, seq_length)
     torch.manual_seed(train.seed)  # the same initial weights whatever the layout
@@ -241,7 +263,23 @@ def build_engine(
     defer = pipeline is None and micro_batches_per_step > 1 and _defer_gradient_sync(
         parallel.fsdp_gradient_sync, parts, dims, device)
     return Engine(parts, optimizers, dims, document_mask, autocast, pipeline, loss_fn, defer, float8,
-                  moe=cfg.is_moe, aux_loss_coef=cfg.router_aux_loss_coef, head_loss_fn=head_loss_fn)
+                  moe=cfg.is_moe, aux_loss_coef=cfg.router_aux_loss_coef, head_loss_fn=head_loss_fn,
+                  cuda_graphs=parallel.cuda_graphs)
+
+
+def check_cuda_graphs(parallel: ParallelConfig, dims: ParallelDims, device: torch.device) -> None:
+    """parallel.cuda_graphs needs what a recorded graph can replay: one CUDA device whose compiled
+    layers hold their own weights (no FSDP gathers, no collectives inside a layer)."""
+    from shoal.errors import ShoalError
+
+    if device.type != "cuda":
+        raise ShoalError(f"parallel.cuda_graphs=true needs a CUDA GPU; this run is on {device.type}")
+    if not parallel.compile:
+        raise ShoalError("parallel.cuda_graphs=true replays the compiled layers: set parallel.compile=true too")
+    if dims.world_size > 1:
+        raise ShoalError(f"parallel.cuda_graphs=true runs on one GPU only; this run has {dims.world_size} "
+                         "processes (FSDP gathers and tensor/pipeline/context-parallel communication "
+                         "happen inside or between the layers a graph would replay)")
 
 
 def resolve_auto_checkpointing(cfg: ModelConfig, train: TrainSection, parallel: ParallelConfig,

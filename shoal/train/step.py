@@ -43,11 +43,12 @@ def host_loss_tokens(batch: dict[str, torch.Tensor]) -> float:
     return float(batch["loss_mask"].numpy().sum(dtype=np.float64))
 
 
-def with_document_spans(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A host batch plus `cu_seqlens`, its documents' varlen spans (see shoal.models.document_attention)."""
+def with_document_spans(batch: dict[str, torch.Tensor], fixed_shapes: bool = False) -> dict[str, torch.Tensor]:
+    """A host batch plus `cu_seqlens`, its documents' varlen spans (see shoal.models.document_attention);
+    `fixed_shapes` pads them to one of a few lengths (for CUDA graphs)."""
     from shoal.models.document_attention import host_cu_seqlens
 
-    return {**batch, "cu_seqlens": host_cu_seqlens(batch["document_ids"])}
+    return {**batch, "cu_seqlens": host_cu_seqlens(batch["document_ids"], fixed_shapes)}
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

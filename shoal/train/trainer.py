@@ -197,13 +197,14 @@ class StepBatch:
     loss_tokens: float  # Σ loss_mask over the whole micro-batches (each context-parallel rank counts the same)
 
 
-def micro_batches(loader_iter: Iterator, count: int, device: torch.device, document_spans: bool = False) -> StepBatch:
-    """The next `count` micro-batches: counted (and, with `document_spans`, their spans computed)
-    on the host, then copied to `device` without waiting."""
+def micro_batches(loader_iter: Iterator, count: int, device: torch.device, document_spans: bool = False,
+                  fixed_shapes: bool = False) -> StepBatch:
+    """The next `count` micro-batches: counted (and, with `document_spans`, their spans computed,
+    padded to a few shapes with `fixed_shapes`) on the host, then copied to `device` without waiting."""
     host = [next(loader_iter) for _ in range(count)]
     loss_tokens = sum(host_loss_tokens(batch) for batch in host)
     if document_spans:
-        host = [with_document_spans(batch) for batch in host]
+        host = [with_document_spans(batch, fixed_shapes) for batch in host]
     return StepBatch([to_device(batch, device) for batch in host], loss_tokens)
 
 
@@ -256,7 +257,8 @@ def validate(engine: Engine, dataset, train: TrainSection, data: DataSection, ru
     totals = torch.zeros(2, device=runtime.device, dtype=torch.float64)
     remaining = len(sampler)
     while remaining:
-        batch = micro_batches(batches, min(accum, remaining), runtime.device, engine.takes_document_spans)
+        batch = micro_batches(batches, min(accum, remaining), runtime.device, engine.takes_document_spans,
+                              engine.cuda_graphs)
         remaining -= len(batch.micro_batches)
         totals[0] += engine.loss_sum(batch.micro_batches).double()
         totals[1] += batch.loss_tokens / runtime.dims.cp
@@ -300,7 +302,7 @@ def _loop(
 
     while step < max_steps:
         checkpoints.poll()  # a background save that failed stops the run here
-        batch = micro_batches(loader_iter, accum, runtime.device, engine.takes_document_spans)
+        batch = micro_batches(loader_iter, accum, runtime.device, engine.takes_document_spans, engine.cuda_graphs)
         global_tokens = global_loss_tokens(batch.loss_tokens, dims, runtime.device)
         lr = lr_at(step, t, max_steps)
         loss_sum = engine.forward_backward(batch.micro_batches, global_tokens)

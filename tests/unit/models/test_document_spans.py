@@ -97,3 +97,19 @@ def test_host_spans_equal_device_spans_on_random_rows():
 def test_host_spans_refuse_a_device_tensor():
     with pytest.raises(ValueError, match="host memory"):
         host_cu_seqlens(torch.zeros(2, 4, dtype=torch.long, device="meta"))
+
+
+def test_fixed_shape_spans_pad_with_empty_documents():
+    """For CUDA graphs the spans come in a few lengths (powers of two, at least 16): the padding is
+    empty documents at the end, so the real spans and what they cover are unchanged."""
+    rng = torch.Generator().manual_seed(0)
+    for documents_per_row in (1, 3, 15, 16, 17, 40):
+        lengths = torch.randint(1, 9, (documents_per_row,), generator=rng)
+        row = torch.repeat_interleave(torch.arange(documents_per_row), lengths)[None]
+        exact = host_cu_seqlens(row)
+        padded = host_cu_seqlens(row, fixed_shapes=True)
+        size = padded.numel()
+        assert size >= 16 and size & (size - 1) == 0 and size >= exact.numel() and size < 2 * max(exact.numel(), 9)
+        assert padded.dtype == torch.int32
+        assert padded[:exact.numel()].tolist() == exact.tolist()
+        assert (padded[exact.numel():] == row.numel()).all()  # empty: start == end == the total
