@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU machine's share of the work, in one call: GPU tests, then scaling benchmarks.
-#   bash bench/gpu_suite.sh tests|scale1b|scale8b|train1|fp8tests|fp8_1b|fp8_3b|fp8_3b_quick|fp8_8b_lora|ckpt_stall|moe_full|moe_lora|finetune_lora|finetune_dora|finetune_full
+#   bash bench/gpu_suite.sh cudagraphs|tests|scale1b|scale8b|train1|fp8tests|fp8_1b|fp8_3b|fp8_3b_quick|fp8_8b_lora|ckpt_stall|moe_full|moe_lora|finetune_lora|finetune_dora|finetune_full
 #   (results under $OUT, or ./bench_out; the fp8 ones need torchao on the path)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,11 @@ GPUS=$(nvidia-smi -L | wc -l)
 run() { echo "+ $*"; "$@" 2>&1 | grep -v -E "Warning|warnings.warn|^ *$" ; }
 for what in "$@"; do
   case $what in
+    cudagraphs)  # parallel.cuda_graphs: its GPU tests, then LoRA on the 8B shape with and without graphs
+      run python3 -m pytest -q -m gpu tests/gpu/test_cuda_graphs_gpu.py -p no:cacheprovider | tee -a "$OUT/cuda_graphs_tests.log"
+      CUDA_VISIBLE_DEVICES=0 TORCH_LOGS=perf_hints run python3 bench/finetune.py \
+        --cases lora_all_8b=shoal_compile+shoal_compile_cudagraphs,lora_qkvo_8b=shoal_compile_cudagraphs \
+        --warmup 3 --steps 8 --output "$OUT/finetune_cudagraphs.json" ;;
     tests)
       run python3 -m pytest -q -m gpu tests/gpu -x -p no:cacheprovider | tee -a "$OUT/gpu_tests.log" ;;
     fp8tests)  # FP8 loss curves against BF16, LoRA/DoRA, checkpoints across precisions
@@ -19,8 +24,8 @@ for what in "$@"; do
       CUDA_VISIBLE_DEVICES=0 run python3 bench/train.py --preset "$preset" --seq_length 4096 --micro_batch_size 4 \
         --variants hf_compile,shoal_compile,shoal_compile_fp8_tensorwise,shoal_compile_fp8_tensorwise_perlayer,shoal_compile_fp8_rowwise,shoal,shoal_fp8_tensorwise \
         --warmup 5 --steps 20 --output "$OUT/train_${what}.json" ;;
-    fp8_3b_quick)  # the 3B target alone (BF16, FP8 tensorwise, the same with the per-layer filter), with a profile of each
-      CUDA_VISIBLE_DEVICES=0 run python3 bench/train.py --preset llama32_3b --seq_length 4096 --micro_batch_size 4 \
+    fp8_3b_quick)  # the 3B target alone (BF16, FP8 tensorwise, the same with the per-layer filter), with a profile of each; MBS=2 fits an H100
+      CUDA_VISIBLE_DEVICES=0 run python3 bench/train.py --preset llama32_3b --seq_length 4096 --micro_batch_size "${MBS:-4}" \
         --variants shoal_compile,shoal_compile_fp8_tensorwise,shoal_compile_fp8_tensorwise_perlayer \
         --warmup 5 --steps 25 --profile --profile_dir "$OUT" --output "$OUT/train_fp8_3b_quick.json" ;;
     fp8_8b_lora)  # one GPU, LoRA on the 8B shape
