@@ -13,8 +13,8 @@ for what in "$@"; do
     cudagraphs)  # parallel.cuda_graphs: its GPU tests, then LoRA on the 8B shape with and without graphs
       run python3 -m pytest -q -m gpu tests/gpu/test_cuda_graphs_gpu.py -p no:cacheprovider | tee -a "$OUT/cuda_graphs_tests.log"
       CUDA_VISIBLE_DEVICES=0 TORCH_LOGS=perf_hints run python3 bench/finetune.py \
-        --cases lora_all_8b=shoal_compile+shoal_compile_cudagraphs,lora_qkvo_8b=shoal_compile_cudagraphs \
-        --warmup 3 --steps 8 --output "$OUT/finetune_cudagraphs.json" ;;
+        --cases lora_all_8b=hf_compile+shoal_compile+shoal_compile_cudagraphs,lora_qkvo_8b=hf_compile+shoal_compile+shoal_compile_cudagraphs \
+        --warmup 3 --steps 8 --profile "$OUT" --output "$OUT/finetune_cudagraphs.json" ;;
     tests)
       run python3 -m pytest -q -m gpu tests/gpu -x -p no:cacheprovider | tee -a "$OUT/gpu_tests.log" ;;
     fp8tests)  # FP8 loss curves against BF16, LoRA/DoRA, checkpoints across precisions
