@@ -19,7 +19,8 @@ does), `shoal_compile_device_spans` (the same, the spans found on the device by 
 `nonzero` that makes the host wait: what removing that sync gains, in the same run),
 `shoal_compile_cpp_wrapper` (inductor's C++ wrapper launches the compiled layers' kernels: what the
 host's Python launch overhead costs), `shoal_compile_fused` (q/k/v and gate/up as one matmul
-each, `SHOAL_FUSED_PROJECTIONS=1`, off by default: what fusing them gains).
+each even where the weights are not packed, `SHOAL_FUSED_PROJECTIONS=1`: what fusing full
+fine-tuning's groups gains; a LoRA base is packed, and so fused, in `shoal_compile` already).
 `--num_layers N` shrinks every shape to N layers for a quick smoke run; `--preset P`
 replaces every shape (with `--device cpu`, a tiny preset checks the script without a GPU).
 
