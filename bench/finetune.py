@@ -21,7 +21,8 @@ does), `shoal_compile_device_spans` (the same, the spans found on the device by 
 and backward replayed as a CUDA graph, so the host launches a graph, not each kernel),
 `shoal_compile_cpp_wrapper` (inductor's C++ wrapper launches the compiled layers' kernels: what the
 host's Python launch overhead costs), `shoal_compile_fused` (q/k/v and gate/up as one matmul
-each, `SHOAL_FUSED_PROJECTIONS=1`, off by default: what fusing them gains).
+each even where the weights are not packed, `SHOAL_FUSED_PROJECTIONS=1`: what fusing full
+fine-tuning's groups gains; a LoRA base is packed, and so fused, in `shoal_compile` already).
 `--num_layers N` shrinks every shape to N layers for a quick smoke run; `--preset P`
 replaces every shape (with `--device cpu`, a tiny preset checks the script without a GPU).
 

@@ -13,9 +13,10 @@ layers over one input as
 
 and splits the output. Frozen base weights and trainable A matrices are never put in one matmul:
 the weight gradient of that concatenation would be a full [ΣO, I] base-weight gradient, paid
-every step for nothing. The concatenation is not kept for backward either (`_ConcatenatedLinear`
-saves the separate weights and concatenates them again), so autograd holds no more than the
-unfused layers do; under autocast the operands are cast as `F.linear`'s autocast rule casts them.
+every step for nothing. Where the base weights are packed (below) the concatenation is their
+buffer; elsewhere it is made at each use and not kept for backward (`_ConcatenatedLinear` saves the
+separate weights and concatenates them again), so autograd holds no more than the unfused layers
+do; under autocast the operands are cast as `F.linear`'s autocast rule casts them.
 
 Fusion is skipped, and each module called as it is, whenever it could change what runs:
 
@@ -28,10 +29,22 @@ Fusion is skipped, and each module called as it is, whenever it could change wha
   skip them;
 * base weights (or A matrices) differing in dtype, device or requires_grad, or a bias on some only.
 
-Off by default until a GPU run shows it pays: each forward (and backward) concatenates the base
-weights again, ~0.3 GB of copies per layer of the 8B shape with gate/up, against the host time the
-fewer launches save. `FUSED_PROJECTIONS` (env `SHOAL_FUSED_PROJECTIONS=1` at import, or set the
-attribute) turns it on; `bench/finetune.py --variants shoal_compile,shoal_compile_fused` measures both.
+Where the base weights live decides the default. `pack_frozen_groups` (called by
+`shoal.train.engine.store_frozen_in` on the one-device path, where a LoRA/DoRA base is frozen)
+stores each group's frozen base weights, and biases, as the rows of one buffer; each module's
+`weight` stays its own Parameter, a view of its rows, so names, state dicts and loading do not
+change. A packed group is fused always: the buffer is the concatenation, and the matmul reads it
+with no copy. An unpacked group (full fine-tuning, FSDP, weights replaced since packing) would
+concatenate its weights again at every forward and backward: on an H200, LoRA on every linear layer
+of the 8B shape gained 9-13% tokens/s that way but held 7.4-8.5 GiB more, so it is fused only when
+`FUSED_PROJECTIONS` is on (env `SHOAL_FUSED_PROJECTIONS=1` at import, or set the attribute);
+`bench/finetune.py --variants shoal_compile,shoal_compile_fused` measures it.
+
+A packed group is recognised by the `PackedBase` record its modules carry, checked against their
+current Parameters (identity, dtype, device) and, outside torch.compile, their addresses; torch.compile
+cannot trace an address, and guards the identity, dtype and device instead. A weight replaced
+through `param.data = ...` with the same dtype and device is the one change a compiled layer misses:
+replace packed weights by assigning a new Parameter (that unpacks the group) or copy into them.
 """
 
 from __future__ import annotations
@@ -57,6 +70,28 @@ class Projection:
     lora_a: torch.Tensor | None = None
     lora_b: torch.Tensor | None = None
     scaling: float = 1.0
+
+
+@dataclass(frozen=True, eq=False)
+class PackedBase:
+    """A group's frozen base stored as one buffer: `weight` [ΣO, I] (and `bias` [ΣO]), whose rows
+    the members' Parameters `weights` (and `biases`) are views of, in the group's order."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    weights: tuple[nn.Parameter, ...]
+    biases: tuple[nn.Parameter, ...]
+
+    def __deepcopy__(self, memo: dict) -> None:
+        # A deep copy of the model clones each Parameter on its own (Parameter.__deepcopy__): the
+        # copy's weights are no longer rows of one buffer, so the copy carries no record.
+        return None
+
+
+@dataclass(frozen=True)
+class _Fusion:
+    parts: list[Projection]
+    packed: PackedBase | None  # where the group's base weights are already one buffer
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -86,8 +121,8 @@ def _uniform(tensors: list[torch.Tensor]) -> bool:
                for t in tensors)
 
 
-def _fusable(modules: list[nn.Module]) -> list[Projection] | None:
-    if not FUSED_PROJECTIONS or len(modules) < 2 or _global_hooks():
+def _fusable(modules: list[nn.Module]) -> _Fusion | None:
+    if len(modules) < 2 or _global_hooks():
         return None
     parts = [_projection(m) for m in modules]
     if any(p is None for p in parts):
@@ -103,7 +138,96 @@ def _fusable(modules: list[nn.Module]) -> list[Projection] | None:
     lora_a = [p.lora_a for p in parts if p.lora_a is not None]
     if lora_a and not _uniform(lora_a):
         return None
-    return parts
+    packed = _packed(modules, parts)
+    if packed is None and not FUSED_PROJECTIONS:
+        return None  # unpacked, fusing costs a copy of the base weights per step: only on request
+    return _Fusion(parts, packed)
+
+
+def _packed(modules: list[nn.Module], parts: list[Projection]) -> PackedBase | None:
+    """The group's packed base, if `pack_frozen_groups` packed exactly these weights and they are
+    still where it put them."""
+    packed = getattr(modules[0], "packed_base", None)
+    if packed is None or any(getattr(m, "packed_base", None) is not packed for m in modules[1:]):
+        return None
+    if len(packed.weights) != len(parts) or any(p.weight is not w for p, w in zip(parts, packed.weights)):
+        return None  # a weight replaced since (merged, assigned, another group's order)
+    if len(packed.biases) != sum(p.bias is not None for p in parts) or any(
+            p.bias is not b for p, b in zip(parts, packed.biases)):
+        return None
+    members = [*packed.weights, *packed.biases]
+    if any(t.dtype != packed.weight.dtype or t.device != packed.weight.device for t in members):
+        return None  # converted or moved since (`module.to` swaps `.data`): the buffer was left behind
+    if not torch.compiler.is_compiling() and not (_rows_of(packed.weight, packed.weights)
+                                                  and _rows_of(packed.bias, packed.biases)):
+        return None
+    return packed
+
+
+def _rows_of(whole: torch.Tensor | None, rows: tuple[torch.Tensor, ...]) -> bool:
+    """Whether `rows` lie end to end in `whole`'s memory, from its start (no tensors: trivially)."""
+    if whole is None:
+        return not rows
+    address = whole.data_ptr()
+    for t in rows:
+        if not t.is_contiguous() or t.data_ptr() != address:
+            return False
+        address += t.numel() * t.element_size()
+    return address == whole.data_ptr() + whole.numel() * whole.element_size()
+
+
+@torch.no_grad()
+def pack_frozen_groups(model: nn.Module) -> int:
+    """Store the frozen base weights (and biases) of each group a module of `model` names in
+    `projection_groups()` as rows of one new buffer, and make each member's `weight` (`bias`) a
+    Parameter viewing its rows; returns how many groups were packed. The copies are dropped as the
+    Parameters are replaced, so memory does not grow. Groups that could never fuse are left alone:
+    a member that is not a plain `nn.Linear` or a layer that `can_fuse()` (FP8, DoRA, experts), a
+    trainable or DTensor weight, differing dtypes, devices or in features, a bias on some only, or
+    a weight shared with another module (tying it would be undone)."""
+    uses: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
+    packed = 0
+    for module in model.modules():
+        groups = getattr(module, "projection_groups", None)
+        for group in groups() if callable(groups) else ():
+            packed += _pack(group, uses)
+    return packed
+
+
+def _packable(module: nn.Module) -> bool:
+    if type(module) is nn.Linear:
+        return True
+    can_fuse = getattr(module, "can_fuse", None)
+    return callable(can_fuse) and can_fuse()
+
+
+def _pack(group: list[nn.Module], uses: dict[int, int]) -> bool:
+    if len(group) < 2 or not all(_packable(m) for m in group):
+        return False
+    weights = [m.weight for m in group]
+    biases = [m.bias for m in group if m.bias is not None]
+    if biases and len(biases) != len(group):
+        return False
+    tensors = weights + biases
+    if any(isinstance(t, DTensor) or t.requires_grad or uses[id(t)] > 1 for t in tensors):
+        return False
+    if not _uniform(tensors) or any(w.ndim != 2 or w.shape[1] != weights[0].shape[1] for w in weights):
+        return False
+    whole = torch.cat([w.detach() for w in weights])  # [ΣO, I], contiguous: one new allocation
+    whole_bias = torch.cat([b.detach() for b in biases]) if biases else None
+    sizes = [w.shape[0] for w in weights]
+    for module, rows in zip(group, whole.split(sizes)):
+        module.weight = nn.Parameter(rows, requires_grad=False)
+    if whole_bias is not None:
+        for module, rows in zip(group, whole_bias.split(sizes)):
+            module.bias = nn.Parameter(rows, requires_grad=False)
+    record = PackedBase(whole, whole_bias, tuple(m.weight for m in group),
+                        tuple(m.bias for m in group) if whole_bias is not None else ())
+    for module in group:
+        module.packed_base = record
+    return True
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -114,9 +238,10 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 def project(modules: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
     """[m(x) for m in modules], with the matmuls fused where that computes the same (see the module doc)."""
-    parts = _fusable(modules)
-    if parts is None:
+    fusion = _fusable(modules)
+    if fusion is None:
         return [m(x) for m in modules]
+    parts, packed = fusion.parts, fusion.packed
     weights = [p.weight for p in parts]
     biases = [p.bias for p in parts if p.bias is not None]
     lora = [p for p in parts if p.lora_a is not None]
@@ -131,8 +256,16 @@ def project(modules: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
         # (cast_inputs=...) would do the same but fixes device type and dtype where the class is
         # defined. x is cast once for the whole group, not once per layer.
         x = x.to(dtype)
-        weights, biases, lora_a = ([t.to(dtype) for t in ts] for ts in (weights, biases, lora_a))
-    base = _ConcatenatedLinear.apply(x, len(biases) > 0, *weights, *biases)
+        lora_a = [a.to(dtype) for a in lora_a]
+        if packed is None:
+            weights, biases = [w.to(dtype) for w in weights], [b.to(dtype) for b in biases]
+    if packed is not None:
+        # The buffer is the concatenation: one F.linear over it, no copy (nor a cast under autocast
+        # when it is stored in autocast's dtype, as store_frozen_in stores it). Its weights are
+        # frozen, so autograd saves no more than the separate F.linear calls would.
+        base = F.linear(x, packed.weight, packed.bias)
+    else:
+        base = _ConcatenatedLinear.apply(x, len(biases) > 0, *weights, *biases)
     outs = list(base.split([w.shape[0] for w in weights], dim=-1))
     if not lora:
         # Views of one buffer: no copy, which is what autograd keeps when every one of them is

@@ -152,6 +152,11 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
 
+    def projection_groups(self) -> list[list[nn.Module]]:
+        """The layers `forward` passes to one `project` call: their frozen weights may be stored
+        as one buffer (shoal.models.fused_linear.pack_frozen_groups)."""
+        return [[self.q_proj, self.k_proj, self.v_proj]]
+
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | DocumentSpans | None,
         kv: LayerCache | None = None,
@@ -187,6 +192,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def projection_groups(self) -> list[list[nn.Module]]:
+        """As Attention's: the layers `forward` passes to `project`."""
+        return [[self.gate_proj, self.up_proj]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project([self.gate_proj, self.up_proj], x)  # one matmul where possible

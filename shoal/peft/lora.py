@@ -166,13 +166,18 @@ class LoraLinear(nn.Module):
         out = out.to(base.dtype)  # the fp32 magnitude must not promote bf16 activations (PEFT casts back too)
         return out if self.bias is None else out + self.bias
 
+    def can_fuse(self) -> bool:
+        """Whether `fused_projection` can ever describe this layer, so its frozen base is worth
+        packing with its group's (`shoal.models.fused_linear.pack_frozen_groups`): not for DoRA
+        (its norm scales the whole output), an FP8 base (`base_linear` is not F.linear) or a
+        subclass with a forward of its own. Dropout only declines while training, so it does not count."""
+        return type(self) is LoraLinear and not self.use_dora and self.base_linear is F.linear
+
     def fused_projection(self) -> Projection | None:
         """What this layer computes, for `shoal.models.fused_linear.project` to fuse with the
-        layers that read the same input; None where fusing would not compute `forward`: DoRA (its
-        norm scales the whole output), active dropout (the adapter reads a different input), an
-        FP8 base (`base_linear` is not F.linear) or a subclass with a forward of its own."""
-        if (type(self) is not LoraLinear or self.use_dora or self.base_linear is not F.linear
-                or (self.training and self.dropout_p > 0)):
+        layers that read the same input; None where fusing would not compute `forward`: where it
+        cannot fuse at all (`can_fuse`), and under active dropout (the adapter reads another input)."""
+        if not self.can_fuse() or (self.training and self.dropout_p > 0):
             return None
         return Projection(self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
 

@@ -28,6 +28,7 @@ from shoal.distributed.float8 import Float8Plan, float8_plan, precompute_float8_
 from shoal.distributed.grad_norm import clip_grad_norm_
 from shoal.distributed.parallelize import autocast_context
 from shoal.models import ModelConfig
+from shoal.models.fused_linear import pack_frozen_groups
 from shoal.models.model import Transformer
 from shoal.peft.config import LoraConfig
 from shoal.train.linear_cross_entropy import chunk_loss_and_grad, linear_cross_entropy_sum
@@ -339,6 +340,9 @@ def store_frozen_in(model: nn.Module, dtype: torch.dtype | None) -> None:
     needs no fp32 master. Trainable parameters stay as they are (fp32 masters). A weight shared by
     several modules (tied embeddings) is converted once and stays shared. Under FSDP its
     `MixedPrecisionPolicy` does the casting instead, so this is for the no-FSDP path only.
+
+    The frozen q/k/v and gate/up weights are then packed, each group into one buffer
+    (`pack_frozen_groups`), so that their projections run as one matmul with no copy.
     """
     if dtype is None or dtype == torch.float32:
         return
@@ -354,6 +358,9 @@ def store_frozen_in(model: nn.Module, dtype: torch.dtype | None) -> None:
             stored[name] = param.dtype
         if stored:
             module.register_state_dict_post_hook(functools.partial(_state_in_original_dtype, stored=stored))
+    # After the conversion, so the hooks above know the original dtypes; packing keeps names, and
+    # loading copies into the packed rows.
+    pack_frozen_groups(model)
 
 
 def _state_in_original_dtype(module: nn.Module, state: dict, prefix: str, local_metadata: Any,

@@ -3,9 +3,10 @@
 The oracle is each module's own forward (the path shoal takes by default), on the same
 weights and input: outputs and every gradient must agree in fp32 to rounding, the fused layer must
 run fewer matmuls and keep no more saved tensors, and every case where fusing would compute
-something else (or skip a hook) must run the modules themselves. Fusion is off by default (until
-a GPU run shows it pays); these tests turn it on, and the parity tests against transformers and
-PEFT (test_model_parity.py, tests/unit/peft/) check the unfused path they compare with.
+something else (or skip a hook) must run the modules themselves. Weights not packed in one buffer
+(as here) are fused only when `FUSED_PROJECTIONS` is on; these tests turn it on, and the parity
+tests against transformers and PEFT (test_model_parity.py, tests/unit/peft/) check the unfused path
+they compare with. Packed weights, fused by default: test_packed_projections.py.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ GATE_UP = ["gate_proj", "up_proj"]
 
 @pytest.fixture(autouse=True)
 def fusion_on(monkeypatch):
-    """Fusion is off by default; every test here is about the fused path (or its fallbacks)."""
+    """Unpacked weights fuse only with the switch; every test here is about the fused path (or its fallbacks)."""
     monkeypatch.setattr(fused_linear, "FUSED_PROJECTIONS", True)
 
 

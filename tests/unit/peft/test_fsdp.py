@@ -62,7 +62,7 @@ def _worker(rank: int, port: int, dora: bool, out: str) -> None:
 
         # Count the fused matmuls: FSDP2 hands the layers plain unsharded weights, so LoRA (not
         # DoRA) runs q/k/v and gate/up fused, and must still match one process.
-        fused_linear.FUSED_PROJECTIONS = True  # off by default (shoal/models/fused_linear.py)
+        fused_linear.FUSED_PROJECTIONS = True  # FSDP's weights are not packed: fused only with the switch
         fused_calls = [0]
         apply = fused_linear._ConcatenatedLinear.apply
 
