@@ -31,7 +31,7 @@ from shoal.models import ModelConfig
 from shoal.models.fused_linear import pack_frozen_groups
 from shoal.models.model import Transformer
 from shoal.peft.config import LoraConfig
-from shoal.train.linear_cross_entropy import chunk_loss_and_grad, linear_cross_entropy_sum
+from shoal.train.linear_cross_entropy import chunk_loss_and_grad, gather_loss_rows, linear_cross_entropy_sum
 from shoal.train.step import build_optimizer, masked_cross_entropy_sum, model_inputs
 
 
@@ -86,6 +86,14 @@ class Engine:
         parallelism (it masks documents its own way): those keep `document_ids` alone."""
         return self.document_mask and self.pipeline is None and not self.dims.cp_enabled
 
+    @property
+    def takes_loss_positions(self) -> bool:
+        """Whether micro-batches may carry `loss_positions` made on the host (shoal.train.step.with_loss_positions),
+        so that the output layer and the loss run on the loss tokens alone: only on the chunked
+        head + loss path (head_loss_fn), never under a pipeline schedule (it cuts the batch itself)
+        nor context parallelism (each rank holds a slice of the sequence the positions index)."""
+        return self.head_loss_fn is not None and self.pipeline is None and not self.dims.cp_enabled
+
     def forward_backward(self, mbs: list[dict[str, torch.Tensor]], global_tokens: float | torch.Tensor) -> torch.Tensor:
         """Accumulate the gradient of Σ CE·mask / global_tokens; returns this rank's Σ CE·mask.
         `global_tokens` may be a 0-d device tensor (a count all-reduced over ranks): dividing by it
@@ -103,7 +111,7 @@ class Engine:
             if self.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             with self._sequence_shard(mb) as (tokens, labels, loss_mask, inputs):
-                loss_sum = self._loss_sum(tokens, labels, loss_mask, inputs)
+                loss_sum = self._loss_sum(tokens, labels, loss_mask, inputs, mb.get("loss_positions"))
                 # Gradients are summed (not averaged) across data-parallel ranks, see docs/parallelism.md.
                 objective = loss_sum / _divisor(global_tokens, loss_sum)
                 if aux_total is not None:
@@ -164,16 +172,20 @@ class Engine:
             if self.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             with self._sequence_shard(mb) as (tokens, labels, loss_mask, inputs):
-                total += self._loss_sum(tokens, labels, loss_mask, inputs)
+                total += self._loss_sum(tokens, labels, loss_mask, inputs, mb.get("loss_positions"))
         return total
 
     def _loss_sum(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
-                  inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Σ CE·mask of one micro-batch (shard) through the one model part."""
+                  inputs: dict[str, torch.Tensor], loss_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Σ CE·mask of one micro-batch (shard) through the one model part. `loss_positions`, where
+        the host made them (takes_loss_positions), send only those tokens through the chunked head."""
         model = self.parts[0]
         with self.autocast():
             if self.head_loss_fn is not None:
                 hidden = model(tokens, head=False, **inputs)
+                if loss_positions is not None and self.takes_loss_positions:
+                    # Prompt tokens carry no loss: their logits are not computed at all.
+                    hidden, labels, loss_mask = gather_loss_rows(hidden, labels, loss_mask, loss_positions)
                 return self.head_loss_fn(hidden, model.lm_head.weight, labels, loss_mask)
             logits = model(tokens, **inputs)
         return self.loss_fn(logits, labels, loss_mask)

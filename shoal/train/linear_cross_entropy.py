@@ -14,6 +14,9 @@ The matmuls run in the compute dtype (autocast's, as the plain path would), the 
 loss in fp32; `chunk_loss_and_grad` is the element-wise part, which `torch.compile` fuses into a
 couple of kernels per chunk. The result is Σ CE · mask over the tokens, as
 `shoal.train.step.masked_cross_entropy_sum`; labels equal to -100 count for nothing, as there.
+
+In fine-tuning the prompt tokens carry no loss: `gather_loss_rows` keeps the rows of the loss
+tokens alone (positions found on the host), so their logits are never computed.
 """
 
 from __future__ import annotations
@@ -80,7 +83,8 @@ def linear_cross_entropy_sum(
     chunk_tokens: int | None = None,
     chunk_fn: Callable = chunk_loss_and_grad,
 ) -> torch.Tensor:
-    """Σ CE(hidden · weightᵀ, labels) · mask. hidden [B, S, E]; weight [V, E]; labels, mask [B, S].
+    """Σ CE(hidden · weightᵀ, labels) · mask. hidden [B, S, E]; weight [V, E]; labels, mask [B, S]
+    (or any leading shape, such as the [M, E] rows of the loss tokens alone, see Engine._loss_sum).
 
     Gradients reach `hidden` and `weight` when they require them (and grad mode is on).
     `chunk_tokens` defaults to CHUNK_ELEMENTS / V; `chunk_fn` may be a compiled
@@ -94,3 +98,12 @@ def linear_cross_entropy_sum(
     grads = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
     return _LinearCrossEntropy.apply(h, weight, labels.reshape(-1), loss_mask.reshape(-1), chunk_tokens, compute,
                                      grads, chunk_fn)
+
+
+def gather_loss_rows(hidden: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
+                     positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tokens at `positions` (flat indices into B·S, see shoal.train.step.with_loss_positions):
+    hidden [M, E], labels [M], mask [M]. A gather with an index made on the host reads nothing back
+    from the device, unlike boolean indexing; its backward gives every other row a zero gradient."""
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+    return rows, labels.reshape(-1).index_select(0, positions), loss_mask.reshape(-1).index_select(0, positions)

@@ -5,7 +5,8 @@ micro-batch and data-parallel split: each micro-batch contributes `sum(CE · mas
 where N_global is the number of loss tokens in the whole global batch. That is what makes a run
 split over ranks and micro-batches equal a one-process run on the same data.
 
-What the step needs to know about a batch (its loss-token count, its documents' spans) is read on
+What the step needs to know about a batch (its loss-token count, its documents' spans, the
+positions of its loss tokens) is read on
 the host, from the data loader's batch before it is copied: reading it from the device copy would
 make the host wait for the GPU, so it could never queue the next step's work ahead of it.
 """
@@ -49,6 +50,34 @@ def with_document_spans(batch: dict[str, torch.Tensor], fixed_shapes: bool = Fal
     from shoal.models.document_attention import host_cu_seqlens
 
     return {**batch, "cu_seqlens": host_cu_seqlens(batch["document_ids"], fixed_shapes)}
+
+
+# Loss positions are padded up to a multiple of this many tokens, so their count takes few values
+# (kernels and memory blocks picked for one size are reused) at a cost of less than one bucket of
+# padded rows per micro-batch. A compiled chunk function recompiles once, not once per count:
+# Dynamo marks the row dimension dynamic when it sees a second size (automatic dynamic shapes).
+LOSS_POSITION_BUCKET = 256
+
+
+def with_loss_positions(batch: dict[str, torch.Tensor], bucket: int | None = None) -> dict[str, torch.Tensor]:
+    """A host batch plus `loss_positions`: int64 flat indices (into its B·S tokens) of the tokens
+    whose loss_mask is not 0, so that the output layer and the loss run on those rows alone.
+
+    Their count is rounded up to a multiple of `bucket` (LOSS_POSITION_BUCKET by default; at least
+    one bucket) so that their shape changes seldom. Padding repeats the index of a token whose mask
+    is 0: it weighs 0 in the loss, hence adds exactly 0 to it and to every gradient. Where the
+    rounded count reaches B·S (pretraining, or few prompt tokens) the batch is returned as it is:
+    gathering every row would save nothing."""
+    bucket = bucket or LOSS_POSITION_BUCKET
+    mask = batch["loss_mask"].numpy().reshape(-1)
+    # numpy, not torch.nonzero: host work, and the step loop's sync checks flag torch's nonzero.
+    positions = np.flatnonzero(mask)
+    size = max(-(-positions.size // bucket), 1) * bucket
+    if size >= mask.size:
+        return batch
+    filler = np.flatnonzero(mask == 0)[0]  # exists: fewer loss tokens than `size` < B·S
+    positions = np.concatenate([positions, np.full(size - positions.size, filler)])
+    return {**batch, "loss_positions": torch.from_numpy(positions.astype(np.int64))}
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

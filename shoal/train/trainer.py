@@ -47,7 +47,7 @@ from shoal.train.run_plan import RunPlan, plan_run
 from shoal.train.runtime import Runtime
 from shoal.train.schedule import lr_at
 from shoal.train.start import StartPoint, check_segment, check_start, find_start
-from shoal.train.step import host_loss_tokens, to_device, with_document_spans
+from shoal.train.step import host_loss_tokens, to_device, with_document_spans, with_loss_positions
 
 
 @dataclass
@@ -198,13 +198,16 @@ class StepBatch:
 
 
 def micro_batches(loader_iter: Iterator, count: int, device: torch.device, document_spans: bool = False,
-                  fixed_shapes: bool = False) -> StepBatch:
+                  loss_positions: bool = False, fixed_shapes: bool = False) -> StepBatch:
     """The next `count` micro-batches: counted (and, with `document_spans`, their spans computed,
-    padded to a few shapes with `fixed_shapes`) on the host, then copied to `device` without waiting."""
+    padded to a few shapes with `fixed_shapes`; with `loss_positions`, their loss tokens' positions)
+    on the host, then copied to `device` without waiting."""
     host = [next(loader_iter) for _ in range(count)]
     loss_tokens = sum(host_loss_tokens(batch) for batch in host)
     if document_spans:
         host = [with_document_spans(batch, fixed_shapes) for batch in host]
+    if loss_positions:
+        host = [with_loss_positions(batch) for batch in host]
     return StepBatch([to_device(batch, device) for batch in host], loss_tokens)
 
 
@@ -258,7 +261,7 @@ def validate(engine: Engine, dataset, train: TrainSection, data: DataSection, ru
     remaining = len(sampler)
     while remaining:
         batch = micro_batches(batches, min(accum, remaining), runtime.device, engine.takes_document_spans,
-                              engine.cuda_graphs)
+                              loss_positions=engine.takes_loss_positions, fixed_shapes=engine.cuda_graphs)
         remaining -= len(batch.micro_batches)
         totals[0] += engine.loss_sum(batch.micro_batches).double()
         totals[1] += batch.loss_tokens / runtime.dims.cp
@@ -302,7 +305,8 @@ def _loop(
 
     while step < max_steps:
         checkpoints.poll()  # a background save that failed stops the run here
-        batch = micro_batches(loader_iter, accum, runtime.device, engine.takes_document_spans, engine.cuda_graphs)
+        batch = micro_batches(loader_iter, accum, runtime.device, engine.takes_document_spans,
+                              loss_positions=engine.takes_loss_positions, fixed_shapes=engine.cuda_graphs)
         global_tokens = global_loss_tokens(batch.loss_tokens, dims, runtime.device)
         lr = lr_at(step, t, max_steps)
         loss_sum = engine.forward_backward(batch.micro_batches, global_tokens)
