@@ -46,7 +46,8 @@ Both sides use fused AdamW, gradient clipping at 1.0 and the masked token-mean l
 answer tokens. Each variant runs `--warmup` steps, then `--steps` timed ones (median step time).
 
 MFU = tokens/s × FLOPs per token / 989e12 (dense bf16 peak of an H100/H200), FLOPs per token from
-`ModelConfig.flops_per_token`: 6N + 12·L·H·Dh·S for full training (N the parameters, a tied
+`ModelConfig.flops_per_token` (the output layer's share counted for the loss tokens only, as
+`shoal finetune` counts it): 6N + 12·L·H·Dh·S for full training (N the parameters, a tied
 embedding once; S the row length, an upper bound for packed documents), and 4N + 12·L·H·Dh·S for a
 frozen base (forward 2N, input gradient 2N, no weight gradient); the adapters' own FLOPs are left
 out (under 1% at rank 32). Each row's ratio is against the best peer row of its case. JSON to `--output`.
@@ -264,7 +265,10 @@ RUNNERS = {"hf": (bench_hf, False), "hf_compile": (bench_hf, True),
 def run_case(args, case: str, device: torch.device, variants: list[str]) -> dict:
     cfg, kind, _ = shape(case, args.num_layers, args.preset)
     frozen = cfg.num_params if kind is not None else 0
-    flops_per_token = cfg.flops_per_token(args.seq_length, frozen_params=frozen)
+    # Every variant trains on this batch; the output layer is needed for its loss tokens only.
+    mask = packed_batch(cfg.vocab_size, micro_batch(args, case), args.seq_length, torch.device("cpu"))["loss_mask"]
+    flops_per_token = cfg.flops_per_token(args.seq_length, frozen_params=frozen,
+                                          loss_token_fraction=float(mask.mean()))
     tokens_per_step = micro_batch(args, case) * args.seq_length
     results = {}
     for name in variants:

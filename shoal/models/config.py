@@ -117,13 +117,17 @@ class ModelConfig:
         """Parameters one token uses: all of a dense model; only the routed experts of an MoE one."""
         return self._count_params(self.num_experts_per_tok)
 
-    def flops_per_token(self, seq_length: int, frozen_params: int = 0) -> float:
+    def flops_per_token(self, seq_length: int, frozen_params: int = 0, loss_token_fraction: float = 1.0) -> float:
         """Training FLOPs per token: 6N + 12·L·H·Dh·S (DESIGN §7), N the active parameters (an MoE
         token goes through num_experts_per_tok experts, not all of them). `frozen_params` of N (the
         base of a LoRA/DoRA run) need no weight-gradient matmul: 4 FLOPs per parameter instead of 6;
-        the adapters' own FLOPs are not counted (a fraction of a percent at the usual ranks)."""
+        the adapters' own FLOPs are not counted (a fraction of a percent at the usual ranks).
+        `loss_token_fraction` of the tokens carry loss: the output layer (V·E) is needed for those
+        only (a prompt token's logits feed nothing), so the rest do without its FLOPs."""
         attention = 12 * self.num_layers * self.num_heads * self.head_dim * seq_length
-        return 6 * self.num_active_params - 2 * frozen_params + attention
+        head = (4 if frozen_params else 6) * self.vocab_size * self.hidden_size
+        unused_head = (1.0 - min(max(loss_token_fraction, 0.0), 1.0)) * head
+        return 6 * self.num_active_params - 2 * frozen_params + attention - unused_head
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -295,11 +295,13 @@ def _loop(
     loader_iter = iter(loader)
     # What the method really computes: a frozen base (LoRA/DoRA) has no weight-gradient matmuls.
     frozen = record.model_config.num_active_params if recipe.peft is not None else 0
-    flops_per_token = record.model_config.flops_per_token(data.seq_length, frozen_params=frozen)
     step, consumed, consumed_tokens = progress.step, progress.consumed_samples, progress.consumed_tokens
     last_val: float | None = None
     engine.train(True)
     window_start, window_tokens = time.perf_counter(), 0
+    # This rank's tokens and loss tokens since the last log: the output layer is needed for the
+    # loss tokens only, which is what MFU counts (ModelConfig.flops_per_token).
+    window_local_tokens = window_loss_tokens = 0.0
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
@@ -315,11 +317,15 @@ def _loop(
         consumed += t.global_batch_size
         consumed_tokens += t.global_batch_size * data.seq_length
         window_tokens += t.global_batch_size * data.seq_length
+        window_local_tokens += sum(mb["tokens"].numel() for mb in batch.micro_batches)
+        window_loss_tokens += batch.loss_tokens
 
         if step % t.log_interval == 0 or step == max_steps:
             loss = dims.all_reduce_over_batch(loss_sum.double()).item() / float(global_tokens)
             elapsed = time.perf_counter() - window_start
             tps = window_tokens / elapsed / runtime.world_size
+            flops_per_token = record.model_config.flops_per_token(
+                data.seq_length, frozen_params=frozen, loss_token_fraction=window_loss_tokens / max(window_local_tokens, 1))
             metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s_per_gpu": tps,
                        "consumed_samples": consumed,
                        **mfu_fields(tps, flops_per_token, runtime.device, fp8=engine.float8 is not None)}
@@ -337,6 +343,7 @@ def _loop(
                 if line:
                     print(line, file=sys.stderr)
             window_start, window_tokens = time.perf_counter(), 0
+            window_local_tokens = window_loss_tokens = 0.0
 
         is_last = step == max_steps
         val_due = plan.val_interval and step % plan.val_interval == 0

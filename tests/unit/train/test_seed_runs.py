@@ -234,6 +234,17 @@ def test_lora_mfu_counts_the_flops_a_frozen_base_needs():
     assert cfg.flops_per_token(32, frozen_params=n) == 4 * n + attention
 
 
+def test_mfu_counts_the_output_layer_for_loss_tokens_only():
+    """A prompt token's logits are not needed (and on one process not computed): by hand, the output
+    layer's V·E parameters cost 6 (full) or 4 (frozen) FLOPs per parameter for the loss tokens only."""
+    cfg = get_preset("llama_tiny")
+    n, attention = cfg.num_params, 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 32
+    head = cfg.vocab_size * cfg.hidden_size
+    assert cfg.flops_per_token(32, loss_token_fraction=0.75) == 6 * n + attention - 0.25 * 6 * head
+    assert cfg.flops_per_token(32, frozen_params=n, loss_token_fraction=0.5) == 4 * n + attention - 0.5 * 4 * head
+    assert cfg.flops_per_token(32, loss_token_fraction=1.0) == 6 * n + attention
+
+
 def test_a_run_writes_its_report_at_the_end(train_assets, tmp_path, capsys):
     """Issue 17: `shoal pretrain/finetune` write report.png/report.html when they finish."""
     results = tmp_path / "res"
