@@ -217,6 +217,13 @@ def _pack(group: list[nn.Module], uses: dict[int, int]) -> bool:
         return False
     whole = torch.cat([w.detach() for w in weights])  # [ΣO, I], contiguous: one new allocation
     whole_bias = torch.cat([b.detach() for b in biases]) if biases else None
+    for t in (whole, whole_bias):
+        if t is not None:
+            # Parameters keep their address, and compiled code may rely on it; these buffers are not
+            # Parameters, so say so: CUDA graphs (parallel.cuda_graphs) would otherwise copy them
+            # into the graph's own inputs at every replay. No guard on the address: the layers are
+            # alike and one compiled graph serves every layer's buffer.
+            torch._dynamo.mark_static_address(t, guard=False)
     sizes = [w.shape[0] for w in weights]
     for module, rows in zip(group, whole.split(sizes)):
         module.weight = nn.Parameter(rows, requires_grad=False)
