@@ -22,7 +22,9 @@ and backward replayed as a CUDA graph, so the host launches a graph, not each ke
 `shoal_compile_cpp_wrapper` (inductor's C++ wrapper launches the compiled layers' kernels: what the
 host's Python launch overhead costs), `shoal_compile_fused` (q/k/v and gate/up as one matmul
 each even where the weights are not packed, `SHOAL_FUSED_PROJECTIONS=1`: what fusing full
-fine-tuning's groups gains; a LoRA base is packed, and so fused, in `shoal_compile` already).
+fine-tuning's groups gains; a LoRA base is packed, and so fused, in `shoal_compile` already),
+`shoal_compile_unpacked` (the frozen base unpacked and unfused, and the output layer over every
+token: the one-GPU step before both, to measure what they gain in the same run).
 `--num_layers N` shrinks every shape to N layers for a quick smoke run; `--preset P`
 replaces every shape (with `--device cpu`, a tiny preset checks the script without a GPU).
 
@@ -251,6 +253,23 @@ def with_fused_projections(fn):
     return run
 
 
+def without_packing(fn):
+    """`fn` with the frozen base left unpacked (so, the switch off, q/k/v and gate/up unfused) and the
+    output layer over every token: shoal's one-GPU LoRA step as it was before both, for comparison
+    in the same run. Compiled lazily, so its graphs are traced that way."""
+    def run(*args, **kwargs):
+        from shoal.train import engine
+
+        saved = engine.pack_frozen_groups, engine.Engine.takes_loss_positions
+        engine.pack_frozen_groups = lambda model: 0
+        engine.Engine.takes_loss_positions = property(lambda self: False)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            engine.pack_frozen_groups, engine.Engine.takes_loss_positions = saved
+    return run
+
+
 RUNNERS = {"hf": (bench_hf, False), "hf_compile": (bench_hf, True),
            "shoal": (bench_shoal, False), "shoal_compile": (bench_shoal, True),
            "shoal_compile_device_spans": (functools.partial(bench_shoal, host_spans=False), True),
@@ -259,7 +278,9 @@ RUNNERS = {"hf": (bench_hf, False), "hf_compile": (bench_hf, True),
            # inductor's C++ wrapper: the compiled layers launch their kernels from C++, not Python
            "shoal_compile_cpp_wrapper": (with_inductor_config(bench_shoal, cpp_wrapper=True), True),
            # q/k/v and gate/up as separate matmuls, as before shoal.models.fused_linear: what fusing gains
-           "shoal_compile_fused": (with_fused_projections(bench_shoal), True)}
+           "shoal_compile_fused": (with_fused_projections(bench_shoal), True),
+           # neither the packed (fused) frozen base nor the output layer over loss tokens only
+           "shoal_compile_unpacked": (without_packing(bench_shoal), True)}
 
 
 def run_case(args, case: str, device: torch.device, variants: list[str]) -> dict:
