@@ -152,5 +152,13 @@ class Recipe:
             check_float8_layout(plan, self.parallel.tensor_model_parallel_size)
             if plan is not None:
                 check_torchao_installed()
+        if self.parallel.cuda_graphs:
+            # What a CPU run lacks is known only when it starts (shoal.train.engine.check_cuda_graphs).
+            if not self.parallel.compile:
+                raise ShoalError("parallel.cuda_graphs=true replays the compiled layers: set parallel.compile=true too")
+            processes = self.launch.num_nodes * self.launch.num_gpus
+            if processes > 1:
+                raise ShoalError(f"parallel.cuda_graphs=true runs on one GPU only; this run asks for {processes} "
+                                 f"(--num_nodes {self.launch.num_nodes} × --num_gpus {self.launch.num_gpus})")
         if self.data.seq_length <= 1:
             raise ShoalError(f"--seq_length must be > 1, got {self.data.seq_length}")

@@ -126,6 +126,24 @@ def test_fp8_combinations_refused(train_assets: TrainAssets, tmp_path: Path, cap
     assert not (tmp_path / "res").exists()
 
 
+@pytest.mark.parametrize("extra, fragments", [
+    (["--parallel.cuda_graphs=true"], ["parallel.cuda_graphs=true", "set parallel.compile=true"]),
+    (["--parallel.compile=true", "--parallel.cuda_graphs=true", "--num_gpus", "2"],
+     ["parallel.cuda_graphs=true", "one GPU only", "--num_gpus 2"]),
+])
+def test_cuda_graphs_combinations_refused(train_assets: TrainAssets, tmp_path: Path, capsys, extra, fragments):
+    args = train_args(train_assets, "finetune", tmp_path / "res", "e", "--max_steps", 1, *extra)
+    fails_with(capsys, args, *fragments)
+    assert not (tmp_path / "res").exists()
+
+
+def test_cuda_graphs_refused_on_a_cpu(train_assets: TrainAssets, tmp_path: Path, capsys):
+    args = train_args(train_assets, "finetune", tmp_path / "res", "e", "--max_steps", 1,
+                      "--parallel.compile=true", "--parallel.cuda_graphs=true")
+    fails_with(capsys, args, "parallel.cuda_graphs=true needs a CUDA GPU; this run is on cpu")
+    assert not list((tmp_path / "res").glob("*/checkpoints/*"))
+
+
 def tree_digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
