@@ -156,7 +156,8 @@ def bench_shoal(args, case: str, compile_: bool, device: torch.device, host_span
     dtypes = sorted({f"{'trainable' if p.requires_grad else 'frozen'} {p.dtype}".replace("torch.", "")
                      for p in engine.parts[0].parameters()})
     if args.profile:
-        variant = "shoal" + ("_compile" if compile_ else "") + ("_cudagraphs" if cuda_graphs else "")
+        variant = ("shoal" + ("_compile" if compile_ else "") + ("_cudagraphs" if cuda_graphs else "")
+                   + ("" if engine.takes_loss_positions else "_unpacked"))
         write_profile(step, Path(args.profile) / f"{case}_{variant}.txt")
     engine = None  # frees its memory before the next variant (the closure `step` holds it too)
     return {"seconds_per_step": sec, "memory_gib": mem, "dtypes": dtypes}
