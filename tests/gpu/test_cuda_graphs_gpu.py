@@ -53,9 +53,10 @@ def test_padded_spans_give_the_same_attention():
         out = varlen_causal_attention(q, k, v, DocumentSpans(spans.cuda(), SEQ))
         outs.append(out)
         grads.append(torch.autograd.grad(out.float().square().sum(), (q, k, v)))
-    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)  # the same blocks, computed alike
     for a, b in zip(grads[1], grads[0]):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        # flash's backward adds dq up with atomics, in no fixed order: bf16 rounding apart
+        torch.testing.assert_close(a, b)
 
 
 def train(cuda_graphs: bool, peft: LoraConfig | None, steps: int = 4) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -88,7 +89,11 @@ def test_training_with_cuda_graphs_matches_without(peft):
     torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(plain_losses), rtol=1e-4, atol=1e-4)
     assert graph_params.keys() == plain_params.keys()
     for name in plain_params:
-        torch.testing.assert_close(graph_params[name], plain_params[name], rtol=1e-3, atol=1e-4, msg=name)
+        # Element-wise would be flaky: the backward's atomics differ from run to run, and AdamW's
+        # first steps turn a near-zero gradient's sign into a full ±lr step. Each tensor's change
+        # from one run to the other must be small against the tensor.
+        gap = (graph_params[name] - plain_params[name]).norm() / plain_params[name].norm().clamp(min=1e-12)
+        assert gap < 2e-2, (name, float(gap))
 
 
 def test_steps_replay_graphs():
