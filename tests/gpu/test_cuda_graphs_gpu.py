@@ -69,7 +69,8 @@ def train(cuda_graphs: bool, peft: LoraConfig | None, steps: int = 4) -> tuple[l
                           seq_length=SEQ)
     losses = []
     for step in range(steps):
-        hosts = [host_batch(LENGTHS[(2 * step + i) % len(LENGTHS)], seed=10 * step + i) for i in range(2)]
+        k = (2 * step) % len(LENGTHS)  # steps 0 and 2 (1 and 3) see the same micro-batches
+        hosts = [host_batch(LENGTHS[k + i], seed=k + i) for i in range(2)]
         tokens = float(sum(h["loss_mask"].sum() for h in hosts))
         mbs = [to_device(with_document_spans(h, fixed_shapes=cuda_graphs), torch.device("cuda")) for h in hosts]
         loss = engine.forward_backward(mbs, tokens)
@@ -85,7 +86,7 @@ def train(cuda_graphs: bool, peft: LoraConfig | None, steps: int = 4) -> tuple[l
 def test_training_with_cuda_graphs_matches_without(peft):
     plain_losses, plain_params = train(False, peft)
     graph_losses, graph_params = train(True, peft)
-    assert plain_losses[-1] < plain_losses[0]  # it trains
+    assert plain_losses[2] < plain_losses[0]  # it trains: step 2 sees step 0's data again
     torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(plain_losses), rtol=1e-4, atol=1e-4)
     assert graph_params.keys() == plain_params.keys()
     for name in plain_params:
