@@ -25,6 +25,12 @@ each even where the weights are not packed, `SHOAL_FUSED_PROJECTIONS=1`: what fu
 fine-tuning's groups gains; a LoRA base is packed, and so fused, in `shoal_compile` already),
 `shoal_compile_unpacked` (the frozen base unpacked and unfused, and the output layer over every
 token: the one-GPU step before both, to measure what they gain in the same run).
+Peers with Liger-Kernel (`hf_liger`, `hf_liger_compile`: transformers + peft after
+`apply_liger_kernel_to_llama`, whose fused linear cross-entropy takes the same shifted labels and
+token count) need `liger-kernel` installed (a pure-Python wheel; Triton is on the GPU machine).
+Unsloth is not a peer here: it needs about 25 packages the GPU machine lacks (bitsandbytes' wheel
+alone is 43 MB of the 64 MiB a device call carries, beside xformers, trl, diffusers, datasets,
+accelerate and torchvision built for that machine's torch), which no session has tried.
 `--num_layers N` shrinks every shape to N layers for a quick smoke run; `--preset P`
 replaces every shape (with `--device cpu`, a tiny preset checks the script without a GPU).
 
@@ -254,6 +260,29 @@ def with_fused_projections(fn):
     return run
 
 
+def with_liger(fn):
+    """`fn` with Liger-Kernel's Llama kernels patched into transformers (its RMSNorm, RoPE, SwiGLU
+    and fused linear cross-entropy, which never materialises the logits), as its
+    `apply_liger_kernel_to_llama` does before a model is built; undone afterwards, so the variants
+    after it get plain transformers. Needs `liger-kernel` (pure Python + Triton: carry its wheel)."""
+    def run(*args, **kwargs):
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        from transformers.models.llama import modeling_llama
+
+        names = ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")
+        saved = {name: getattr(modeling_llama, name) for name in names}
+        saved_forward = modeling_llama.LlamaForCausalLM.forward
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for name, value in saved.items():
+                setattr(modeling_llama, name, value)
+            modeling_llama.LlamaForCausalLM.forward = saved_forward
+    return run
+
+
 def without_packing(fn):
     """`fn` with the frozen base left unpacked (so, the switch off, q/k/v and gate/up unfused) and the
     output layer over every token: shoal's one-GPU LoRA step as it was before both, for comparison
@@ -272,6 +301,8 @@ def without_packing(fn):
 
 
 RUNNERS = {"hf": (bench_hf, False), "hf_compile": (bench_hf, True),
+           # transformers + peft with Liger-Kernel's Triton kernels (its usual use is eager)
+           "hf_liger": (with_liger(bench_hf), False), "hf_liger_compile": (with_liger(bench_hf), True),
            "shoal": (bench_shoal, False), "shoal_compile": (bench_shoal, True),
            "shoal_compile_device_spans": (functools.partial(bench_shoal, host_spans=False), True),
            # the compiled layers replayed as CUDA graphs (parallel.cuda_graphs)

@@ -12,8 +12,9 @@ for what in "$@"; do
   case $what in
     cudagraphs)  # parallel.cuda_graphs: its GPU tests, then LoRA on the 8B shape with and without graphs (and, on every linear layer, without the packed base and loss-token head), ~7 min
       run python3 -m pytest -q -m gpu tests/gpu/test_cuda_graphs_gpu.py -p no:cacheprovider | tee -a "$OUT/cuda_graphs_tests.log"
+      liger=""; python3 -c "import liger_kernel" 2>/dev/null && liger="+hf_liger"  # a peer where its wheel was carried
       CUDA_VISIBLE_DEVICES=0 TORCH_LOGS=perf_hints run python3 bench/finetune.py \
-        --cases lora_all_8b=hf_compile+shoal_compile_unpacked+shoal_compile+shoal_compile_cudagraphs,lora_qkvo_8b=hf_compile+shoal_compile+shoal_compile_cudagraphs \
+        --cases lora_all_8b=hf_compile+shoal_compile_unpacked+shoal_compile+shoal_compile_cudagraphs,lora_qkvo_8b=hf_compile$liger+shoal_compile+shoal_compile_cudagraphs \
         --warmup 3 --steps 8 --profile "$OUT" --output "$OUT/finetune_cudagraphs.json" ;;
     tests)
       run python3 -m pytest -q -m gpu tests/gpu -x -p no:cacheprovider | tee -a "$OUT/gpu_tests.log" ;;
