@@ -15,15 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from shoal.models import fused_linear, get_preset
 from shoal.models.model import Transformer
 from shoal.peft import apply_lora
 from tests.helpers.distributed import run_distributed
+from tests.helpers.matmuls import CountMatmuls, compiled_matmuls
 from tests.helpers.peft_twins import randomize_adapters
 
-MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
 QKV = ["q_proj", "k_proj", "v_proj"]
 GATE_UP = ["gate_proj", "up_proj"]
 
@@ -75,18 +74,8 @@ def _assert_same(fused: tuple, unfused: tuple) -> None:
         _assert_close_to_scale(fused[1][name], grad, name)
 
 
-class _CountMatmuls(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in MATMULS
-        return func(*args, **(kwargs or {}))
-
-
 def _matmuls(layer, x, cos, sin, fused: bool, monkeypatch) -> int:
-    with _CountMatmuls() as counter:
+    with CountMatmuls() as counter:
         _run(layer, x, cos, sin, fused, monkeypatch)
     return counter.count
 
@@ -196,25 +185,7 @@ def test_fused_layer_under_activation_checkpointing(mode, monkeypatch):
 def _compiled_matmuls(layer, x, cos, sin, fused: bool, monkeypatch) -> tuple[tuple, int]:
     """The layer compiled whole (fullgraph: a graph break fails), run forward and backward; its
     results and the matmuls in the forward and backward graphs AOTAutograd hands to the compiler."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    count = [0]
-
-    def compiler(gm: torch.fx.GraphModule, example_inputs):
-        count[0] += sum(node.target in MATMULS for node in gm.graph.nodes)
-        return make_boxed_func(gm.forward)
-
-    torch._dynamo.reset()
-    forward = layer.forward
-    layer.forward = torch.compile(forward, backend=aot_autograd(fw_compiler=compiler, bw_compiler=compiler),
-                                  fullgraph=True)
-    try:
-        result = _run(layer, x, cos, sin, fused, monkeypatch)
-    finally:
-        layer.forward = forward
-        torch._dynamo.reset()
-    return result, count[0]
+    return compiled_matmuls(layer, lambda: _run(layer, x, cos, sin, fused, monkeypatch))
 
 
 def test_fused_layer_compiles_without_graph_break(monkeypatch):

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from shoal.config.parallel import ParallelConfig
 from shoal.config.recipe import TrainSection
@@ -29,11 +28,11 @@ from shoal.peft.config import LoraConfig
 from shoal.train import engine as engine_module
 from shoal.train.engine import build_engine
 from tests.helpers.hf_models import tiny_peft_hf
+from tests.helpers.matmuls import CountMatmuls, compiled_matmuls
 from tests.helpers.peft_twins import VOCAB, copy_adapters_to_peft, peft_twin, randomize_adapters
 
 TARGETS = {"qkvo": ["q_proj", "k_proj", "v_proj", "o_proj"],
            "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
-MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
 
 
 @pytest.fixture(autouse=True)
@@ -91,16 +90,6 @@ def _step(engine) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     loss = engine.forward_backward([batch], tokens) / tokens
     grads = {n: p.grad for n, p in engine.parts[0].named_parameters() if p.grad is not None}
     return loss, grads
-
-
-class _CountMatmuls(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in MATMULS
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("targets", list(TARGETS))
@@ -228,7 +217,7 @@ def test_packed_groups_run_fewer_matmuls_and_unpacked_none_fewer(targets, monkey
     counts = {}
     for name, layer in (("packed", packed), ("unpacked", unpacked)):
         seen = _spy_fusion(monkeypatch)
-        with _CountMatmuls() as counter:
+        with CountMatmuls() as counter:
             _layer_step(layer, x, cos, sin)
         counts[name] = counter.count
         assert seen == [name if name == "packed" else "unfused"] * 2
@@ -244,28 +233,10 @@ def test_packed_groups_run_fewer_matmuls_and_unpacked_none_fewer(targets, monkey
 def test_compiled_layer_keeps_the_packed_fusion():
     # torch.compile cannot trace a storage address: the packed check must hold without one, and
     # the compiled graphs keep the fused matmuls (fullgraph: a graph break fails).
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
     unpacked, packed, x, cos, sin = _fp32_layer(TARGETS["all"])
     counts = {}
     for name, layer in (("packed", packed), ("unpacked", unpacked)):
-        count = [0]
-
-        def compiler(gm, example_inputs, count=count):
-            count[0] += sum(node.target in MATMULS for node in gm.graph.nodes)
-            return make_boxed_func(gm.forward)
-
-        torch._dynamo.reset()
-        forward = layer.forward
-        layer.forward = torch.compile(forward, backend=aot_autograd(fw_compiler=compiler, bw_compiler=compiler),
-                                      fullgraph=True)
-        try:
-            result = _layer_step(layer, x, cos, sin)
-        finally:
-            layer.forward = forward
-            torch._dynamo.reset()
-        counts[name] = count[0]
+        result, counts[name] = compiled_matmuls(layer, lambda layer=layer: _layer_step(layer, x, cos, sin))
         if name == "packed":
             _assert_same(result, _layer_step(unpacked, x, cos, sin))
     assert counts["unpacked"] - counts["packed"] == 2 * 2 + 2 + 3 * 2 + 3
