@@ -111,7 +111,7 @@ def test_steps_replay_graphs():
     for _ in range(3):
         engine.forward_backward([mb], 100.0)
         engine.clip_and_step(1.0, 1e-3)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:  # CUDA: runtime calls are CUPTI's
         engine.forward_backward([mb], 100.0)
         engine.clip_and_step(1.0, 1e-3)
         torch.cuda.synchronize()
