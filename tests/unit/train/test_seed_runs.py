@@ -245,6 +245,28 @@ def test_mfu_counts_the_output_layer_for_loss_tokens_only():
     assert cfg.flops_per_token(32, loss_token_fraction=1.0) == 6 * n + attention
 
 
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_the_logged_mfu_counts_the_run_s_share_of_loss_tokens(train_assets, tmp_path, monkeypatch, stage):
+    """The trainer hands MFU the FLOPs per token of each logging window's loss-token share: all of
+    a pretraining row's tokens carry loss, an instruction row's prompt does not."""
+    from shoal.checkpoint.format import read_model_config
+    from shoal.train import trainer
+
+    seen = []
+    real = trainer.mfu_fields
+    monkeypatch.setattr(trainer, "mfu_fields", lambda tps, fpt, *a, **k: seen.append(fpt) or real(tps, fpt, *a, **k))
+    assert shoal(*train_args(train_assets, stage, tmp_path / "res", "e", "--max_steps", 2)) == 0
+    cfg = read_model_config(train_assets.checkpoint)
+    seq = 32 if stage == "pretrain" else 64
+    head = 6 * cfg.vocab_size * cfg.hidden_size
+    shares = [1 - (cfg.flops_per_token(seq) - fpt) / head for fpt in seen]
+    assert len(shares) == 2
+    if stage == "pretrain":
+        assert shares == pytest.approx([1.0, 1.0])
+    else:
+        assert all(0 < share < 1 for share in shares), shares  # short answers in padded rows: a few %
+
+
 def test_a_run_writes_its_report_at_the_end(train_assets, tmp_path, capsys):
     """Issue 17: `shoal pretrain/finetune` write report.png/report.html when they finish."""
     results = tmp_path / "res"
