@@ -1,4 +1,4 @@
-"""Counting the matmuls a piece of code runs: what fusing projections into one matmul changes."""
+"""Counting the matmuls a piece of code runs, eagerly or in the graphs torch.compile traces."""
 
 from __future__ import annotations
 
@@ -20,26 +20,31 @@ class CountMatmuls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def compiled_matmuls(module: torch.nn.Module, run):
-    """(`run()`'s result, matmuls in the graphs traced) with `module.forward` compiled whole
-    (`fullgraph`: a graph break fails) by aot_autograd, forward and backward graphs both counted."""
+def recording_backend(graphs: list, partition_fn=None):
+    """A torch.compile backend that runs what it is given as traced and appends each forward and
+    backward graph AOTAutograd hands it to `graphs` (`partition_fn`: how forward and backward are
+    split, e.g. inductor's min-cut, whose recomputation decisions a test may want to see)."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
-    count = 0
-
-    def compiler(gm: torch.fx.GraphModule, example_inputs):
-        nonlocal count
-        count += sum(node.target in MATMULS for node in gm.graph.nodes)
+    def keep(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append(gm)
         return make_boxed_func(gm.forward)
 
+    extra = {"partition_fn": partition_fn} if partition_fn is not None else {}
+    return aot_autograd(fw_compiler=keep, bw_compiler=keep, **extra)
+
+
+def compiled_matmuls(module: torch.nn.Module, run):
+    """(`run()`'s result, matmuls in the graphs traced) with `module.forward` compiled whole
+    (`fullgraph`: a graph break fails) by aot_autograd, forward and backward graphs both counted."""
+    graphs: list[torch.fx.GraphModule] = []
     torch._dynamo.reset()
     forward = module.forward
-    module.forward = torch.compile(forward, backend=aot_autograd(fw_compiler=compiler, bw_compiler=compiler),
-                                   fullgraph=True)
+    module.forward = torch.compile(forward, backend=recording_backend(graphs), fullgraph=True)
     try:
         result = run()
     finally:
         module.forward = forward
         torch._dynamo.reset()
-    return result, count
+    return result, sum(node.target in MATMULS for g in graphs for node in g.graph.nodes)

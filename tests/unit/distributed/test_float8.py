@@ -176,23 +176,18 @@ def test_compiled_layers_reading_one_input_cast_it_once():
     input take the input's two once for the group: 12 - 2 x 2 = 8."""
     pytest.importorskip("torchao")
     from functorch.compile import min_cut_rematerialization_partition
-    from torch._dynamo.backends.common import aot_autograd
     from torchao.float8.float8_linear import Float8Linear
 
     from shoal.distributed.float8 import float8_config
+    from tests.helpers.matmuls import recording_backend
 
     config = dataclasses.replace(float8_config(float8_plan("hybrid", "tensorwise")), emulate=True)
     layers = [Float8Linear.from_float(nn.Linear(64, n, bias=False), config=config) for n in (64, 32, 32)]
 
     def amaxes(fn) -> int:
         graphs = []
-
-        def keep(gm, _inputs):
-            graphs.append(gm)
-            return gm.forward
-
         torch._dynamo.reset()
-        backend = aot_autograd(fw_compiler=keep, bw_compiler=keep, partition_fn=min_cut_rematerialization_partition)
+        backend = recording_backend(graphs, partition_fn=min_cut_rematerialization_partition)
         torch.compile(fn, backend=backend)(torch.randn(4, 64, requires_grad=True)).backward()
         assert len(graphs) == 2  # one forward, one backward: no graph break
         return sum(node.target is torch.ops.aten.abs.default for g in graphs for node in g.graph.nodes)
