@@ -82,7 +82,7 @@ from shoal.distributed import build_mesh  # noqa: E402
 from shoal.models import get_preset, to_hf_config  # noqa: E402
 from shoal.peft.config import LoraConfig  # noqa: E402
 from shoal.train.engine import build_engine  # noqa: E402
-from shoal.train.step import to_device, with_document_spans, with_loss_positions  # noqa: E402
+from shoal.train.step import to_device, with_loss_positions  # noqa: E402
 
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR = (*QKVO, "gate_proj", "up_proj", "down_proj")
@@ -148,9 +148,9 @@ def bench_shoal(args, case: str, compile_: bool, device: torch.device, host_span
                           compute_dtype=dtype, document_mask=True, seq_length=args.seq_length)
     host = packed_batch(cfg.vocab_size, micro_batch(args, case), args.seq_length, torch.device("cpu"))
     tokens = float(host["loss_mask"].sum())  # on the host, as the step loop counts it
-    if host_spans:
-        host = with_document_spans(host, fixed_shapes=cuda_graphs)
-    if engine.takes_loss_positions:  # as `shoal finetune` does: the head runs on the answer tokens alone
+    if host_spans:  # as `shoal finetune` does: spans made on the host, the head on the answer tokens alone
+        host = engine.prepare_on_host(host)
+    elif engine.takes_loss_positions:
         host = with_loss_positions(host)
     batch = to_device(host, device)
 

@@ -32,7 +32,13 @@ from shoal.models.fused_linear import pack_frozen_groups
 from shoal.models.model import Transformer
 from shoal.peft.config import LoraConfig
 from shoal.train.linear_cross_entropy import chunk_loss_and_grad, gather_loss_rows, linear_cross_entropy_sum
-from shoal.train.step import build_optimizer, masked_cross_entropy_sum, model_inputs
+from shoal.train.step import (
+    build_optimizer,
+    masked_cross_entropy_sum,
+    model_inputs,
+    with_document_spans,
+    with_loss_positions,
+)
 
 
 @dataclass
@@ -100,6 +106,16 @@ class Engine:
         head + loss path (head_loss_fn), never under a pipeline schedule (it cuts the batch itself)
         nor context parallelism (each rank holds a slice of the sequence the positions index)."""
         return self.head_loss_fn is not None and self.pipeline is None and not self.dims.cp_enabled
+
+    def prepare_on_host(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A micro-batch as this engine takes it, made on the host before its copy to the device:
+        its documents' spans (padded to a few shapes when CUDA graphs replay the layers) and its loss
+        tokens' positions, where the engine uses them (takes_document_spans, takes_loss_positions)."""
+        if self.takes_document_spans:
+            batch = with_document_spans(batch, fixed_shapes=self.cuda_graphs)
+        if self.takes_loss_positions:
+            batch = with_loss_positions(batch)
+        return batch
 
     def forward_backward(self, mbs: list[dict[str, torch.Tensor]], global_tokens: float | torch.Tensor) -> torch.Tensor:
         """Accumulate the gradient of Σ CE·mask / global_tokens; returns this rank's Σ CE·mask.

@@ -47,7 +47,7 @@ from shoal.train.run_plan import RunPlan, plan_run
 from shoal.train.runtime import Runtime
 from shoal.train.schedule import lr_at
 from shoal.train.start import StartPoint, check_segment, check_start, find_start
-from shoal.train.step import host_loss_tokens, to_device, with_document_spans, with_loss_positions
+from shoal.train.step import host_loss_tokens, to_device
 
 
 @dataclass
@@ -197,17 +197,14 @@ class StepBatch:
     loss_tokens: float  # Σ loss_mask over the whole micro-batches (each context-parallel rank counts the same)
 
 
-def micro_batches(loader_iter: Iterator, count: int, device: torch.device, document_spans: bool = False,
-                  loss_positions: bool = False, fixed_shapes: bool = False) -> StepBatch:
-    """The next `count` micro-batches: counted (and, with `document_spans`, their spans computed,
-    padded to a few shapes with `fixed_shapes`; with `loss_positions`, their loss tokens' positions)
+def micro_batches(loader_iter: Iterator, count: int, device: torch.device,
+                  prepare: Callable[[dict], dict] | None = None) -> StepBatch:
+    """The next `count` micro-batches: counted and made ready (`prepare`, e.g. Engine.prepare_on_host)
     on the host, then copied to `device` without waiting."""
     host = [next(loader_iter) for _ in range(count)]
     loss_tokens = sum(host_loss_tokens(batch) for batch in host)
-    if document_spans:
-        host = [with_document_spans(batch, fixed_shapes) for batch in host]
-    if loss_positions:
-        host = [with_loss_positions(batch) for batch in host]
+    if prepare is not None:
+        host = [prepare(batch) for batch in host]
     return StepBatch([to_device(batch, device) for batch in host], loss_tokens)
 
 
@@ -260,8 +257,7 @@ def validate(engine: Engine, dataset, train: TrainSection, data: DataSection, ru
     totals = torch.zeros(2, device=runtime.device, dtype=torch.float64)
     remaining = len(sampler)
     while remaining:
-        batch = micro_batches(batches, min(accum, remaining), runtime.device, engine.takes_document_spans,
-                              loss_positions=engine.takes_loss_positions, fixed_shapes=engine.cuda_graphs)
+        batch = micro_batches(batches, min(accum, remaining), runtime.device, engine.prepare_on_host)
         remaining -= len(batch.micro_batches)
         totals[0] += engine.loss_sum(batch.micro_batches).double()
         totals[1] += batch.loss_tokens / runtime.dims.cp
@@ -307,8 +303,7 @@ def _loop(
 
     while step < max_steps:
         checkpoints.poll()  # a background save that failed stops the run here
-        batch = micro_batches(loader_iter, accum, runtime.device, engine.takes_document_spans,
-                              loss_positions=engine.takes_loss_positions, fixed_shapes=engine.cuda_graphs)
+        batch = micro_batches(loader_iter, accum, runtime.device, engine.prepare_on_host)
         global_tokens = global_loss_tokens(batch.loss_tokens, dims, runtime.device)
         lr = lr_at(step, t, max_steps)
         loss_sum = engine.forward_backward(batch.micro_batches, global_tokens)

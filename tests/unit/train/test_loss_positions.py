@@ -177,10 +177,12 @@ def test_engine_takes_loss_positions_only_on_the_chunked_head_of_one_process():
     assert not dataclasses.replace(engine, dims=ParallelDims(world_size=2, cp=2)).takes_loss_positions
 
 
-def test_micro_batches_carry_positions_when_asked():
+def test_micro_batches_carry_positions_where_the_engine_takes_them():
     batches = [_batch(4, s=512), _batch(5, s=512)]  # 1,024 tokens: the default bucket leaves some out
-    with_positions = trainer.micro_batches(iter(batches), 2, torch.device("cpu"), loss_positions=True)
-    without = trainer.micro_batches(iter(batches), 2, torch.device("cpu"))
+    engine = _engine(None)
+    with_positions = trainer.micro_batches(iter(batches), 2, torch.device("cpu"), engine.prepare_on_host)
+    plain_head = dataclasses.replace(engine, head_loss_fn=None)
+    without = trainer.micro_batches(iter(batches), 2, torch.device("cpu"), plain_head.prepare_on_host)
     for mb, host in zip(with_positions.micro_batches, batches, strict=True):
         assert torch.equal(mb["loss_positions"], with_loss_positions(host)["loss_positions"])
     assert all("loss_positions" not in mb for mb in without.micro_batches)
