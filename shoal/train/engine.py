@@ -102,10 +102,15 @@ class Engine:
     @property
     def takes_loss_positions(self) -> bool:
         """Whether micro-batches may carry `loss_positions` made on the host (shoal.train.step.with_loss_positions),
-        so that the output layer and the loss run on the loss tokens alone: only on the chunked
-        head + loss path (head_loss_fn), never under a pipeline schedule (it cuts the batch itself)
-        nor context parallelism (each rank holds a slice of the sequence the positions index)."""
-        return self.head_loss_fn is not None and self.pipeline is None and not self.dims.cp_enabled
+        so that the output layer and the loss run on the loss tokens alone. Not under a pipeline
+        schedule (it cuts the batch itself), context parallelism (each rank holds a slice of the
+        sequence the positions index) nor tensor parallelism (sequence-parallel hidden states are
+        split along the sequence); under FSDP only where the output layer is its own unit, gathered
+        in its own forward (a tied one belongs to the root, resharded once the model's forward ends)."""
+        if self.pipeline is not None or self.dims.cp_enabled or self.dims.tp_enabled:
+            return False
+        head = self.parts[0].lm_head
+        return head is not None and (not self.dims.dp_enabled or isinstance(head, FSDPModule))
 
     def prepare_on_host(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A micro-batch as this engine takes it, made on the host before its copy to the device:
@@ -201,16 +206,21 @@ class Engine:
     def _loss_sum(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
                   inputs: dict[str, torch.Tensor], loss_positions: torch.Tensor | None = None) -> torch.Tensor:
         """Σ CE·mask of one micro-batch (shard) through the one model part. `loss_positions`, where
-        the host made them (takes_loss_positions), send only those tokens through the chunked head."""
+        the host made them (takes_loss_positions), send only those tokens through the output layer."""
         model = self.parts[0]
+        rows_only = loss_positions is not None and self.takes_loss_positions
         with self.autocast():
-            if self.head_loss_fn is not None:
+            if self.head_loss_fn is None and not rows_only:
+                logits = model(tokens, **inputs)
+            else:
                 hidden = model(tokens, head=False, **inputs)
-                if loss_positions is not None and self.takes_loss_positions:
+                if rows_only:
                     # Prompt tokens carry no loss: their logits are not computed at all.
                     hidden, labels, loss_mask = gather_loss_rows(hidden, labels, loss_mask, loss_positions)
-                return self.head_loss_fn(hidden, model.lm_head.weight, labels, loss_mask)
-            logits = model(tokens, **inputs)
+                if self.head_loss_fn is not None:
+                    return self.head_loss_fn(hidden, model.lm_head.weight, labels, loss_mask)
+                # The plain head (FSDP, FP8, adapted) called as a module: an FSDP unit gathers its weight.
+                logits, labels, loss_mask = model.lm_head(hidden)[None], labels[None], loss_mask[None]
         return self.loss_fn(logits, labels, loss_mask)
 
     def clip_and_step(self, max_norm: float, lr: float) -> torch.Tensor:

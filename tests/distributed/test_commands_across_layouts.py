@@ -182,6 +182,52 @@ def test_lora_finetune_over_fsdp_matches_one_process(runs: Runs):
     assert_same_curve(got, one, list(range(1, STEPS + 1)))
 
 
+# Run in each rank before shoal starts: output-layer rows in buckets of 16 (the test's micro-batches
+# hold 64 tokens, fewer than the default bucket of 256), and a file per rank for every micro-batch
+# whose plain (FSDP) head ran on the loss rows alone.
+LOSS_ROWS_ON_FSDP = """
+import os
+from pathlib import Path
+import shoal.train.engine as engine
+import shoal.train.step as step
+step.LOSS_POSITION_BUCKET = 16
+real_loss_sum = engine.Engine._loss_sum
+def _loss_sum(self, tokens, labels, loss_mask, inputs, loss_positions=None):
+    if loss_positions is not None and self.takes_loss_positions and self.head_loss_fn is None:
+        marks = Path(os.environ["LOSS_ROWS_MARKS"])
+        with open(marks / f"rank{os.environ.get('RANK', '0')}", "a") as f:
+            f.write(f"{len(loss_positions)} of {tokens.numel()}\\n")
+    return real_loss_sum(self, tokens, labels, loss_mask, inputs, loss_positions)
+engine.Engine._loss_sum = _loss_sum
+"""
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fsdp_output_layer_on_loss_rows_alone_matches_one_process(runs: Runs, method: str, tmp_path: Path):
+    # The output layer is its own FSDP unit (the model is untied): it gathers its weight in its own
+    # forward, called on the answer tokens' rows alone; the oracle computes every token's logits.
+    inject, marks = tmp_path / "inject", tmp_path / "marks"
+    inject.mkdir(), marks.mkdir()
+    (inject / "sitecustomize.py").write_text(LOSS_ROWS_ON_FSDP)
+    env = {**user_env(extra_pythonpath=inject), "LOSS_ROWS_MARKS": str(marks)}
+    flags = [*SAVE_AT_2, *(PEFT[method] if method != "full" else ["--train.lr=1e-3"])]
+    oracle = runs.finetune("lora_one_process", "lora") if method == "lora" else None
+    if oracle is None:
+        oracle = tmp_path / "res" / "one_process"
+        run_ok(train_args(runs.assets, "finetune", tmp_path / "res", "one_process", "--max_steps", STEPS, *flags),
+               tmp_path)
+    args = train_args(runs.assets, "finetune", tmp_path / "res", "fsdp2", "--max_steps", STEPS, *flags,
+                      "--num_gpus", "2")
+    proc = run_command(args, tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = tmp_path / "res" / "fsdp2"
+    assert ranks_that_ran(got) == {0, 1}
+    for rank in (0, 1):  # every training and validation micro-batch of each rank, on fewer rows than tokens
+        rows = [tuple(map(int, line.split(" of "))) for line in (marks / f"rank{rank}").read_text().splitlines()]
+        assert len(rows) >= STEPS and all(0 < n < tokens for n, tokens in rows), rows
+    assert_same_curve(got, oracle, list(range(1, STEPS + 1)))
+
+
 # LoRA/DoRA under tensor parallelism (sequence parallel is on by default): adapted projections are
 # split with the LoRA styles of shoal/peft/tensor_parallel.py. DoRA's row norms need the
 # whole row, which row-wise (o/down) projections hold only in pieces.

@@ -135,10 +135,13 @@ def _step(engine: Engine, mbs: list[dict[str, torch.Tensor]]) -> tuple[torch.Ten
     return loss, [p.grad.clone() for p in engine.parameters()]
 
 
+@pytest.mark.parametrize("head", ["chunked", "plain"])  # plain: the head of FSDP, FP8 or an adapted lm_head
 @pytest.mark.parametrize("peft", [None, LoraConfig(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"])],
                          ids=["full", "lora"])
-def test_engine_trains_the_same_with_and_without_loss_positions(peft):
+def test_engine_trains_the_same_with_and_without_loss_positions(peft, head):
     engine = _engine(peft)
+    if head == "plain":
+        engine.head_loss_fn = None
     assert engine.takes_loss_positions
     plain = [_batch(1), _batch(2)]
     selected = [with_loss_positions(mb, bucket=16) for mb in plain]
@@ -168,21 +171,38 @@ def test_the_head_runs_on_the_loss_rows_alone():
     assert sum(rows) == _batch(3)["tokens"].numel()
 
 
-def test_engine_takes_loss_positions_only_on_the_chunked_head_of_one_process():
+def test_the_plain_head_runs_on_the_loss_rows_alone():
+    engine = _engine(None)
+    engine.head_loss_fn = None
+    rows: list[int] = []
+    engine.parts[0].lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[-2]))
+    mb = with_loss_positions(_batch(3), bucket=16)
+    engine.forward_backward([mb], float(mb["loss_mask"].sum()))
+    assert rows == [len(mb["loss_positions"])] and rows[0] < mb["tokens"].numel()
+    rows.clear()
+    engine.forward_backward([_batch(3)], 1.0)
+    assert rows == [_batch(3)["tokens"].shape[1]]  # [B, S, E]: every token
+
+
+def test_engine_takes_loss_positions_where_its_rows_are_whole_and_its_head_is_called_alone():
     engine = _engine(None)
     assert engine.takes_loss_positions
-    assert not dataclasses.replace(engine, head_loss_fn=None).takes_loss_positions  # plain head (TP, FSDP, FP8)
+    assert dataclasses.replace(engine, head_loss_fn=None).takes_loss_positions  # plain head, one process
     assert not dataclasses.replace(engine, pipeline=object()).takes_loss_positions
-    # Context parallelism: each rank holds a slice of the sequence, which the positions do not index.
+    # Context parallelism: each rank holds a slice of the sequence, which the positions do not index;
+    # tensor (sequence) parallelism splits the hidden states along the sequence the same way.
     assert not dataclasses.replace(engine, dims=ParallelDims(world_size=2, cp=2)).takes_loss_positions
+    assert not dataclasses.replace(engine, dims=ParallelDims(world_size=2, tp=2)).takes_loss_positions
+    # FSDP: only an output layer that is its own unit (not so here: a tied one would be the root's).
+    assert not dataclasses.replace(engine, dims=ParallelDims(world_size=2, dp_shard=2)).takes_loss_positions
 
 
 def test_micro_batches_carry_positions_where_the_engine_takes_them():
     batches = [_batch(4, s=512), _batch(5, s=512)]  # 1,024 tokens: the default bucket leaves some out
     engine = _engine(None)
     with_positions = trainer.micro_batches(iter(batches), 2, torch.device("cpu"), engine.prepare_on_host)
-    plain_head = dataclasses.replace(engine, head_loss_fn=None)
-    without = trainer.micro_batches(iter(batches), 2, torch.device("cpu"), plain_head.prepare_on_host)
+    pipelined = dataclasses.replace(engine, pipeline=object())
+    without = trainer.micro_batches(iter(batches), 2, torch.device("cpu"), pipelined.prepare_on_host)
     for mb, host in zip(with_positions.micro_batches, batches, strict=True):
         assert torch.equal(mb["loss_positions"], with_loss_positions(host)["loss_positions"])
     assert all("loss_positions" not in mb for mb in without.micro_batches)
