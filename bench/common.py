@@ -24,15 +24,21 @@ def random_batch(vocab: int, mbs: int, seq: int, device: torch.device, seed: int
     }
 
 
-def time_steps(step, warmup: int, steps: int, device: torch.device) -> tuple[float, float | None]:
+def time_steps(step, warmup: int, steps: int, device: torch.device,
+               peak_from_warmup: bool = False) -> tuple[float, float | None]:
     """Seconds per step (the median of `steps` after `warmup` untimed ones) and peak GPU memory in
-    GiB (None on CPU)."""
+    GiB (None on CPU), over the timed steps, or from the first step with `peak_from_warmup`: CUDA
+    graphs allocate their pool while recording, in warmup, and a replay allocates nothing the
+    allocator's peak would see."""
     cuda = device.type == "cuda"
+    if cuda and peak_from_warmup:
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         step()
     if cuda:
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        if not peak_from_warmup:
+            torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
         start = time.perf_counter()

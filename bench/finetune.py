@@ -158,7 +158,7 @@ def bench_shoal(args, case: str, compile_: bool, device: torch.device, host_span
         engine.forward_backward([batch], tokens)
         engine.clip_and_step(1.0, 1e-4)
 
-    sec, mem = time_steps(step, args.warmup, args.steps, device)
+    sec, mem = time_steps(step, args.warmup, args.steps, device, peak_from_warmup=cuda_graphs)
     dtypes = sorted({f"{'trainable' if p.requires_grad else 'frozen'} {p.dtype}".replace("torch.", "")
                      for p in engine.parts[0].parameters()})
     if args.profile:
