@@ -183,8 +183,8 @@ def test_lora_finetune_over_fsdp_matches_one_process(runs: Runs):
 
 
 # Run in each rank before shoal starts: output-layer rows in buckets of 16 (the test's micro-batches
-# hold 64 tokens, fewer than the default bucket of 256), and a file per rank for every micro-batch
-# whose plain (FSDP) head ran on the loss rows alone.
+# hold 64 tokens, fewer than the default bucket of 256), and a file per rank with, for every
+# micro-batch, the rows its plain (FSDP) output layer ran on and the micro-batch's tokens.
 LOSS_ROWS_ON_FSDP = """
 import os
 from pathlib import Path
@@ -193,11 +193,16 @@ import shoal.train.step as step
 step.LOSS_POSITION_BUCKET = 16
 real_loss_sum = engine.Engine._loss_sum
 def _loss_sum(self, tokens, labels, loss_mask, inputs, loss_positions=None):
-    if loss_positions is not None and self.takes_loss_positions and self.head_loss_fn is None:
-        marks = Path(os.environ["LOSS_ROWS_MARKS"])
-        with open(marks / f"rank{os.environ.get('RANK', '0')}", "a") as f:
-            f.write(f"{len(loss_positions)} of {tokens.numel()}\\n")
-    return real_loss_sum(self, tokens, labels, loss_mask, inputs, loss_positions)
+    if self.head_loss_fn is not None:
+        return real_loss_sum(self, tokens, labels, loss_mask, inputs, loss_positions)
+    rows = []  # the rows the output layer itself was called on
+    hook = self.parts[0].lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].numel() // args[0].shape[-1]))
+    try:
+        return real_loss_sum(self, tokens, labels, loss_mask, inputs, loss_positions)
+    finally:
+        hook.remove()
+        with open(Path(os.environ["LOSS_ROWS_MARKS"]) / f"rank{os.environ.get('RANK', '0')}", "a") as f:
+            f.write(f"{sum(rows)} of {tokens.numel()}\\n")
 engine.Engine._loss_sum = _loss_sum
 """
 
