@@ -103,11 +103,12 @@ class Engine:
     def takes_loss_positions(self) -> bool:
         """Whether micro-batches may carry `loss_positions` made on the host (shoal.train.step.with_loss_positions),
         so that the output layer and the loss run on the loss tokens alone. Not under a pipeline
-        schedule (it cuts the batch itself), context parallelism (each rank holds a slice of the
-        sequence the positions index) nor tensor parallelism (sequence-parallel hidden states are
-        split along the sequence); under FSDP only where the output layer is its own unit, gathered
-        in its own forward (a tied one belongs to the root, resharded once the model's forward ends)."""
-        if self.pipeline is not None or self.dims.cp_enabled or self.dims.tp_enabled:
+        schedule (it cuts the batch itself) nor context parallelism (each rank holds a slice of the
+        sequence the positions index); under tensor parallelism the sequence-parallel hidden states
+        are gathered whole first (gather_loss_rows); under FSDP only where the output layer is its
+        own unit, gathered in its own forward (a tied one belongs to the root, resharded once the
+        model's forward ends)."""
+        if self.pipeline is not None or self.dims.cp_enabled:
             return False
         head = self.parts[0].lm_head
         return head is not None and (not self.dims.dp_enabled or isinstance(head, FSDPModule))

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.distributed.tensor import DTensor, Replicate
 
 IGNORE_INDEX = -100  # F.cross_entropy's default, which the plain path relies on
 # Elements of one chunk's logits: 2^27 (for a 128k vocabulary about 1,000 tokens: 256 MiB of bf16
@@ -104,6 +105,14 @@ def gather_loss_rows(hidden: torch.Tensor, labels: torch.Tensor, loss_mask: torc
                      positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The tokens at `positions` (flat indices into B·S, see shoal.train.step.with_loss_positions):
     hidden [M, E], labels [M], mask [M]. A gather with an index made on the host reads nothing back
-    from the device, unlike boolean indexing; its backward gives every other row a zero gradient."""
+    from the device, unlike boolean indexing; its backward gives every other row a zero gradient.
+    Sequence-parallel hidden states (a DTensor split along the sequence under tensor parallelism)
+    are gathered whole first, and the rows come back replicated over the same mesh, the layout a
+    tensor-parallel output layer takes them in; its input gradient is summed over that mesh."""
+    if isinstance(hidden, DTensor):
+        mesh, whole = hidden.device_mesh, [Replicate()] * hidden.device_mesh.ndim
+        rows, labels, loss_mask = gather_loss_rows(hidden.redistribute(placements=whole).to_local(),
+                                                   labels, loss_mask, positions)
+        return DTensor.from_local(rows, mesh, whole, run_check=False), labels, loss_mask
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
     return rows, labels.reshape(-1).index_select(0, positions), loss_mask.reshape(-1).index_select(0, positions)

@@ -184,8 +184,8 @@ def test_lora_finetune_over_fsdp_matches_one_process(runs: Runs):
 
 # Run in each rank before shoal starts: output-layer rows in buckets of 16 (the test's micro-batches
 # hold 64 tokens, fewer than the default bucket of 256), and a file per rank with, for every
-# micro-batch, the rows its plain (FSDP) output layer ran on and the micro-batch's tokens.
-LOSS_ROWS_ON_FSDP = """
+# micro-batch, the rows its plain (FSDP or tensor-parallel) output layer ran on and the micro-batch's tokens.
+LOSS_ROWS_MARKER = """
 import os
 from pathlib import Path
 import shoal.train.engine as engine
@@ -207,13 +207,21 @@ engine.Engine._loss_sum = _loss_sum
 """
 
 
+# Where the output layer runs on the answer tokens alone across ranks: FSDP (the output layer its
+# own unit, the model untied: it gathers its weight in its own forward) and tensor parallelism with
+# sequence parallelism (the final norm's sequence shards gathered, then the loss rows taken) or without.
+LOSS_ROWS_LAYOUTS = {"fsdp2": ["--num_gpus", "2"], "tp2_sp": ["--num_gpus", "2", "-T", "2"],
+                     "tp2": ["--num_gpus", "2", "-T", "2", "--parallel.sequence_parallel=false"]}
+
+
+@pytest.mark.parametrize("layout", LOSS_ROWS_LAYOUTS)
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_fsdp_output_layer_on_loss_rows_alone_matches_one_process(runs: Runs, method: str, tmp_path: Path):
-    # The output layer is its own FSDP unit (the model is untied): it gathers its weight in its own
-    # forward, called on the answer tokens' rows alone; the oracle computes every token's logits.
+def test_output_layer_on_loss_rows_alone_matches_one_process(runs: Runs, method: str, layout: str,
+                                                             tmp_path: Path):
+    # The oracle, one process, computes the output layer on every token.
     inject, marks = tmp_path / "inject", tmp_path / "marks"
     inject.mkdir(), marks.mkdir()
-    (inject / "sitecustomize.py").write_text(LOSS_ROWS_ON_FSDP)
+    (inject / "sitecustomize.py").write_text(LOSS_ROWS_MARKER)
     env = {**user_env(extra_pythonpath=inject), "LOSS_ROWS_MARKS": str(marks)}
     flags = [*SAVE_AT_2, *(PEFT[method] if method != "full" else ["--train.lr=1e-3"])]
     oracle = runs.finetune("lora_one_process", "lora") if method == "lora" else None
@@ -221,11 +229,11 @@ def test_fsdp_output_layer_on_loss_rows_alone_matches_one_process(runs: Runs, me
         oracle = tmp_path / "res" / "one_process"
         run_ok(train_args(runs.assets, "finetune", tmp_path / "res", "one_process", "--max_steps", STEPS, *flags),
                tmp_path)
-    args = train_args(runs.assets, "finetune", tmp_path / "res", "fsdp2", "--max_steps", STEPS, *flags,
-                      "--num_gpus", "2")
+    args = train_args(runs.assets, "finetune", tmp_path / "res", layout, "--max_steps", STEPS, *flags,
+                      *LOSS_ROWS_LAYOUTS[layout])
     proc = run_command(args, tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    got = tmp_path / "res" / "fsdp2"
+    got = tmp_path / "res" / layout
     assert ranks_that_ran(got) == {0, 1}
     for rank in (0, 1):  # every training and validation micro-batch of each rank, on fewer rows than tokens
         rows = [tuple(map(int, line.split(" of "))) for line in (marks / f"rank{rank}").read_text().splitlines()]

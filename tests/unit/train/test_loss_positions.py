@@ -189,10 +189,11 @@ def test_engine_takes_loss_positions_where_its_rows_are_whole_and_its_head_is_ca
     assert engine.takes_loss_positions
     assert dataclasses.replace(engine, head_loss_fn=None).takes_loss_positions  # plain head, one process
     assert not dataclasses.replace(engine, pipeline=object()).takes_loss_positions
-    # Context parallelism: each rank holds a slice of the sequence, which the positions do not index;
-    # tensor (sequence) parallelism splits the hidden states along the sequence the same way.
+    # Context parallelism: each rank holds a slice of the sequence, which the positions do not index.
     assert not dataclasses.replace(engine, dims=ParallelDims(world_size=2, cp=2)).takes_loss_positions
-    assert not dataclasses.replace(engine, dims=ParallelDims(world_size=2, tp=2)).takes_loss_positions
+    # Tensor (sequence) parallelism: the hidden states' sequence shards are gathered whole first
+    # (tests/distributed/test_commands_across_layouts.py runs it against one process).
+    assert dataclasses.replace(engine, dims=ParallelDims(world_size=2, tp=2)).takes_loss_positions
     # FSDP: only an output layer that is its own unit (not so here: a tied one would be the root's).
     assert not dataclasses.replace(engine, dims=ParallelDims(world_size=2, dp_shard=2)).takes_loss_positions
 
