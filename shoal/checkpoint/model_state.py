@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from shoal.checkpoint.data_files import METADATA_NAME, headers_complete, read_chunks
 from shoal.checkpoint.format import TensorInfo
@@ -117,6 +118,10 @@ def _storage_identity(tensor: Any) -> tuple | None:
     if not isinstance(tensor, torch.Tensor):
         return None
     local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    while is_traceable_wrapper_subclass(local):
+        # A wrapper such as torchao's FP8 all-gather weight owns no storage: its inner tensor does.
+        names, _ = local.__tensor_flatten__()
+        local = getattr(local, names[0])
     if local.device.type == "meta" or local.numel() == 0:
         return None
     return (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape), local.device)

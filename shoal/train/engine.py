@@ -67,6 +67,9 @@ class Engine:
     # The compiled layers replay CUDA graphs (parallel.cuda_graphs): each micro-batch starts a new
     # replay, and gradients are kept outside the graphs' memory (see _keep_gradients_outside_graphs).
     cuda_graphs: bool = False
+    # FP8 all-gather (tensorwise under FSDP2): whether the weights' precomputed scales are those of
+    # the weights now in the model (see _scale_float8_weights).
+    float8_scales_current: bool = False
 
     def parameters(self) -> list[nn.Parameter]:
         """The trainable parameters, in module order (a new list; the Parameters are the model's)."""
@@ -81,6 +84,15 @@ class Engine:
     def train(self, mode: bool = True) -> None:
         for part in self.parts:
             part.train(mode)
+
+    def _scale_float8_weights(self) -> None:
+        """Before the first forward: the FP8 all-gather scales of the weights as loaded (or restored).
+        Without them the first all-gather scales each weight by the amax of what its FSDP group
+        holds, which under tensor parallelism is one shard of it: every later step (scales
+        precomputed after each optimizer step) scales by the whole weight's amax, as one process does."""
+        if not self.float8_scales_current:
+            precompute_float8_scales(self.parts, self.float8)
+            self.float8_scales_current = True
 
     def _pipeline_run(self, mbs: list[dict[str, torch.Tensor]], global_tokens: float, backward: bool) -> torch.Tensor:
         from shoal.distributed.pipeline import pipeline_step
@@ -127,6 +139,7 @@ class Engine:
         """Accumulate the gradient of Σ CE·mask / global_tokens; returns this rank's Σ CE·mask.
         `global_tokens` may be a 0-d device tensor (a count all-reduced over ranks): dividing by it
         keeps the host from waiting for the count, where reading it back would not."""
+        self._scale_float8_weights()
         if self.pipeline is not None:
             return self._pipeline_run(mbs, float(global_tokens), backward=True)
         total = torch.zeros((), device=mbs[0]["tokens"].device)
@@ -194,6 +207,7 @@ class Engine:
 
     @torch.no_grad()
     def loss_sum(self, mbs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        self._scale_float8_weights()
         if self.pipeline is not None:
             return self._pipeline_run(mbs, 1.0, backward=False)
         total = torch.zeros((), device=mbs[0]["tokens"].device)
