@@ -149,7 +149,7 @@ class Recipe:
             from shoal.distributed.float8 import check_float8_layout, check_torchao_installed, float8_plan
 
             plan = float8_plan(t.fp8, t.fp8_recipe)
-            check_float8_layout(plan, self.parallel, self.launch.num_nodes * self.launch.num_gpus)
+            check_float8_layout(plan, self.parallel)
             if plan is not None:
                 check_torchao_installed()
         if self.parallel.cuda_graphs:

@@ -79,18 +79,15 @@ def test_fp8_all_gather_only_for_tensorwise_under_fsdp():
     assert not float8_plan("hybrid", "rowwise", fsdp_shard_size=4).fsdp_float8_all_gather
 
 
-def test_tensor_parallel_is_taken_where_it_matches_one_process_and_refused_elsewhere():
+def test_tensor_parallel_is_taken_and_refused_only_beside_pipeline_or_context_parallel():
     tp2 = ParallelConfig(tensor_model_parallel_size=2)
-    tensorwise, rowwise = float8_plan("hybrid", "tensorwise"), float8_plan("hybrid", "rowwise")
-    check_float8_layout(tensorwise, tp2, 2)  # tensor parallelism alone: any recipe
-    check_float8_layout(rowwise, tp2, 8)  # with data parallelism: the rowwise recipes
-    check_float8_layout(tensorwise, ParallelConfig(), 8)  # FSDP alone
-    check_float8_layout(None, tp2, 8)  # nothing to check without --fp8
-    with pytest.raises(ShoalError, match=r"tensorwise recipe \(--fp8_recipe current_scaling\).*4 data-parallel groups.*rowwise"):
-        check_float8_layout(float8_plan("hybrid", "current_scaling"), tp2, 8)
+    for recipe in ("tensorwise", "rowwise", "current_scaling"):
+        check_float8_layout(float8_plan("hybrid", recipe), tp2)
+    check_float8_layout(None, ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2))
     for other in ({"pipeline_model_parallel_size": 2}, {"context_parallel_size": 2}):
         with pytest.raises(ShoalError, match=f"--{next(iter(other))} 2 together"):
-            check_float8_layout(rowwise, ParallelConfig(tensor_model_parallel_size=2, **other), 4)
+            check_float8_layout(float8_plan("hybrid", "rowwise"), ParallelConfig(tensor_model_parallel_size=2, **other))
+        check_float8_layout(float8_plan("hybrid", "rowwise"), ParallelConfig(**other))  # each alone works
 
 
 def test_cpu_device_is_refused():
@@ -289,12 +286,13 @@ def test_config_round_trip_through_yaml():
     assert again == recipe
 
 
-def test_validate_refuses_without_torchao_or_tensorwise_under_tensor_and_data_parallel():
-    recipe = from_dict(Recipe, {"train": {"fp8": "hybrid"}, "parallel": {"tensor_model_parallel_size": 2},
+def test_validate_refuses_without_torchao_or_beside_tp_and_pipelining():
+    recipe = from_dict(Recipe, {"train": {"fp8": "hybrid"}, "parallel": {"tensor_model_parallel_size": 2,
+                                                                        "pipeline_model_parallel_size": 2},
                                 "launch": {"num_gpus": 4}}, "")
-    with pytest.raises(ShoalError, match="tensor_model_parallel_size 2 with data parallelism"):
+    with pytest.raises(ShoalError, match="tensor_model_parallel_size 2 and --pipeline_model_parallel_size 2"):
         recipe.validate()
-    recipe = dataclasses.replace(recipe, parallel=dataclasses.replace(recipe.parallel, tensor_model_parallel_size=1))
+    recipe = dataclasses.replace(recipe, parallel=dataclasses.replace(recipe.parallel, pipeline_model_parallel_size=1))
     if torchao_version() is None:
         with pytest.raises(ShoalError, match=r"torchao >= 0\.17.*pip install 'shoal\[fp8\]'"):
             recipe.validate()
