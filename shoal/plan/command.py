@@ -18,7 +18,7 @@ from typing import Any
 from shoal.errors import ShoalError
 from shoal.models import ModelConfig
 from shoal.plan.counts import ParamCounts, count_parameters
-from shoal.plan.estimate import Estimate, Workload, saved_weight_bytes
+from shoal.plan.estimate import Estimate, Workload, check_modelled, saved_weight_bytes
 from shoal.plan.hardware import GIB, GpuKind, gpu_kind
 from shoal.plan.layouts import Candidate, better_layouts, plan_layout
 from shoal.plan.options import ACCEPTS_OVERRIDES, add_arguments  # noqa: F401 - flags without torch, re-exported
@@ -85,6 +85,8 @@ def build_plan(recipe, stage: str, gpu: GpuKind, num_tokens: float | None = None
     rank, targets = (p.rank, p.target_modules) if p is not None else (16, ())
     counts = count_parameters(cfg, method, rank, targets)
     precision = recipe.train.precision if recipe.train.precision != "auto" else "bf16"
+    if recipe.train.fp8 not in (None, "", "none", "off"):
+        check_modelled(cfg, "fp8")  # refused at once, not planned as bf16 nor blamed on the layout
     work = Workload(stage=stage, seq_length=recipe.data.seq_length, micro_batch_size=recipe.train.micro_batch_size,
                     global_batch_size=recipe.train.global_batch_size, precision=precision,
                     compile=recipe.parallel.compile, peft=method, peft_rank=rank,

@@ -156,7 +156,8 @@ class SpeedEstimate:
 def check_modelled(cfg: ModelConfig, precision: str) -> None:
     """The hook where FP8 would plug in; until it is modelled, refuse it."""
     if precision not in ("bf16", "fp32"):
-        raise ShoalError(f"precision {precision!r} is not modelled by shoal plan (bf16 and fp32 are; FP8 is not)")
+        raise ShoalError(f"precision {precision!r} is not modelled by shoal plan (bf16 and fp32 are; FP8 is not): "
+                         "leave --fp8 out to plan the same run in bf16")
 
 
 # -- memory ----------------------------------------------------------------------------------------
