@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shoal.distributed.float8 import float8_plan
 from shoal.errors import ShoalError
 from shoal.models import ModelConfig
 from shoal.plan.counts import ParamCounts, count_parameters
@@ -85,7 +86,7 @@ def build_plan(recipe, stage: str, gpu: GpuKind, num_tokens: float | None = None
     rank, targets = (p.rank, p.target_modules) if p is not None else (16, ())
     counts = count_parameters(cfg, method, rank, targets)
     precision = recipe.train.precision if recipe.train.precision != "auto" else "bf16"
-    if recipe.train.fp8 not in (None, "", "none", "off"):
+    if float8_plan(recipe.train.fp8, recipe.train.fp8_recipe) is not None:
         check_modelled(cfg, "fp8")  # refused at once, not planned as bf16 nor blamed on the layout
     work = Workload(stage=stage, seq_length=recipe.data.seq_length, micro_batch_size=recipe.train.micro_batch_size,
                     global_batch_size=recipe.train.global_batch_size, precision=precision,
