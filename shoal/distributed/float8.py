@@ -19,15 +19,12 @@ import functools
 import importlib.metadata
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from shoal.errors import ShoalError
-
-if TYPE_CHECKING:
-    from shoal.config.parallel import ParallelConfig
 
 # torchao's own recipe names (Float8LinearConfig.from_recipe_name).
 TORCHAO_RECIPES: tuple[str, ...] = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
@@ -100,22 +97,6 @@ def float8_plan(fp8: str | None, fp8_recipe: str | None, fsdp_shard_size: int = 
         raise ShoalError(f"--fp8 {fp8!r}: expected {' or '.join(FP8_FORMATS)} (plain --fp8 means hybrid)")
     return Float8Plan(recipe, fp8, fp8_recipe or recipe, note,
                       fsdp_float8_all_gather=recipe == "tensorwise" and fsdp_shard_size > 1)
-
-
-def check_float8_layout(plan: Float8Plan | None, parallel: ParallelConfig) -> None:
-    """Refuse, before anything starts, the combinations that have not been run. LoRA and DoRA work
-    (their frozen base matmul runs in FP8), as do FSDP2, pipeline and context parallelism, and
-    tensor parallelism with or without data parallelism (the plain styles: a DTensor layer's
-    tensorwise scale is the whole weight's amax; tests/distributed/test_float8_tensor_parallel.py)."""
-    tp = parallel.tensor_model_parallel_size
-    if plan is None or tp == 1:
-        return
-    others = {"pipeline_model_parallel_size": parallel.pipeline_model_parallel_size,
-              "context_parallel_size": parallel.context_parallel_size}
-    for flag, size in others.items():
-        if size > 1:
-            raise ShoalError(f"--fp8 with --tensor_model_parallel_size {tp} and --{flag} {size} together is not "
-                             "supported yet (each works with --fp8 without the other)")
 
 
 def torchao_version() -> tuple[int, ...] | None:

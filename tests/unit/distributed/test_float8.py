@@ -18,11 +18,9 @@ from torch import nn
 
 from shoal.config.flags import SEED_FLAGS, add_training_arguments
 from shoal.config.loader import from_dict, to_dict
-from shoal.config.parallel import ParallelConfig
 from shoal.config.recipe import Recipe
 from shoal.distributed.float8 import (
     check_float8_device,
-    check_float8_layout,
     float8_plan,
     float8_targets,
     resolve_float8_recipe,
@@ -77,17 +75,6 @@ def test_fp8_all_gather_only_for_tensorwise_under_fsdp():
     assert float8_plan("hybrid", "tensorwise", fsdp_shard_size=4).fsdp_float8_all_gather
     assert not float8_plan("hybrid", "tensorwise", fsdp_shard_size=1).fsdp_float8_all_gather
     assert not float8_plan("hybrid", "rowwise", fsdp_shard_size=4).fsdp_float8_all_gather
-
-
-def test_tensor_parallel_is_taken_and_refused_only_beside_pipeline_or_context_parallel():
-    tp2 = ParallelConfig(tensor_model_parallel_size=2)
-    for recipe in ("tensorwise", "rowwise", "current_scaling"):
-        check_float8_layout(float8_plan("hybrid", recipe), tp2)
-    check_float8_layout(None, ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2))
-    for other in ({"pipeline_model_parallel_size": 2}, {"context_parallel_size": 2}):
-        with pytest.raises(ShoalError, match=f"--{next(iter(other))} 2 together"):
-            check_float8_layout(float8_plan("hybrid", "rowwise"), ParallelConfig(tensor_model_parallel_size=2, **other))
-        check_float8_layout(float8_plan("hybrid", "rowwise"), ParallelConfig(**other))  # each alone works
 
 
 def test_cpu_device_is_refused():
@@ -286,13 +273,11 @@ def test_config_round_trip_through_yaml():
     assert again == recipe
 
 
-def test_validate_refuses_without_torchao_or_beside_tp_and_pipelining():
+def test_validate_takes_every_layout_and_refuses_only_without_torchao():
     recipe = from_dict(Recipe, {"train": {"fp8": "hybrid"}, "parallel": {"tensor_model_parallel_size": 2,
-                                                                        "pipeline_model_parallel_size": 2},
-                                "launch": {"num_gpus": 4}}, "")
-    with pytest.raises(ShoalError, match="tensor_model_parallel_size 2 and --pipeline_model_parallel_size 2"):
-        recipe.validate()
-    recipe = dataclasses.replace(recipe, parallel=dataclasses.replace(recipe.parallel, pipeline_model_parallel_size=1))
+                                                                        "pipeline_model_parallel_size": 2,
+                                                                        "context_parallel_size": 2},
+                                "launch": {"num_gpus": 8}}, "")
     if torchao_version() is None:
         with pytest.raises(ShoalError, match=r"torchao >= 0\.17.*pip install 'shoal\[fp8\]'"):
             recipe.validate()

@@ -117,7 +117,6 @@ def test_fp8_without_torchao_or_gpu_refused(train_assets: TrainAssets, tmp_path:
 
 @pytest.mark.parametrize("extra, fragments", [
     (["--fp8", "--fp8_recipe", "mxfp8"], ["mxfp8", "Blackwell", "tensorwise"]),
-    (["--fp8", "-T", "2", "-P", "2"], ["--fp8", "--tensor_model_parallel_size 2", "--pipeline_model_parallel_size 2"]),
     (["--fp8_recipe", "blockwise"], ["--fp8_recipe 'blockwise'", "subchannel_scaling"]),
 ])
 def test_fp8_combinations_refused(train_assets: TrainAssets, tmp_path: Path, capsys, extra, fragments):
