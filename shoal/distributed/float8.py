@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import importlib.metadata
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -248,6 +249,46 @@ def apply_float8(model: nn.Module, plan: Float8Plan, compiled: bool = False) -> 
             # A callable attribute, not a submodule: parameter names stay the same.
             module.base_linear = FrozenFloat8Linear(config)
     return Float8Conversion(converted, skipped)
+
+
+def gathers_in_float8(layers: list[nn.Module]) -> bool:
+    """Whether tensor parallelism may cast these layers' shared input to FP8 before gathering it
+    (and their output gradient before its all-gather): each a torchao `Float8Linear` whose input
+    and output-gradient scales are tensorwise and dynamic, what torchao's `Float8ColwiseParallel`
+    family assumes (one scale per tensor, so the cast commutes with the gather)."""
+    if "torchao.float8" not in sys.modules:  # nothing was converted to FP8
+        return False
+    from torchao.float8.config import ScalingGranularity, ScalingType
+    from torchao.float8.float8_linear import Float8Linear
+
+    def tensorwise(layer: nn.Module) -> bool:
+        casts = (layer.config.cast_config_input, layer.config.cast_config_grad_output)
+        return all(c.scaling_type is ScalingType.DYNAMIC and c.scaling_granularity is ScalingGranularity.TENSORWISE
+                   for c in casts)
+
+    return bool(layers) and all(isinstance(layer, Float8Linear) and tensorwise(layer) for layer in layers)
+
+
+def float8_parallel_style(style: Any) -> Any:
+    """torchao's FP8 counterpart of a plain tensor-parallel style, with the same layouts: the
+    input is cast to FP8 where it lies and then redistributed, so gathers carry FP8 bytes."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
+    from torchao.float8.float8_tensor_parallel import (
+        Float8ColwiseParallel,
+        Float8RowwiseParallel,
+        PrepareFloat8ModuleInput,
+    )
+
+    if type(style) in (ColwiseParallel, RowwiseParallel):
+        kind = Float8ColwiseParallel if type(style) is ColwiseParallel else Float8RowwiseParallel
+        return kind(input_layouts=style.input_layouts[0], output_layouts=style.output_layouts[0],
+                    use_local_output=style.use_local_output)
+    if type(style) is PrepareModuleInput:
+        return PrepareFloat8ModuleInput(
+            input_layouts=style.input_layouts, desired_input_layouts=style.desired_input_layouts,
+            input_kwarg_layouts=style.input_kwarg_layouts or None,
+            desired_input_kwarg_layouts=style.desired_input_kwarg_layouts or None, use_local_output=style.use_local_output)
+    raise TypeError(f"no FP8 counterpart of {type(style).__name__}")
 
 
 def precompute_float8_scales(parts: list[nn.Module], plan: Float8Plan | None) -> None:

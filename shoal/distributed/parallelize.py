@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Partial
@@ -239,10 +240,12 @@ def _tracing_side_effects_under_checkpoint(compiled: Any) -> Any:
     return forward
 
 
-def apply_compile(blocks: list[nn.Module], cuda_graphs: bool = False) -> None:
+def apply_compile(blocks: list[nn.Module], cuda_graphs: bool = False, tensor_parallel: bool = False) -> None:
     """torch.compile each block's forward (blocks are identical, so one graph serves all), its
     activation checkpointing (applied before) included; with `cuda_graphs`, each block's compiled
     forward and backward are recorded once per input shape and then replayed as CUDA graphs.
+    Under `tensor_parallel`, a block's input still in flight is waited for first (see
+    `_inputs_arrived`).
 
     Graph breaks are allowed: context parallelism's attention communicates inside the layer.
     """
@@ -252,7 +255,28 @@ def apply_compile(blocks: list[nn.Module], cuda_graphs: bool = False) -> None:
         # which a host-bound dense LoRA step would pay at every layer.
         if any(isinstance(m, MoE) for m in block.modules()):
             compiled = _tracing_side_effects_under_checkpoint(compiled)
+        if tensor_parallel:
+            compiled = _inputs_arrived(compiled)
         block.forward = compiled
+
+
+def _inputs_arrived(forward: Any) -> Any:
+    """`forward` given its tensor arguments with their collectives completed.
+
+    A tensor-parallel style outside the compiled blocks (the embedding's RowwiseParallel) hands the
+    first block an `AsyncCollectiveTensor`, its output's reduce-scatter or all-reduce still in
+    flight. On torch 2.13 (not 2.11) the compiled block's backward then returns that input's
+    gradient as a plain tensor where the style's backward expects a DTensor, and the step fails
+    (`'Tensor' object has no attribute '_local_tensor'`). Waiting here is
+    what the block's first operation would do anyway. Not through `.wait()`, which returns the
+    result outside autograd (the embedding would get no gradient): any op but a view waits, and a
+    copy of one activation is the cheapest that autograd records."""
+
+    @functools.wraps(forward)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return forward(*(a.clone() if isinstance(a, AsyncCollectiveTensor) else a for a in args), **kwargs)
+
+    return call
 
 
 def apply_fsdp(
@@ -316,7 +340,7 @@ def parallelize_model(
         _install_input_checks(model, parallel_dims, parallel_cfg.sequence_parallel)
     apply_activation_checkpointing(blocks, parallel_cfg.activation_checkpointing)
     if parallel_cfg.compile:
-        apply_compile(blocks, parallel_cfg.cuda_graphs)
+        apply_compile(blocks, parallel_cfg.cuda_graphs, tensor_parallel=parallel_dims.tp_enabled)
     if parallel_dims.dp_enabled:
         reshard = parallel_cfg.fsdp_reshard_after_forward
         reshard_after_forward = reshard == "always" or (reshard == "default" and not parallel_dims.pp_enabled)

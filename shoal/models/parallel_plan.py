@@ -69,6 +69,7 @@ def layer_tp_plan(layer: nn.Module, sequence_parallel: bool) -> dict[str, Parall
             "mlp.up_proj": ColwiseParallel(),
             "mlp.down_proj": RowwiseParallel(output_layouts=between),
         })
+    _gather_in_float8(layer, plan)
     if sequence_parallel:
         plan["input_layernorm"] = SequenceParallel()
         plan["post_attention_layernorm"] = SequenceParallel()
@@ -79,6 +80,26 @@ def layer_tp_plan(layer: nn.Module, sequence_parallel: bool) -> dict[str, Parall
         plan["self_attn.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
         plan["self_attn.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
     return plan
+
+
+def _gather_in_float8(layer: nn.Module, plan: dict[str, ParallelStyle]) -> None:
+    """FP8 tensorwise layers (--fp8): torchao's FP8 styles in place of the plain ones, so the
+    sequence-parallel all-gathers (an attention or MLP input, an o/down output gradient) carry FP8,
+    half the bytes of bf16, with the same numbers (one scale per tensor commutes with the gather).
+    An input is cast before its gather only where every layer reading it computes in FP8: the
+    attention's x feeds q/k/v alone, the MLP's gate/up alone. LoRA/DoRA layers keep the plain
+    styles (their adapters read the input in high precision)."""
+    from shoal.distributed.float8 import float8_parallel_style, gathers_in_float8
+
+    readers = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
+    for block, names in readers.items():
+        members = [f"{block}.{n}" for n in names]
+        if all(m in plan for m in (block, *members)) and gathers_in_float8([layer.get_submodule(m) for m in members]):
+            for name in (block, *members):
+                plan[name] = float8_parallel_style(plan[name])
+    for name in ("self_attn.o_proj", "mlp.down_proj"):
+        if name in plan and gathers_in_float8([layer.get_submodule(name)]):
+            plan[name] = float8_parallel_style(plan[name])
 
 
 class DecoderParallelPlan:

@@ -56,6 +56,31 @@ def emulated_float8_on_cpu():
             setattr(float8, name, value)
 
 
+@contextlib.contextmanager
+def float8_gathers_over_gloo():
+    """gloo has no float8 type: while inside, torchao's FP8 all-gather (tensor parallelism's, with
+    its FP8 styles) sends the same bytes as uint8, as NCCL sends float8 itself. Yields the list of
+    every FP8 gather's byte count."""
+    from torchao.float8.float8_ops import FLOAT8_OPS_TABLE
+    from torchao.float8.float8_training_tensor import Float8TrainingTensor
+
+    op = torch.ops._c10d_functional.all_gather_into_tensor.default
+    saved, gathered = FLOAT8_OPS_TABLE[op], []
+
+    def as_bytes(aten_op, args, kwargs=None):
+        fp8 = args[0]
+        data = fp8._data.contiguous()
+        gathered.append(data.numel())
+        out = aten_op(data.view(torch.uint8), *args[1:], **(kwargs or {})).view(data.dtype)
+        return Float8TrainingTensor(out, fp8._scale, fp8._orig_dtype, fp8._linear_mm_config, fp8._gemm_input_role)
+
+    FLOAT8_OPS_TABLE[op] = as_bytes
+    try:
+        yield gathered
+    finally:
+        FLOAT8_OPS_TABLE[op] = saved
+
+
 def build(spec: dict, start: Path | None, fp8: bool = True):
     world = dist.get_world_size() if dist.is_initialized() else 1
     parallel = ParallelConfig(**(spec["parallel"] if world > 1 else {}))
@@ -90,13 +115,15 @@ def fp8_steps(spec: dict, start: str, fp8: bool = True, lr: float = FP8_LR, data
     pieces = dims.dp_size if dims.dp_enabled else data_parallel
     rows = GLOBAL_BATCH // pieces
     mine = [dims.dp_rank] if dims.dp_enabled else range(pieces)
-    for step in range(spec.get("steps", STEPS)):
-        full = make_batch(step, model_config(), documents=False)
-        mbs = [engine.prepare_on_host({k: v[i * rows:(i + 1) * rows] for k, v in full.items()}) for i in mine]
-        tokens = float(full["loss_mask"].sum())
-        losses.append(dims.all_reduce_over_batch(engine.forward_backward(mbs, tokens)).item() / tokens)
-        norms.append(float(engine.clip_and_step(1.0, lr)))
-    return {"losses": losses, "grad_norms": norms, "in_fp8": in_fp8, "stage": dims.pp_rank}
+    with float8_gathers_over_gloo() as gathered:
+        for step in range(spec.get("steps", STEPS)):
+            full = make_batch(step, model_config(), documents=False)
+            mbs = [engine.prepare_on_host({k: v[i * rows:(i + 1) * rows] for k, v in full.items()}) for i in mine]
+            tokens = float(full["loss_mask"].sum())
+            losses.append(dims.all_reduce_over_batch(engine.forward_backward(mbs, tokens)).item() / tokens)
+            norms.append(float(engine.clip_and_step(1.0, lr)))
+    return {"losses": losses, "grad_norms": norms, "in_fp8": in_fp8, "stage": dims.pp_rank,
+            "float8_gathers": len(gathered)}
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +136,9 @@ def start(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 CASES = {
-    "tensorwise_tp2_sp": {"parallel": {"tensor_model_parallel_size": 2}, "recipe": "tensorwise"},
+    # gathers_in_float8: the sequence-parallel gathers carry FP8 (torchao's FP8 styles; tensorwise).
+    "tensorwise_tp2_sp": {"parallel": {"tensor_model_parallel_size": 2}, "recipe": "tensorwise",
+                          "gathers_in_float8": True},
     "rowwise_tp2_no_sp": {"parallel": {"tensor_model_parallel_size": 2, "sequence_parallel": False},
                           "recipe": "rowwise"},
     "lora_tensorwise_tp2_sp": {"parallel": {"tensor_model_parallel_size": 2}, "recipe": "tensorwise", "peft": "lora"},
@@ -149,6 +178,7 @@ def test_float8_under_tensor_parallel_matches_one_process(name: str, start: Path
     one = fp8_steps(spec, str(start), data_parallel=spec.get("data_parallel", 1))
     ranks = run_distributed(fp8_steps, spec.get("world", 2), spec, str(start))
     assert sum({r["stage"]: r["in_fp8"] for r in ranks}.values()) == one["in_fp8"] > 0
+    assert (ranks[0]["float8_gathers"] > 0) == spec.get("gathers_in_float8", False)
     for got in ranks:
         torch.testing.assert_close(got["losses"], one["losses"], rtol=RTOL, atol=0)
         torch.testing.assert_close(got["grad_norms"], one["grad_norms"], rtol=RTOL, atol=0)
@@ -178,6 +208,7 @@ def test_float8_tensorwise_under_tensor_parallel_and_more_matches_tensor_paralle
         spec["pipeline_micro_batches"] = 2
     both = run_distributed(fp8_steps, 4, spec, str(start), True, FP8_LR, 2)
     assert sum({r["stage"]: r["in_fp8"] for r in both}.values()) == alone[0]["in_fp8"] > 0
+    assert alone[0]["float8_gathers"] > 0 and all(r["float8_gathers"] > 0 for r in both)
     for got in both:
         torch.testing.assert_close(got["losses"], alone[0]["losses"], rtol=RTOL, atol=0)
         torch.testing.assert_close(got["grad_norms"], alone[0]["grad_norms"], rtol=RTOL, atol=0)
@@ -207,7 +238,16 @@ def recorded_float8_casts(spec: dict, start: str) -> list[dict]:
                       "hp": _whole(hp).detach().float().clone()})
         return out
 
-    engine = build(spec, Path(start))
+    # The plain tensor-parallel styles, so that each cast happens where one process makes it (the FP8
+    # styles cast a layer's input once before gathering it, and equal one process's numbers: the
+    # layout cases above).
+    from shoal.distributed import float8
+
+    saved, float8.gathers_in_float8 = float8.gathers_in_float8, lambda layers: False
+    try:
+        engine = build(spec, Path(start))
+    finally:
+        float8.gathers_in_float8 = saved
     float8_linear.hp_tensor_to_float8_dynamic = recording
     try:
         full = make_batch(0, model_config(), documents=False)
