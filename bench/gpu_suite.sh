@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU machine's share of the work, in one call: GPU tests, then scaling benchmarks.
-#   bash bench/gpu_suite.sh priority|cudagraphs|tests|scale1b|scale8b|train1|fp8tests|fp8_1b|fp8_3b|fp8_3b_quick|fp8_8b_lora|ckpt_stall|moe_full|moe_lora|finetune_lora|finetune_dora|finetune_full
+#   bash bench/gpu_suite.sh priority|cudagraphs|tests|scale1b|scale8b|fp8_multi|train1|fp8tests|fp8_1b|fp8_3b|fp8_3b_quick|fp8_8b_lora|ckpt_stall|moe_full|moe_lora|finetune_lora|finetune_dora|finetune_full
 #   (results under $OUT, or ./bench_out; the fp8 ones need torchao on the path)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -68,6 +68,13 @@ for what in "$@"; do
       esac
       CUDA_VISIBLE_DEVICES=0 run python3 bench/finetune.py --cases "$cases" --warmup 2 --steps 8 \
         --output "$OUT/${what}.json" ;;
+    fp8_multi)  # issue 16's multi-GPU row, all GPUs: the 8B shape, FSDP2 in BF16 and FP8 tensorwise (weights
+      # all-gathered in FP8), then TP2 x FSDP2 in both (sequence-parallel gathers in FP8 too), ~8 min on 4 GPUs
+      for tp in 1 2; do for fp8 in "" tensorwise; do
+        run torchrun --standalone --nproc_per_node "$GPUS" bench/scale.py --impl shoal --preset llama31_8b \
+          --seq_length 8192 --micro_batch_size 1 --tp "$tp" --activation_checkpointing full --compile --steps 6 \
+          ${fp8:+--fp8_recipe $fp8} --output "$OUT/scale.jsonl"
+      done; done ;;
     scale1b)  # Llama-3.2-1B shape, seq 4096, micro batch 4, FSDP2, on 1, 2 and 4 GPUs
       for n in 1 2 4; do [ "$n" -le "$GPUS" ] || continue
         run torchrun --standalone --nproc_per_node "$n" bench/scale.py --impl shoal --preset llama32_1b \

@@ -6,12 +6,16 @@ Run one configuration per torchrun invocation, e.g. on 4 GPUs:
         --micro_batch_size 1 --tp 2 --activation_checkpointing full --compile
     torchrun --nproc_per_node 4 bench/scale.py --impl hf --preset llama31_8b --seq_length 8192 \
         --micro_batch_size 1 --activation_checkpointing full --compile
+    torchrun --nproc_per_node 4 bench/scale.py --impl shoal --preset llama31_8b --seq_length 8192 \
+        --micro_batch_size 1 --activation_checkpointing full --compile --fp8_recipe tensorwise
 
 Both sides train random weights of the preset's shape on random tokens with bf16 compute, fp32
 master weights and fp32 gradient reduction. The peer is the one the scale-out issue measured:
 `transformers`' Llama sharded with FSDP2 per decoder layer (`MixedPrecisionPolicy(bf16, fp32)`),
-HF's activation checkpointing, each layer compiled with `--compile`. Rank 0 prints one JSON line
-(tokens/s/GPU, MFU, peak memory per GPU) and appends it to `--output`.
+HF's activation checkpointing, each layer compiled with `--compile`. `--fp8_recipe` runs shoal
+with `--fp8` (torchao; tensorwise all-gathers FSDP2 weights and sequence-parallel activations in
+FP8). Rank 0 prints one JSON line (tokens/s/GPU, MFU against the bf16 peak and, for FP8, against
+the FP8 peak too, peak memory per GPU) and appends it to `--output`.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from shoal.config.recipe import TrainSection  # noqa: E402
 from shoal.distributed import build_mesh, init_distributed  # noqa: E402
 from shoal.models import get_preset, to_hf_config  # noqa: E402
 from shoal.train.engine import build_engine  # noqa: E402
-from shoal.train.metrics import peak_flops  # noqa: E402
+from shoal.train.metrics import mfu_fields  # noqa: E402
 from shoal.train.step import masked_cross_entropy_sum  # noqa: E402
 
 
@@ -43,7 +47,8 @@ def shoal_step(args, world: int, device: torch.device):
                               compile=args.compile)
     cfg = get_preset(args.preset)
     dims = build_mesh(parallel, world, "cuda")
-    train = TrainSection(micro_batch_size=args.micro_batch_size, global_batch_size=args.micro_batch_size * dims.dp_size)
+    train = TrainSection(micro_batch_size=args.micro_batch_size, global_batch_size=args.micro_batch_size * dims.dp_size,
+                         fp8="hybrid" if args.fp8_recipe else None, fp8_recipe=args.fp8_recipe)
     engine = build_engine(cfg, train=train, parallel=parallel, peft=None, dims=dims, device=device,
                           compute_dtype=torch.bfloat16)
     batch = random_batch(cfg.vocab_size, args.micro_batch_size, args.seq_length, device, seed=dims.dp_rank)
@@ -105,8 +110,11 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--fp8_recipe", default=None, help="shoal only: train with --fp8 and this recipe")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
+    if args.fp8_recipe and args.impl != "shoal":
+        parser.error("--fp8_recipe is shoal's (--impl shoal)")
 
     rank, world, local_rank = init_distributed("cuda")
     device = torch.device("cuda", local_rank)
@@ -128,9 +136,8 @@ def main() -> int:
         seconds = (time.perf_counter() - start) / args.steps
         cfg = get_preset(args.preset)
         tps = args.micro_batch_size * args.seq_length * dp / seconds / world
-        peak = peak_flops(device)
         result.update(seconds_per_step=seconds, tokens_per_s_per_gpu=tps,
-                      mfu=tps * cfg.flops_per_token(args.seq_length) / peak if peak else None,
+                      **mfu_fields(tps, cfg.flops_per_token(args.seq_length), device, fp8=bool(args.fp8_recipe)),
                       memory_gib=torch.cuda.max_memory_allocated() / 2**30, device=torch.cuda.get_device_name(device))
     except torch.OutOfMemoryError:
         result["error"] = "out of memory"
