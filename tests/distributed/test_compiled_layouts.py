@@ -26,6 +26,7 @@ LAYOUTS = {
     "tp2": ({"tensor_model_parallel_size": 2, "sequence_parallel": False}, 2, False, {}),
     # FP8 tensorwise, its sequence-parallel gathers in FP8 (torchao's FP8 styles).
     "tp2_sequence_parallel_fp8": ({"tensor_model_parallel_size": 2}, 2, True, {}),
+    "tp2_sequence_parallel_lora": ({"tensor_model_parallel_size": 2}, 2, False, {"peft": "lora"}),
     "fsdp2": ({}, 2, False, {}),
     "pp2": ({"pipeline_model_parallel_size": 2}, 2, False, {"pipeline_micro_batches": 2}),
     "cp2": ({"context_parallel_size": 2}, 2, False, {}),
