@@ -211,6 +211,26 @@ def apply_activation_checkpointing(blocks: list[nn.Module], mode: str) -> None:
         block.forward = types.MethodType(forward, block)
 
 
+def checkpoint_compiled(blocks: list[nn.Module]) -> None:
+    """Full activation checkpointing around each block's compiled forward: the block keeps its
+    input alone and runs the compiled forward again in backward.
+
+    For tensor-parallel blocks under full checkpointing. Compiled with the checkpoint inside (as
+    `apply_compile` does otherwise), torch 2.13's AOTAutograd lists the layer's DeviceMesh among the
+    tensors it saves for backward and stops (`expected all tensors_saved_with_vc_check to be
+    Tensors`); torch 2.11 took it. Outside, the compiled graph knows nothing of the checkpoint, so
+    the recomputation is the whole forward rather than the partitioner's choice, which is what full
+    checkpointing asks anyway."""
+    for block in blocks:
+        compiled = block.forward
+
+        @functools.wraps(compiled)
+        def forward(*args: Any, _compiled: Any = compiled, **kwargs: Any) -> Any:
+            return checkpoint(_compiled, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+
+
 _CHECKPOINT_SIDE_EFFECTS = "skip_fwd_side_effects_in_bwd_under_checkpoint"
 
 
@@ -338,9 +358,15 @@ def parallelize_model(
         apply_expert_parallel(plan.experts(model), parallel_dims.submesh("ep"))
     if parallel_dims.tp_enabled or parallel_dims.cp_enabled:
         _install_input_checks(model, parallel_dims, parallel_cfg.sequence_parallel)
-    apply_activation_checkpointing(blocks, parallel_cfg.activation_checkpointing)
+    ac = parallel_cfg.activation_checkpointing
+    # Full checkpointing of a tensor-parallel layer does not compile on torch 2.13 (below): there the
+    # compiled layer is checkpointed from outside instead.
+    outside = parallel_cfg.compile and ac == "full" and parallel_dims.tp_enabled
+    apply_activation_checkpointing(blocks, "none" if outside else ac)
     if parallel_cfg.compile:
         apply_compile(blocks, parallel_cfg.cuda_graphs, tensor_parallel=parallel_dims.tp_enabled)
+    if outside:
+        checkpoint_compiled(blocks)
     if parallel_dims.dp_enabled:
         reshard = parallel_cfg.fsdp_reshard_after_forward
         reshard_after_forward = reshard == "always" or (reshard == "default" and not parallel_dims.pp_enabled)

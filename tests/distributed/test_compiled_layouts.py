@@ -4,7 +4,8 @@ The recipes compile the layers (`parallel.compile`, every GPU recipe's default),
 what multi-GPU runs train with. Under tensor parallelism, on torch 2.13 (CI's; 2.11 took it), the
 first layer's input arrives from the embedding's style as a collective still in flight, and the
 compiled layer's backward handed a plain tensor to a DTensor backward: every step failed
-(`shoal.distributed.parallelize._inputs_arrived`). The oracle is the same engine uncompiled, itself
+(`shoal.distributed.parallelize._inputs_arrived`); full checkpointing compiled inside a TP layer
+stopped too (`checkpoint_compiled`). The oracle is the same engine uncompiled, itself
 held against one process by the layout tests: same losses and gradient norms, step by step.
 """
 
@@ -27,6 +28,12 @@ LAYOUTS = {
     # FP8 tensorwise, its sequence-parallel gathers in FP8 (torchao's FP8 styles).
     "tp2_sequence_parallel_fp8": ({"tensor_model_parallel_size": 2}, 2, True, {}),
     "tp2_sequence_parallel_lora": ({"tensor_model_parallel_size": 2}, 2, False, {"peft": "lora"}),
+    # Full checkpointing of a TP layer: checkpointed around the compiled layer (torch 2.13 stops on
+    # the checkpoint inside it: shoal.distributed.parallelize.checkpoint_compiled).
+    "tp2_sequence_parallel_full_checkpointing": ({"tensor_model_parallel_size": 2, "activation_checkpointing": "full"},
+                                                 2, False, {}),
+    "tp2_selective_checkpointing_fp8": ({"tensor_model_parallel_size": 2, "activation_checkpointing": "selective"},
+                                        2, True, {}),
     "fsdp2": ({}, 2, False, {}),
     "pp2": ({"pipeline_model_parallel_size": 2}, 2, False, {"pipeline_micro_batches": 2}),
     "cp2": ({"context_parallel_size": 2}, 2, False, {}),
