@@ -18,6 +18,7 @@ import torch
 
 from tests.distributed.test_float8_tensor_parallel import fp8_steps, start  # noqa: F401 (fixture)
 from tests.helpers.distributed import run_distributed
+from tests.helpers.distributed_workers import train_layout
 
 pytest.importorskip("torchao")  # the engine builder is the FP8 test's (FP8 off but in one case)
 
@@ -53,3 +54,13 @@ def test_compiled_layers_train_as_eager_ones(name: str, start: Path):  # noqa: F
     if fp8:
         assert compiled[0]["in_fp8"] == eager[0]["in_fp8"] > 0
         assert compiled[0]["float8_gathers"] > 0
+
+
+def test_compiled_mixture_of_experts_layers_under_tensor_parallel_with_full_checkpointing_train_as_eager_ones():
+    """The MoE layer keeps its checkpoint inside the compiled graph (dense TP layers take it outside)."""
+    spec = {"parallel": {"tensor_model_parallel_size": 2, "activation_checkpointing": "full"}, "preset": "qwen3_moe_tiny"}
+    eager = run_distributed(train_layout, 2, spec)
+    compiled = run_distributed(train_layout, 2, {**spec, "parallel": {**spec["parallel"], "compile": True}})
+    for got in compiled:
+        torch.testing.assert_close(got["losses"], eager[0]["losses"], rtol=1e-5, atol=0)
+        torch.testing.assert_close(got["grad_norms"], eager[0]["grad_norms"], rtol=1e-5, atol=0)
