@@ -36,6 +36,8 @@ RTOL = 1e-5
 # rounds the next forward's weights to 3 mantissa bits, which turns such a difference at lr 1e-3
 # into a 2e-5 loss gap by step 3 (measured: exact to 3e-7 at lr 0 and 1e-4, with or without TP).
 FP8_LR = 1e-4
+# Steps a tensorwise run under tensor or data parallelism is held to to 1e-5 (see CASES).
+TENSORWISE_STEPS = 2
 
 
 @contextlib.contextmanager
@@ -137,8 +139,11 @@ def start(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 CASES = {
     # gathers_in_float8: the sequence-parallel gathers carry FP8 (torchao's FP8 styles; tensorwise).
+    # Tensorwise under TP for two steps: the third step's weights differ by reordered sums, which
+    # tensorwise FP8 can round apart (torch 2.11: the third gradient norm 1.1e-3 off; 2.13 matches;
+    # the rounding-flip test below shows the mechanism).
     "tensorwise_tp2_sp": {"parallel": {"tensor_model_parallel_size": 2}, "recipe": "tensorwise",
-                          "gathers_in_float8": True},
+                          "gathers_in_float8": True, "steps": TENSORWISE_STEPS},
     "rowwise_tp2_no_sp": {"parallel": {"tensor_model_parallel_size": 2, "sequence_parallel": False},
                           "recipe": "rowwise"},
     "lora_tensorwise_tp2_sp": {"parallel": {"tensor_model_parallel_size": 2}, "recipe": "tensorwise", "peft": "lora"},
@@ -201,7 +206,7 @@ def test_float8_tensorwise_under_tensor_parallel_and_more_matches_tensor_paralle
     first-layer gradients up to a few % off: an E5M2 rounding flipped by a reordered sum, then
     inherited (the test after this one). What the other dimension adds must be nothing."""
     extra = ALONGSIDE_TENSOR_PARALLEL[other]
-    spec = {"parallel": {"tensor_model_parallel_size": 2}, "recipe": "tensorwise"}
+    spec = {"parallel": {"tensor_model_parallel_size": 2}, "recipe": "tensorwise", "steps": TENSORWISE_STEPS}
     alone = run_distributed(fp8_steps, 2, spec, str(start), True, FP8_LR, 2)
     spec = {**spec, "parallel": {**spec["parallel"], **extra}}
     if extra.get("pipeline_model_parallel_size"):
