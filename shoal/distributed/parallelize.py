@@ -275,11 +275,15 @@ def apply_compile(blocks: list[nn.Module], cuda_graphs: bool = False, tensor_par
         compiled = torch.compile(block.forward, mode="reduce-overhead" if cuda_graphs else None)
         # Only where a block mutates state: the scoped setting costs ~25 us per call on the host,
         # which a host-bound dense LoRA step would pay at every layer.
-        if any(isinstance(m, MoE) for m in block.modules()):
+        if _has_moe(block):
             compiled = _tracing_side_effects_under_checkpoint(compiled)
         if tensor_parallel:
             compiled = _inputs_arrived(compiled)
         block.forward = compiled
+
+
+def _has_moe(block: nn.Module) -> bool:
+    return any(isinstance(m, MoE) for m in block.modules())
 
 
 def _inputs_arrived(forward: Any) -> Any:
@@ -289,8 +293,8 @@ def _inputs_arrived(forward: Any) -> Any:
     first block an `AsyncCollectiveTensor`, its output's reduce-scatter or all-reduce still in
     flight. On torch 2.13 (not 2.11) the compiled block's backward then returns that input's
     gradient as a plain tensor where the style's backward expects a DTensor, and the step fails
-    (`'Tensor' object has no attribute '_local_tensor'`). Waiting here is
-    what the block's first operation would do anyway. Not through `.wait()`, which returns the
+    (`'Tensor' object has no attribute '_local_tensor'`). Waiting here is what the block's first
+    operation would do anyway. Not through `.wait()`, which returns the
     result outside autograd (the embedding would get no gradient): any op but a view waits, and a
     copy of one activation is the cheapest that autograd records."""
 
@@ -365,7 +369,7 @@ def parallelize_model(
     # compiled layer is checkpointed from outside instead (checkpoint_compiled).
     outside = []
     if parallel_cfg.compile and ac == "full" and parallel_dims.tp_enabled:
-        outside = [b for b in blocks if not any(isinstance(m, MoE) for m in b.modules())]
+        outside = [b for b in blocks if not _has_moe(b)]
     apply_activation_checkpointing([b for b in blocks if b not in outside], ac)
     if parallel_cfg.compile:
         apply_compile(blocks, parallel_cfg.cuda_graphs, tensor_parallel=parallel_dims.tp_enabled)
